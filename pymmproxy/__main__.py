@@ -1,0 +1,5 @@
+"""``python -m pymmproxy``."""
+
+from pymmproxy.cli import main
+
+raise SystemExit(main())

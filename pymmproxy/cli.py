@@ -1,0 +1,186 @@
+"""Command line: go-mmproxy's flags as go-mmproxy spells them, GNU long names, subcommands.
+
+``pymmproxy -l 0.0.0.0:8443 -4 127.0.0.1:443 -6 [::1]:443 -mark 123 -allowed-subnets F``
+runs one proxy exactly like go-mmproxy; ``pymmproxy --instance NAME`` runs one from
+``instances.tsv``; ``pymmproxy SUBCOMMAND ...`` dispatches to the subcommand's module.
+This module only parses and dispatches; every error becomes one line and an exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+from importlib import import_module
+from typing import NoReturn
+
+from pymmproxy import __version__
+from pymmproxy.errors import PymmproxyError, UsageError
+from pymmproxy.settings import Endpoint, InstanceSettings, Limits, Transport, validate_mark
+
+SUBCOMMANDS = {
+    "pathway": "pymmproxy.pathway.cli",
+    "demo": "pymmproxy.demo",
+    "doctor": "pymmproxy.doctor",
+    "instances": "pymmproxy.instances",
+    "serve": "pymmproxy.serve",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="pymmproxy",
+        allow_abbrev=False,
+        description="PROXY-protocol transparent proxy (drop-in for go-mmproxy). "
+        f"Subcommands: {', '.join(SUBCOMMANDS)} (pymmproxy SUBCOMMAND --help).",
+    )
+    add = p.add_argument
+    add("-l", "--listen", default="0.0.0.0:8443", help="address the proxy listens on")
+    add("-4", "--target4", default="127.0.0.1:443", help="IPv4 target ('none' to disable)")
+    add("-6", "--target6", default="[::1]:443", help="IPv6 target ('none' to disable)")
+    add("-mark", "--mark", type=_int("mark"), default=0, help="SO_MARK for upstream packets")
+    add("-allowed-subnets", "--allowed-subnets", metavar="FILE", help="allowed LB subnets")
+    add("--allow-any", action="store_true", help="accept headers from any peer (unsafe)")
+    add("-p", "--protocol", default="tcp", choices=["tcp", "udp"], help="tcp or udp")
+    add("-v", "--verbose", type=_int("-v"), default=0, choices=[0, 1, 2], metavar="0|1|2")
+    add("-listeners", "--listeners", type=_int("listeners"), default=1, help="worker processes")
+    add("-close-after", "--close-after", type=_int("close-after"), default=60, metavar="SECONDS")
+    add("--header-timeout", type=_float("header-timeout"), default=5.0, metavar="SECONDS")
+    add("--connect-timeout", type=_float("connect-timeout"), default=10.0, metavar="SECONDS")
+    add("--drain-timeout", type=_float("drain-timeout"), default=30.0, metavar="SECONDS")
+    add("--max-connections", type=_int("max-connections"), default=0, metavar="N")
+    add("--log-format", choices=["json", "console", "auto"], default="auto")
+    add("--instance", metavar="NAME", help="run instance NAME from instances.tsv")
+    add("--config-dir", metavar="DIR", help="directory with instances.tsv etc.")
+    add("--version", action="version", version=f"pymmproxy {__version__}")
+    return p
+
+
+def _int(name: str) -> Callable[[str], int]:
+    def conv(text: str) -> int:
+        try:
+            return int(text, 10)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name}: {text!r} is not an integer") from None
+
+    return conv
+
+
+def _float(name: str) -> Callable[[str], float]:
+    def conv(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name}: {text!r} is not a number") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"{name}: must be > 0")
+        return value
+
+    return conv
+
+
+def _target(text: str, flag: str, v6: bool) -> Endpoint | None:
+    if text.strip().lower() in {"", "none", "-"}:
+        return None
+    endpoint = Endpoint.parse(text, what=f"{flag} target")
+    if endpoint.is_v6 != v6:
+        raise UsageError(f"{flag} {text}: expected an IPv{6 if v6 else 4} address")
+    return endpoint
+
+
+def settings_from_args(args: argparse.Namespace) -> InstanceSettings:
+    """Turn go-mmproxy style flags into validated settings."""
+    from pymmproxy.conffiles import load_allow_list  # noqa: PLC0415 - keep --help fast
+
+    if args.mark:
+        validate_mark(args.mark)
+    elif args.mark < 0:
+        raise UsageError("-mark must be >= 0")
+    if args.allowed_subnets:
+        allowed = load_allow_list(args.allowed_subnets)
+    elif args.allow_any:
+        allowed = None
+    else:
+        raise UsageError(
+            "no allow list: pass -allowed-subnets FILE with your load balancers' addresses, "
+            "or --allow-any to accept PROXY headers from anyone (unsafe)"
+        )
+    target4 = _target(args.target4, "-4", v6=False)
+    target6 = _target(args.target6, "-6", v6=True)
+    if target4 is None and target6 is None:
+        raise UsageError("no target: give -4 and/or -6")
+    return InstanceSettings(
+        listen=Endpoint.parse(args.listen, what="-l listen address"),
+        target4=target4,
+        target6=target6,
+        mark=args.mark,
+        transport=Transport(args.protocol),
+        allowed=allowed,
+        listeners=args.listeners,
+        limits=limits_from_args(args),
+    )
+
+
+def limits_from_args(args: argparse.Namespace) -> Limits:
+    """The per-daemon limits shared by flag-driven and instance-driven runs."""
+    if args.listeners < 1:
+        raise UsageError("-listeners must be >= 1")
+    if args.close_after < 1:
+        raise UsageError("-close-after must be >= 1")
+    if args.max_connections < 0:
+        raise UsageError("--max-connections must be >= 0")
+    return Limits(
+        header_timeout=args.header_timeout,
+        connect_timeout=args.connect_timeout,
+        drain_timeout=args.drain_timeout,
+        max_connections=args.max_connections,
+        udp_close_after=float(args.close_after),
+    )
+
+
+def _run_proxy(args: argparse.Namespace) -> int:
+    from pymmproxy import daemon, logsetup  # noqa: PLC0415 - imports uvloop only when serving
+    from pymmproxy.policy import AllowList  # noqa: PLC0415
+
+    logsetup.configure(args.verbose, args.log_format)
+    if args.instance:
+        from pymmproxy.instances import run_instance  # noqa: PLC0415
+
+        return run_instance(args)
+    settings = settings_from_args(args)
+    if settings.transport is Transport.UDP:
+        raise UsageError("-p udp is not supported yet by this build (tcp only)")
+    reloader = None
+    if args.allowed_subnets:
+        from pymmproxy.conffiles import load_allow_list  # noqa: PLC0415
+
+        path = args.allowed_subnets
+
+        def reloader() -> daemon.Reloaded:
+            return daemon.Reloaded(allow=AllowList(load_allow_list(path)))
+
+    return daemon.run(settings, verbosity=args.verbose, reloader=reloader)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``pymmproxy`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] in SUBCOMMANDS:
+            module = import_module(SUBCOMMANDS[argv[0]])
+            return int(module.main(argv[1:]))
+        return _run_proxy(build_parser().parse_args(argv))
+    except PymmproxyError as exc:
+        sys.stderr.write(f"pymmproxy: {exc}\n")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1

@@ -1,0 +1,307 @@
+"""The configuration files: ``pathways.conf``, ``instances.tsv`` and ``allow.txt``.
+
+All are UTF-8 text; ``#`` starts a comment anywhere on a line, blank lines are ignored and
+columns are separated by tabs or spaces. Every problem is a :class:`ConfigError` naming the
+file and line, raised before anything starts.
+
+- ``allow.txt``: one IP or CIDR per line (a bare IP is a /32 or /128; host bits must be 0).
+- ``pathways.conf``: one fwmark per line (decimal or ``0x`` hex), each once.
+- ``instances.tsv``: ``<name> <fwmark> <listen_addr> <target_ipv4> <target_port>
+  <target_ipv6> [key=value ...]``; a target of ``-`` means none for that family; options are
+  ``proto=tcp|udp`` and ``allow=FILE`` (a per-instance allow list, relative to the file's dir).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import string
+from collections.abc import Callable, Collection, Iterator, Mapping
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+from pymmproxy.errors import ConfigError, UsageError
+from pymmproxy.settings import Endpoint, InstanceSettings, Limits, Network, Transport, validate_mark
+
+SYSTEM_CONFIG_DIR = Path("/etc/pymmproxy")
+CONFIG_DIR_ENV = "PYMMPROXY_CONFIG_DIR"
+ALLOW_LIST_ENV = "ALLOW_LIST_PATH"
+PATHWAYS_FILE = "pathways.conf"
+INSTANCES_FILE = "instances.tsv"
+ALLOW_FILE = "allow.txt"
+MAX_NAME_LEN = 200  # keeps pymmproxy@NAME.service and NAME.lock under 255 bytes
+
+_NAME_RE = re.compile(r"[A-Za-z0-9_.@-]+")
+_FIELD_SEP = re.compile(r"[ \t\r\f\v]+")
+_COLUMNS = "<name> <fwmark> <listen_addr> <target_ipv4> <target_port> <target_ipv6>"
+_OPTIONS = ("allow", "proto")
+_HEX = frozenset(string.hexdigits)
+_MAX_TOKEN = 100  # longer than any address; also keeps int() away from huge digit strings
+
+_Err = Callable[[str], ConfigError]  # builds the error for one file:line
+
+
+@dataclass(frozen=True, slots=True)
+class Instance:
+    """One line of instances.tsv."""
+
+    name: str
+    mark: int
+    listen: Endpoint
+    target4: Endpoint | None
+    target6: Endpoint | None
+    transport: Transport = Transport.TCP
+    allow_file: Path | None = None
+    line: int = 0
+
+
+def resolve_config_dir(
+    cli_value: str | None,
+    env: Mapping[str, str] = os.environ,
+    *,
+    system_dir: Path = SYSTEM_CONFIG_DIR,
+) -> Path:
+    """The config directory: ``--config-dir``, else ``$PYMMPROXY_CONFIG_DIR``, else
+    ``/etc/pymmproxy`` if it is a directory, else ``./config``. Empty values count as unset."""
+    if cli_value:
+        return Path(cli_value).expanduser()
+    if env.get(CONFIG_DIR_ENV):
+        return Path(env[CONFIG_DIR_ENV]).expanduser()
+    if system_dir.is_dir():
+        return system_dir
+    return Path("config")
+
+
+def allow_list_path(config_dir: str | Path, env: Mapping[str, str] = os.environ) -> Path:
+    """``$ALLOW_LIST_PATH`` (as the old start script honoured), else ``config_dir/allow.txt``."""
+    if env.get(ALLOW_LIST_ENV):
+        return Path(env[ALLOW_LIST_ENV]).expanduser()
+    return Path(config_dir) / ALLOW_FILE
+
+
+def valid_instance_name(name: str) -> bool:
+    """Letters, digits and ``_.@-``, not starting with ``-`` or ``.`` (a systemd instance)."""
+    return (
+        len(name) <= MAX_NAME_LEN and _NAME_RE.fullmatch(name) is not None and name[0] not in "-."
+    )
+
+
+def _lines(path: str | Path) -> Iterator[tuple[int, list[str], _Err]]:
+    """Yield ``(line number, columns, error maker)`` for each line with more than comments."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise ConfigError(path, None, f"cannot read: {e.strerror or e}") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ConfigError(path, data[: e.start].count(b"\n") + 1, "not UTF-8 text") from None
+    for number, line in enumerate(text.split("\n"), 1):
+        fields = [f for f in _FIELD_SEP.split(line.split("#", 1)[0]) if f]
+        if fields:
+            yield number, fields, partial(ConfigError, path, number)
+
+
+def _network(text: str, err: _Err) -> Network:
+    if "%" in text:
+        raise err(f"bad network {text!r}: scope ids are not allowed")
+    try:
+        iface = ipaddress.ip_interface(text)
+    except ValueError:
+        raise err(f"bad network {text!r}: not an IP or CIDR") from None
+    if iface.ip != iface.network.network_address:
+        raise err(f"{text} has host bits set: did you mean {iface.network}?")
+    return iface.network
+
+
+def load_allow_list(path: str | Path) -> tuple[Network, ...]:
+    """Read an allow list (also go-mmproxy's ``-allowed-subnets`` file). Empty = deny all."""
+    networks: list[Network] = []
+    for _, fields, err in _lines(path):
+        if len(fields) != 1:
+            raise err(f"expected one IP or CIDR, got {len(fields)} fields")
+        networks.append(_network(fields[0], err))
+    return tuple(networks)
+
+
+def _mark(text: str, err: _Err) -> int:
+    short = len(text) <= 20
+    if short and text.isascii() and text.isdigit():
+        value = int(text)
+    elif short and text[:2] in ("0x", "0X") and len(text) > 2 and set(text[2:]) <= _HEX:
+        value = int(text, 16)
+    else:
+        raise err(f"bad fwmark {text!r}: expected a number")
+    try:
+        return validate_mark(value, what="fwmark")
+    except UsageError as e:
+        raise err(str(e)) from None
+
+
+def load_pathways(path: str | Path) -> tuple[int, ...]:
+    """Read pathways.conf: the fwmarks (one policy-routing pathway each), in file order."""
+    seen: dict[int, int] = {}
+    for number, fields, err in _lines(path):
+        if len(fields) != 1:
+            raise err(f"expected one fwmark, got {len(fields)} fields")
+        mark = _mark(fields[0], err)
+        if mark in seen:
+            raise err(f"duplicate fwmark {mark} (first on line {seen[mark]})")
+        seen[mark] = number
+    return tuple(seen)
+
+
+def _listen(text: str, err: _Err) -> Endpoint:
+    if not text.isascii() or len(text) > _MAX_TOKEN:
+        raise err(f"bad listen_addr {text!r}: not an address")
+    try:
+        return Endpoint.parse(text, what="listen_addr")
+    except UsageError as e:
+        raise err(str(e)) from None
+
+
+def _port(text: str, err: _Err) -> int:
+    if not (text.isascii() and text.isdigit() and len(text) <= 5 and 0 < int(text) < 65536):
+        raise err(f"bad target_port {text!r}: must be 1..65535")
+    return int(text)
+
+
+def _target(text: str, version: int, port: int, err: _Err) -> Endpoint | None:
+    if text == "-":
+        return None
+    column = f"target_ipv{version}"
+    try:
+        addr = ipaddress.ip_address(text)
+    except ValueError:
+        raise err(f"bad {column} {text!r}: not an IP address") from None
+    if addr.version != version:
+        raise err(f"bad {column} {text!r}: not an IPv{version} address")
+    return Endpoint(addr.compressed, port)
+
+
+def _options(tokens: list[str], err: _Err) -> dict[str, str]:
+    options: dict[str, str] = {}
+    for token in tokens:
+        key, sep, value = token.partition("=")
+        if not (sep and value):
+            raise err(f"unexpected column {token!r}: expected key=value")
+        if key not in _OPTIONS:
+            raise err(f"unknown option {key!r} (known: allow, proto)")
+        if key in options:
+            raise err(f"option {key!r} given twice")
+        options[key] = value
+    return options
+
+
+def _instance(
+    fields: list[str], number: int, err: _Err, base: Path, pathways: Collection[int] | None
+) -> Instance:
+    if len(fields) < 6:
+        raise err(f"expected {_COLUMNS}, got {len(fields)} columns")
+    name, mark_text, listen_text, t4_text, port_text, t6_text = fields[:6]
+    if not valid_instance_name(name):
+        raise err(f"bad instance name {name!r}: use letters, digits, _ . @ - (not first)")
+    mark = _mark(mark_text, err)
+    if pathways is not None and mark not in pathways:
+        known = ", ".join(map(str, sorted(pathways))) or "none"
+        raise err(f"fwmark {mark} is not listed in {PATHWAYS_FILE} (known: {known})")
+    listen = _listen(listen_text, err)
+    port = _port(port_text, err)
+    target4 = _target(t4_text, 4, port, err)
+    target6 = _target(t6_text, 6, port, err)
+    if target4 is None and target6 is None:
+        raise err("target_ipv4 and target_ipv6 are both '-'")
+    options = _options(fields[6:], err)
+    if options.get("proto", "tcp") not in ("tcp", "udp"):
+        raise err(f"bad proto {options['proto']!r}: expected tcp or udp")
+    transport = Transport(options.get("proto", "tcp"))
+    allow = base / Path(options["allow"]).expanduser() if "allow" in options else None
+    return Instance(name, mark, listen, target4, target6, transport, allow, number)
+
+
+def _clash(a: Endpoint, b: Endpoint) -> bool:
+    """Whether two listen endpoints cannot both be bound (``::`` also takes IPv4 on Linux)."""
+    if a.port != b.port:
+        return False
+    hosts = {a.host, b.host}
+    return len(hosts) == 1 or "::" in hosts or ("0.0.0.0" in hosts and not (a.is_v6 or b.is_v6))
+
+
+def load_instances(path: str | Path, pathways: Collection[int] | None) -> dict[str, Instance]:
+    """Read instances.tsv; with ``pathways`` every fwmark must be one of them."""
+    path = Path(path)
+    instances: dict[str, Instance] = {}
+    for number, fields, err in _lines(path):
+        inst = _instance(fields, number, err, path.parent, pathways)
+        if (first := instances.get(inst.name)) is not None:
+            raise err(f"duplicate instance name {inst.name!r} (first on line {first.line})")
+        for other in instances.values():
+            if other.transport is inst.transport and _clash(other.listen, inst.listen):
+                where = f"instance {other.name!r} on line {other.line}"
+                raise err(f"{inst.transport} listen_addr {inst.listen} clashes with {where}")
+        instances[inst.name] = inst
+    return instances
+
+
+def instance_settings(
+    inst: Instance, allowed: tuple[Network, ...] | None, limits: Limits
+) -> InstanceSettings:
+    """What the daemon runs for ``inst`` (``allowed=None`` allows any peer)."""
+    return InstanceSettings(
+        inst.listen, inst.target4, inst.target6, inst.mark, inst.transport, allowed, inst.name,
+        limits=limits,
+    )  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """A whole, validated config directory."""
+
+    directory: Path
+    pathways: tuple[int, ...]
+    instances: dict[str, Instance]
+    allow_path: Path
+    default_allow: tuple[Network, ...] | None  # None: allow_path does not exist
+    instance_allow: dict[Path, tuple[Network, ...]]  # the allow=FILE lists
+
+    def instance(self, name: str) -> Instance:
+        """The instance called ``name`` (UsageError if there is none)."""
+        if name not in self.instances:
+            known = ", ".join(self.instances) or "none"
+            where = self.directory / INSTANCES_FILE
+            raise UsageError(f"no instance {name!r} in {where} (known: {known})")
+        return self.instances[name]
+
+    def allowed_for(self, inst: Instance) -> tuple[Network, ...]:
+        """``inst``'s ``allow=FILE`` list, else the default one, which must then exist
+        (a missing file never means "allow any")."""
+        if inst.allow_file is not None:
+            return self.instance_allow[inst.allow_file]
+        if self.default_allow is None:
+            hint = f"create {self.allow_path} or add allow=FILE"
+            msg = f"instance {inst.name!r} has no allow list: {hint}"
+            raise ConfigError(self.directory / INSTANCES_FILE, inst.line, msg)
+        return self.default_allow
+
+
+def load_config(config_dir: str | Path, env: Mapping[str, str] = os.environ) -> Config:
+    """Load pathways.conf, instances.tsv and every allow list they use.
+
+    The default allow list may be absent unless ``$ALLOW_LIST_PATH`` names it explicitly.
+    """
+    directory = Path(config_dir)
+    pathways = load_pathways(directory / PATHWAYS_FILE)
+    instances = load_instances(directory / INSTANCES_FILE, pathways)
+    allow_path = allow_list_path(directory, env)
+    explicit = bool(env.get(ALLOW_LIST_ENV))
+    default = load_allow_list(allow_path) if explicit or allow_path.exists() else None
+    per_instance: dict[Path, tuple[Network, ...]] = {}
+    for inst in instances.values():
+        if inst.allow_file is not None and inst.allow_file not in per_instance:
+            if not inst.allow_file.exists():
+                msg = f"allow list {inst.allow_file} not found"
+                raise ConfigError(directory / INSTANCES_FILE, inst.line, msg)
+            per_instance[inst.allow_file] = load_allow_list(inst.allow_file)
+    return Config(directory, pathways, instances, allow_path, default, per_instance)

@@ -1,0 +1,61 @@
+"""The one exception tree of pymmproxy.
+
+Every error meant for an operator derives from :class:`PymmproxyError` and renders as a
+single line. Commands turn it into ``pymmproxy: <line>`` and a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class PymmproxyError(Exception):
+    """Base of all errors pymmproxy reports to an operator."""
+
+    exit_code = 1
+
+
+class UsageError(PymmproxyError):
+    """Bad command-line arguments (exit 2, like argparse)."""
+
+    exit_code = 2
+
+
+class ConfigError(PymmproxyError):
+    """A bad line in a configuration file, rendered as ``path:line: message``."""
+
+    exit_code = 2
+
+    def __init__(self, path: str | Path, line: int | None, message: str) -> None:
+        self.path = str(path)
+        self.line = line
+        self.message = message
+        where = f"{self.path}:{line}" if line is not None else self.path
+        super().__init__(f"{where}: {message}")
+
+
+class ProtocolError(PymmproxyError):
+    """A PROXY protocol header that cannot be accepted.
+
+    ``kind`` is a short stable identifier (``bad_signature``, ``crc_mismatch``, ...) used in
+    logs and metrics; the message is the human explanation.
+    """
+
+    kind = "protocol"
+
+    def __init__(self, message: str, kind: str | None = None) -> None:
+        if kind is not None:
+            self.kind = kind
+        super().__init__(message)
+
+
+class PolicyDenied(PymmproxyError):
+    """A peer or header refused by policy (allow list, forbidden source address)."""
+
+
+class UpstreamError(PymmproxyError):
+    """The target could not be reached, or the transparent socket could not be set up."""
+
+
+class PathwayError(PymmproxyError):
+    """Policy routing / firewall state could not be read or changed."""

@@ -1,0 +1,78 @@
+"""Instances from ``instances.tsv``: ``pymmproxy --instance NAME`` and ``pymmproxy instances``."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from collections.abc import Sequence
+
+from pymmproxy import daemon, instancelock
+from pymmproxy.conffiles import Config, instance_settings, load_config, resolve_config_dir
+from pymmproxy.errors import PymmproxyError, UsageError
+from pymmproxy.logsetup import get_logger
+from pymmproxy.policy import AllowList
+from pymmproxy.settings import Transport
+
+
+def run_instance(args: argparse.Namespace) -> int:
+    """Run one instance; a second start of a running instance exits 0 without starting."""
+    from pymmproxy.cli import limits_from_args  # noqa: PLC0415 - cli imports us lazily
+
+    config_dir = resolve_config_dir(args.config_dir)
+    config = load_config(config_dir)
+    inst = config.instance(args.instance)
+    if inst.transport is not Transport.TCP:
+        raise UsageError(f"instance {inst.name}: proto={inst.transport} is not supported yet")
+    settings = instance_settings(inst, config.allowed_for(inst), limits_from_args(args))
+    settings = dataclasses.replace(settings, listeners=args.listeners)
+    lock = instancelock.acquire(inst.name)
+    if lock is None:
+        pid = instancelock.holder_pid(inst.name)
+        sys.stderr.write(
+            f"pymmproxy: instance {inst.name} is already running"
+            f"{f' (pid {pid})' if pid else ''}; not starting another\n"
+        )
+        return 0
+    log = get_logger(instance=inst.name)
+    log.info("instance.start", config_dir=str(config_dir), line=inst.line)
+
+    def reloader() -> daemon.Reloaded:
+        fresh = load_config(config_dir)
+        return daemon.Reloaded(allow=AllowList(fresh.allowed_for(fresh.instance(inst.name))))
+
+    with lock:
+        return daemon.run(settings, verbosity=args.verbose, reloader=reloader)
+
+
+def _status(config: Config, mark: int) -> str:
+    try:
+        from pymmproxy import pathway  # noqa: PLC0415 - netlink only when listing
+
+        return "ok" if pathway.status(mark).complete else "incomplete"
+    except PymmproxyError as exc:
+        return f"unknown ({exc})"
+
+
+def main(argv: Sequence[str]) -> int:
+    """``pymmproxy instances [--config-dir DIR]``: a table of instances and pathway status."""
+    parser = argparse.ArgumentParser(prog="pymmproxy instances", allow_abbrev=False)
+    parser.add_argument("--config-dir", metavar="DIR")
+    args = parser.parse_args(argv)
+    config = load_config(resolve_config_dir(args.config_dir))
+    rows = [("NAME", "PROTO", "MARK", "LISTEN", "TARGET4", "TARGET6", "PATHWAY", "RUNNING")]
+    status_by_mark: dict[int, str] = {}
+    for inst in config.instances.values():
+        if inst.mark not in status_by_mark:
+            status_by_mark[inst.mark] = _status(config, inst.mark)
+        pid = instancelock.holder_pid(inst.name)
+        rows.append((
+            inst.name, str(inst.transport), str(inst.mark), str(inst.listen),
+            str(inst.target4 or "-"), str(inst.target6 or "-"),
+            status_by_mark[inst.mark], f"pid {pid}" if pid else "no",
+        ))  # fmt: skip
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        sys.stdout.write("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
+        sys.stdout.write("\n")
+    return 0

@@ -1,0 +1,45 @@
+"""A network-namespace lab: client → HAProxy (lb) → proxy daemon + services (workload).
+
+Used by ``pymmproxy demo``, the e2e tests and the benchmarks. Needs root, ``nsenter``
+(util-linux) and, for the lb, Debian's ``haproxy``. Nothing touches the host's network
+namespace: namespaces are created with pyroute2 and every process runs inside one via
+``nsenter --net=/run/netns/NAME``.
+"""
+
+from pymmproxy.lab.haproxy import DEFAULT_FRONTENDS, Frontend
+from pymmproxy.lab.lab import GO_MMPROXY, HTTP_GET, PYMMPROXY, Lab, build_lab, mmproxy_argv
+from pymmproxy.lab.nsexec import LabError, Ns, Proc
+from pymmproxy.lab.services import pattern
+from pymmproxy.lab.topology import (
+    CLIENT_V4,
+    CLIENT_V6,
+    LB_BACK_V4,
+    LB_BACK_V6,
+    LB_FRONT_V4,
+    LB_FRONT_V6,
+    WORKLOAD_V4,
+    WORKLOAD_V6,
+)
+
+__all__ = [
+    "CLIENT_V4",
+    "CLIENT_V6",
+    "DEFAULT_FRONTENDS",
+    "GO_MMPROXY",
+    "HTTP_GET",
+    "LB_BACK_V4",
+    "LB_BACK_V6",
+    "LB_FRONT_V4",
+    "LB_FRONT_V6",
+    "PYMMPROXY",
+    "WORKLOAD_V4",
+    "WORKLOAD_V6",
+    "Frontend",
+    "Lab",
+    "LabError",
+    "Ns",
+    "Proc",
+    "build_lab",
+    "mmproxy_argv",
+    "pattern",
+]

@@ -1,0 +1,1 @@
+"""Socket set-up and byte relaying (the I/O edge)."""

@@ -1,0 +1,123 @@
+"""Listening sockets and the transparent upstream socket.
+
+The upstream socket is what makes the service see the real client: ``IP_TRANSPARENT``
+(``IPV6_TRANSPARENT``) lets it bind an address this host does not own, ``SO_MARK`` tags its
+packets so the pathway's ``ip rule fwmark M lookup M`` routes the replies back to us.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+import struct
+
+from pymmproxy.errors import PymmproxyError, UpstreamError
+from pymmproxy.settings import Endpoint
+
+SOL_IP = getattr(socket, "SOL_IP", 0)
+SOL_IPV6 = socket.IPPROTO_IPV6
+IP_TRANSPARENT = getattr(socket, "IP_TRANSPARENT", 19)
+IPV6_TRANSPARENT = getattr(socket, "IPV6_TRANSPARENT", 75)
+IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)
+SO_MARK = getattr(socket, "SO_MARK", 36)
+TCP_INFO = getattr(socket, "TCP_INFO", 11)
+TCP_SYN_SENT = 2
+_CONNECT_OK = frozenset({0, errno.EINPROGRESS})
+
+
+def listen_socket(
+    endpoint: Endpoint,
+    *,
+    kind: socket.SocketKind = socket.SOCK_STREAM,
+    reuse_port: bool = False,
+    transparent: bool = False,
+    backlog: int = 4096,
+) -> socket.socket:
+    """Bind (and for TCP, listen on) ``endpoint``; ``[::]`` is dual-stack.
+
+    Raises :class:`PymmproxyError` with a one-line reason (address in use, not local, ...).
+    """
+    family = socket.AF_INET6 if endpoint.is_v6 else socket.AF_INET
+    sock = socket.socket(family, kind)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(SOL_IPV6, socket.IPV6_V6ONLY, 0)
+        if transparent:
+            level, opt = (SOL_IPV6, IPV6_TRANSPARENT) if endpoint.is_v6 else (SOL_IP, IP_TRANSPARENT)
+            sock.setsockopt(level, opt, 1)
+        sock.bind((endpoint.host, endpoint.port))
+        if kind == socket.SOCK_STREAM:
+            sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise PymmproxyError(f"cannot listen on {endpoint}: {exc.strerror or exc}") from None
+    return sock
+
+
+def upstream_socket(
+    family: socket.AddressFamily,
+    target: tuple[str, int],
+    source: tuple[str, int] | None,
+    mark: int,
+    kind: socket.SocketKind = socket.SOCK_STREAM,
+) -> socket.socket:
+    """A non-blocking socket bound to ``source`` (spoofed) and connecting to ``target``.
+
+    For TCP the connect is started and left in progress (``EINPROGRESS``): the caller hands
+    the socket to ``loop.create_connection(sock=...)``, saving an event-loop round trip.
+    ``source=None`` means no spoofing (health checks): the kernel picks our own address.
+    If the client's port is taken, the bind falls back to port 0 (any port, same address).
+    """
+    sock = socket.socket(family, kind)
+    try:
+        sock.setblocking(False)
+        if mark:
+            sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+        if source is not None:
+            if family == socket.AF_INET6:
+                sock.setsockopt(SOL_IPV6, IPV6_TRANSPARENT, 1)
+            else:
+                sock.setsockopt(SOL_IP, IP_TRANSPARENT, 1)
+            try:
+                sock.bind(source)
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    raise
+                sock.bind((source[0], 0))
+        err = sock.connect_ex(target)
+        if err not in _CONNECT_OK:
+            raise OSError(err, _strerror(err))
+    except OSError as exc:
+        sock.close()
+        raise UpstreamError(_describe(exc, source, target)) from None
+    return sock
+
+
+def still_connecting(sock: socket.socket) -> bool:
+    """True while a TCP socket is in SYN_SENT (used by the connect timeout)."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, TCP_INFO, 8)
+    except OSError:
+        return False
+    return bool(struct.unpack_from("B", info)[0] == TCP_SYN_SENT)
+
+
+def _strerror(err: int) -> str:
+    import os  # noqa: PLC0415 - only on the error path
+
+    return os.strerror(err)
+
+
+def _describe(exc: OSError, source: tuple[str, int] | None, target: tuple[str, int]) -> str:
+    if exc.errno == errno.EPERM and source is not None:
+        return (
+            f"cannot spoof {source[0]}: {exc.strerror} "
+            "(need CAP_NET_ADMIN for IP_TRANSPARENT/SO_MARK, or root)"
+        )
+    if exc.errno in {errno.EADDRNOTAVAIL, errno.EINVAL} and source is not None:
+        return f"cannot bind {source[0]}:{source[1]}: {exc.strerror}"
+    return f"connect to {target[0]}:{target[1]} failed: {exc.strerror or exc}"

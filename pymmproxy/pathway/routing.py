@@ -1,0 +1,214 @@
+"""Policy rules and routes of a pathway, over rtnetlink (pyroute2 ``IPRoute``).
+
+Idempotency comes from the kernel's answer, not from a prior read: an add that gets
+``EEXIST`` was already done, a delete that gets ``ENOENT`` / ``ESRCH`` had nothing to do.
+Reads (:meth:`Routing.has_rule`, :meth:`Routing.has_route`) dump and compare exactly.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from pymmproxy.errors import PathwayError
+from pymmproxy.pathway.plan import RouteSpec, RuleSpec
+
+FR_ACT_TO_TBL = 1
+RTN_LOCAL = 2
+RTPROT_BOOT = 3  # what ``ip route add`` uses
+RT_SCOPE_HOST = 254
+FULL_MASK = 0xFFFFFFFF
+_DENIED = frozenset({errno.EPERM, errno.EACCES})
+_ABSENT = frozenset({errno.ENOENT, errno.ESRCH})
+# Selectors we never set: a rule carrying one of them is somebody else's rule.
+_FOREIGN_RULE_ATTRS = ("FRA_DST", "FRA_OIFNAME", "FRA_IP_PROTO", "FRA_SPORT_RANGE", "FRA_DPORT_RANGE")
+FIB_RULE_INVERT = 0x2
+TCP_FWMARK_ACCEPT = Path("/proc/sys/net/ipv4/tcp_fwmark_accept")
+
+
+def _fail(exc: NetlinkError, what: str) -> Exception:
+    code = int(exc.code)
+    if code in _DENIED:
+        return PermissionError(code, what)
+    return PathwayError(f"{what}: {exc}")
+
+
+def _attr(msg: Any, name: str) -> Any:
+    return msg.get_attr(name)
+
+
+class Routing:
+    """A netlink session in the current network namespace (use as a context manager)."""
+
+    def __init__(self) -> None:
+        try:
+            self._ipr: Any = IPRoute()
+        except OSError as exc:
+            raise PathwayError(f"cannot open rtnetlink socket: {exc}") from exc
+        self._lo_index: int | None = None
+
+    def __enter__(self) -> Routing:
+        return self
+
+    def __exit__(
+        self, typ: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._ipr.close()
+
+    def _ifindex(self, name: str) -> int:
+        if name == "lo" and self._lo_index is not None:
+            return self._lo_index
+        found = self._ipr.link_lookup(ifname=name)
+        if not found:
+            raise PathwayError(f"no interface {name!r}")
+        index = int(found[0])
+        if name == "lo":
+            self._lo_index = index
+        return index
+
+    # -- rules ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _rule_args(spec: RuleSpec) -> dict[str, Any]:
+        args: dict[str, Any] = {
+            "family": spec.family.af,
+            "table": spec.table,
+            "priority": spec.priority,
+            "action": FR_ACT_TO_TBL,
+        }
+        if spec.fwmark is not None:
+            args.update(fwmark=spec.fwmark, fwmask=FULL_MASK)
+        if spec.src is not None:
+            net = ipaddress.ip_network(spec.src)
+            args.update(src=str(net.network_address), src_len=net.prefixlen)
+        if spec.iif is not None:
+            args["iifname"] = spec.iif
+        return args
+
+    def add_rule(self, spec: RuleSpec) -> bool:
+        """Create the rule; False if it already existed."""
+        try:
+            self._ipr.rule("add", **self._rule_args(spec))
+        except NetlinkError as exc:
+            if exc.code == errno.EEXIST:
+                return False
+            raise _fail(exc, spec.command("add")) from exc
+        return True
+
+    def del_rule(self, spec: RuleSpec) -> bool:
+        """Delete the rule; False if there was none."""
+        try:
+            self._ipr.rule("del", **self._rule_args(spec))
+        except NetlinkError as exc:
+            if exc.code in _ABSENT:
+                return False
+            raise _fail(exc, spec.command("del")) from exc
+        return True
+
+    def has_rule(self, spec: RuleSpec) -> bool:
+        """Whether exactly this rule is in the rule list."""
+        try:
+            dump = self._ipr.get_rules(family=spec.family.af)
+        except NetlinkError as exc:
+            raise _fail(exc, f"{spec.family.ip_cmd} rule show") from exc
+        return any(self._rule_matches(msg, spec) for msg in dump)
+
+    @staticmethod
+    def _rule_matches(msg: Any, spec: RuleSpec) -> bool:
+        table = _attr(msg, "FRA_TABLE") or msg["table"]
+        if int(msg["action"]) != FR_ACT_TO_TBL or int(table) != spec.table:
+            return False
+        if int(_attr(msg, "FRA_PRIORITY") or 0) != spec.priority:
+            return False
+        if int(msg["flags"]) & FIB_RULE_INVERT or int(msg["dst_len"]):
+            return False
+        if any(_attr(msg, name) is not None for name in _FOREIGN_RULE_ATTRS):
+            return False
+        fwmark = _attr(msg, "FRA_FWMARK")
+        if spec.fwmark is None:
+            if fwmark:
+                return False
+        elif fwmark != spec.fwmark or _attr(msg, "FRA_FWMASK") != FULL_MASK:
+            return False
+        if spec.src is None:
+            if int(msg["src_len"]):
+                return False
+        else:
+            net = ipaddress.ip_network(spec.src)
+            src = _attr(msg, "FRA_SRC")
+            if int(msg["src_len"]) != net.prefixlen or src is None:
+                return False
+            if ipaddress.ip_address(src) != net.network_address:
+                return False
+        return _attr(msg, "FRA_IIFNAME") == spec.iif
+
+    # -- routes --------------------------------------------------------------------------
+
+    def _route_args(self, spec: RouteSpec) -> dict[str, Any]:
+        return {
+            "family": spec.family.af,
+            "dst": spec.dst,
+            "type": RTN_LOCAL,
+            "table": spec.table,
+            "oif": self._ifindex(spec.dev),
+            "scope": RT_SCOPE_HOST,
+            "proto": RTPROT_BOOT,
+        }
+
+    def add_route(self, spec: RouteSpec) -> bool:
+        """Create the route; False if it already existed."""
+        try:
+            self._ipr.route("add", **self._route_args(spec))
+        except NetlinkError as exc:
+            if exc.code == errno.EEXIST:
+                return False
+            raise _fail(exc, spec.command("add")) from exc
+        return True
+
+    def del_route(self, spec: RouteSpec) -> bool:
+        """Delete the route; False if there was none (v4 says ESRCH, v6 ENOENT)."""
+        args = self._route_args(spec)
+        del args["proto"]  # match a route added with any protocol, as ``ip route del`` does
+        try:
+            self._ipr.route("del", **args)
+        except NetlinkError as exc:
+            if exc.code in _ABSENT:
+                return False
+            raise _fail(exc, spec.command("del")) from exc
+        return True
+
+    def has_route(self, spec: RouteSpec) -> bool:
+        """Whether table ``spec.table`` holds ``local DST dev DEV``."""
+        net = ipaddress.ip_network(spec.dst)
+        oif = self._ifindex(spec.dev)
+        try:
+            dump = self._ipr.get_routes(family=spec.family.af, table=spec.table)
+        except NetlinkError as exc:
+            raise _fail(exc, f"{spec.family.ip_cmd} route show table {spec.table}") from exc
+        for msg in dump:
+            table = _attr(msg, "RTA_TABLE") or msg["table"]
+            if int(table) != spec.table or int(msg["type"]) != RTN_LOCAL:
+                continue
+            if int(msg["dst_len"]) != net.prefixlen or _attr(msg, "RTA_OIF") != oif:
+                continue
+            dst = _attr(msg, "RTA_DST")
+            if dst is None or ipaddress.ip_address(dst) == net.network_address:
+                return True
+        return False
+
+
+def read_tcp_fwmark_accept() -> int | None:
+    """``net.ipv4.tcp_fwmark_accept`` of this namespace (None if unreadable); never written."""
+    try:
+        return int(TCP_FWMARK_ACCEPT.read_text(encoding="ascii").strip())
+    except (OSError, ValueError):
+        return None

@@ -1,0 +1,1 @@
+"""Connection handling: TCP connections, UDP flows, listener lifecycle."""

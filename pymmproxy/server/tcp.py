@@ -1,0 +1,283 @@
+"""One TCP connection from the load balancer: allow list -> header -> connect -> relay.
+
+The client side is an ``asyncio.Protocol`` that parses the PROXY header from its first
+``data_received`` calls (pure parser, no I/O), then builds the transparent upstream socket
+by hand and hands it, still connecting, to ``loop.create_connection(sock=...)``. After that
+the two protocols relay bytes directly (see :mod:`pymmproxy.net.relay`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from typing import Any
+
+from pymmproxy.errors import ProtocolError, UpstreamError
+from pymmproxy.net.relay import UpstreamProtocol
+from pymmproxy.net.sockets import still_connecting, upstream_socket
+from pymmproxy.proxyproto import parse_header
+from pymmproxy.server.context import InstanceContext
+
+_HEADER, _CONNECTING, _RELAY, _CLOSED = range(4)
+MAX_HEADER_BYTES = 65535 + 16
+
+
+class ClientProtocol(asyncio.Protocol):
+    """The load balancer's connection; owns the upstream for its whole life."""
+
+    __slots__ = (
+        "ctx", "transport", "peer", "buf", "state", "timer", "upstream", "up_proto",
+        "client_eof", "up_eof", "bytes_up", "bytes_down", "started", "source", "target", "reason",
+    )  # fmt: skip
+
+    def __init__(self, ctx: InstanceContext) -> None:
+        self.ctx = ctx
+        self.buf = b""
+        self.state = _HEADER
+        self.timer: asyncio.TimerHandle | None = None
+        self.upstream: asyncio.Transport | None = None
+        self.up_proto: UpstreamProtocol | None = None
+        self.client_eof = False
+        self.up_eof = False
+        self.bytes_up = 0
+        self.bytes_down = 0
+        self.source: tuple[str, int] | None = None
+        self.target: tuple[str, int] | None = None
+        self.reason = "done"
+
+    # -- accept and header ---------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        ctx = self.ctx
+        self.transport: asyncio.Transport = transport  # type: ignore[assignment]
+        self.peer: Any = transport.get_extra_info("peername")
+        self.started = time.monotonic()
+        ctx.stats.accepted += 1
+        if not ctx.allow.allows(self.peer[0]):
+            self.state = _CLOSED
+            ctx.reject("not_allowed", self.peer)
+            transport.abort()
+            return
+        if ctx.max_connections and ctx.stats.active >= ctx.max_connections:
+            self.state = _CLOSED
+            ctx.reject("over_limit", self.peer)
+            transport.abort()
+            return
+        ctx.opened(self)
+        ctx.stats.pending_headers += 1
+        self.timer = ctx.loop.call_later(ctx.header_timeout, self._header_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        upstream = self.upstream
+        if upstream is not None:
+            self.bytes_up += len(data)
+            upstream.write(data)
+            return
+        if self.state != _HEADER:  # connecting: reading is paused, keep what raced in
+            self.buf += data
+            return
+        buf = self.buf + data if self.buf else data
+        try:
+            parsed = parse_header(buf)
+        except ProtocolError as exc:
+            self._fail_header(exc)
+            return
+        if parsed is None:
+            self.buf = buf
+            return
+        header, used = parsed
+        self.buf = buf[used:]
+        self._leave_header()
+        try:
+            self._connect(header)
+        except (ProtocolError, UpstreamError) as exc:
+            self._fail(_kind(exc), str(exc))
+
+    def _connect(self, header: Any) -> None:  # noqa: ANN401 - proxyproto.Header
+        ctx = self.ctx
+        ctx.stats.versions[f"v{header.version}"] += 1
+        source = header.relayable_source
+        if source is None:
+            chosen = ctx.local_target(":" in self.peer[0])
+            if chosen is None:
+                raise UpstreamError("no target configured")
+            family, target = chosen
+        elif ":" in source[0]:
+            family, target = socket.AF_INET6, ctx.target6  # type: ignore[assignment]
+            if target is None:
+                raise UpstreamError(f"IPv6 client {source[0]} but no -6 target configured")
+        else:
+            family, target = socket.AF_INET, ctx.target4  # type: ignore[assignment]
+            if target is None:
+                raise UpstreamError(f"IPv4 client {source[0]} but no -4 target configured")
+        self.source = source
+        self.target = target
+        sock = upstream_socket(family, target, source, ctx.mark)
+        self.state = _CONNECTING
+        self.transport.pause_reading()
+        ctx.loop.create_task(self._hand_over(sock))
+
+    async def _hand_over(self, sock: socket.socket) -> None:
+        try:
+            await self.ctx.loop.create_connection(lambda: UpstreamProtocol(self), sock=sock)
+        except OSError as exc:
+            sock.close()
+            self._fail("target_error", exc.strerror or str(exc))
+
+    # -- called by UpstreamProtocol ------------------------------------------------------
+    def upstream_made(self, transport: asyncio.Transport) -> None:
+        if self.state == _CLOSED:
+            transport.abort()
+            return
+        self.upstream = transport
+        self.state = _RELAY
+        self.ctx.stats.relayed += 1
+        if self.buf:
+            self.bytes_up += len(self.buf)
+            transport.write(self.buf)
+            self.buf = b""
+        if self.client_eof:
+            transport.write_eof()
+        else:
+            self.transport.resume_reading()
+        self.timer = self.ctx.loop.call_later(self.ctx.connect_timeout, self._connect_timeout)
+
+    def upstream_eof(self) -> None:
+        self.up_eof = True
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        if self.client_eof:
+            self._close()
+
+    def upstream_lost(self, exc: Exception | None) -> None:
+        if exc is not None and self.state != _CLOSED:
+            self._fail(_os_reason(exc, before_data=self.bytes_down == 0), str(exc))
+        else:
+            self._close()
+
+    # -- client side of the relay --------------------------------------------------------
+    def eof_received(self) -> bool:
+        self.client_eof = True
+        if self.state == _HEADER:
+            self._fail_header(None)
+            return False
+        upstream = self.upstream
+        if upstream is not None:
+            if upstream.can_write_eof():
+                upstream.write_eof()
+            if self.up_eof:
+                self._close()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._leave_header()
+        if exc is not None and self.state == _RELAY:
+            self.reason = _os_reason(exc, before_data=False)
+        self._close(abort=exc is not None)
+        ctx = self.ctx
+        if self not in ctx.conns:
+            return  # rejected before it was counted
+        ctx.closed(self)
+        ctx.stats.bytes_up += self.bytes_up
+        ctx.stats.bytes_down += self.bytes_down
+        if ctx.verbosity >= 2:
+            ctx.log.info(
+                "conn.closed",
+                lb=_ep(self.peer),
+                client=_ep(self.source),
+                target=_ep(self.target),
+                mark=ctx.mark,
+                bytes_in=self.bytes_up,
+                bytes_out=self.bytes_down,
+                duration=round(time.monotonic() - self.started, 6),
+                reason=self.reason,
+            )
+
+    def pause_writing(self) -> None:
+        if self.upstream is not None:
+            self.upstream.pause_reading()
+
+    def resume_writing(self) -> None:
+        upstream = self.upstream
+        if upstream is not None and not upstream.is_closing():
+            upstream.resume_reading()
+
+    # -- failure and teardown --------------------------------------------------------------
+    def _leave_header(self) -> None:
+        if self.state == _HEADER:
+            self.state = _CONNECTING
+            self.ctx.stats.pending_headers -= 1
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _header_timeout(self) -> None:
+        self.timer = None
+        self._leave_header()
+        self.reason = "header_timeout"
+        self.ctx.failed(self.reason, self.peer, waited=self.ctx.header_timeout)
+        self._close(abort=True)
+
+    def _connect_timeout(self) -> None:
+        self.timer = None
+        upstream = self.upstream
+        if upstream is None or upstream.is_closing():
+            return
+        sock = upstream.get_extra_info("socket")
+        if sock is not None and still_connecting(sock):
+            detail = f"no answer from target within {self.ctx.connect_timeout}s"
+            self._fail("connect_timeout", detail)
+
+    def _fail_header(self, exc: ProtocolError | None) -> None:
+        self._leave_header()
+        if exc is None:
+            self.reason = "eof_before_header"
+            self.ctx.failed(self.reason, self.peer, received=len(self.buf))
+        else:
+            self.reason = f"bad_header:{exc.kind}"
+            self.ctx.failed("bad_header", self.peer, kind=exc.kind, error=str(exc))
+        self._close(abort=True)
+
+    def _fail(self, reason: str, detail: str) -> None:
+        if self.state == _CLOSED:
+            return
+        self.reason = reason
+        self.ctx.failed(
+            reason, self.peer, error=detail, client=_ep(self.source), target=_ep(self.target)
+        )
+        self._close(abort=True)
+
+    def _close(self, *, abort: bool = False) -> None:
+        self.state = _CLOSED
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        for transport in (self.transport, self.upstream):
+            if transport is not None and not transport.is_closing():
+                if abort:
+                    transport.abort()
+                else:
+                    transport.close()
+
+
+def _ep(addr: Any) -> str | None:  # noqa: ANN401
+    if not addr:
+        return None
+    host, port = addr[0], addr[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _kind(exc: ProtocolError | UpstreamError) -> str:
+    if isinstance(exc, ProtocolError):
+        return f"bad_header:{exc.kind}"
+    return "upstream_error"
+
+
+def _os_reason(exc: Exception, *, before_data: bool) -> str:
+    if isinstance(exc, ConnectionRefusedError):
+        return "target_refused"
+    if isinstance(exc, ConnectionResetError):
+        return "reset"
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    return "target_error" if before_data else "io_error"

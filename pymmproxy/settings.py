@@ -1,0 +1,94 @@
+"""Frozen, validated settings for one proxy instance (what the daemon runs)."""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from dataclasses import dataclass, field
+
+from pymmproxy.errors import UsageError
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+MAX_MARK = 2**32 - 1
+RESERVED_TABLES = frozenset({0, 253, 254, 255})
+
+
+class Transport(enum.StrEnum):
+    TCP = "tcp"
+    UDP = "udp"
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """An IP address and port; ``str()`` gives ``1.2.3.4:5`` or ``[::1]:5``."""
+
+    host: str
+    port: int
+
+    @property
+    def is_v6(self) -> bool:
+        return ":" in self.host
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if self.is_v6 else f"{self.host}:{self.port}"
+
+    @classmethod
+    def parse(cls, text: str, *, what: str = "address") -> Endpoint:
+        """Parse ``ADDR:PORT`` / ``[V6]:PORT`` (an empty host means all addresses, v4)."""
+        text = text.strip()
+        if text.startswith("["):
+            host, sep, port_text = text[1:].partition("]:")
+            if not sep:
+                raise UsageError(f"bad {what} {text!r}: expected [IPv6]:PORT")
+        else:
+            host, sep, port_text = text.rpartition(":")
+            if not sep:
+                raise UsageError(f"bad {what} {text!r}: expected ADDR:PORT")
+            if ":" in host:
+                raise UsageError(f"bad {what} {text!r}: put IPv6 addresses in brackets")
+        if host in {"", "*"}:
+            host = "0.0.0.0"
+        try:
+            addr = ipaddress.ip_address(host)
+        except ValueError:
+            raise UsageError(f"bad {what} {text!r}: {host!r} is not an IP address") from None
+        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            raise UsageError(f"bad {what} {text!r}: port must be 1..65535")
+        return cls(addr.compressed, int(port_text))
+
+
+def validate_mark(value: int, *, what: str = "mark") -> int:
+    """A fwmark doubles as a routing table id: 1..2^32-1 and not 253/254/255."""
+    if not 0 < value <= MAX_MARK:
+        raise UsageError(f"bad {what} {value}: must be 1..{MAX_MARK}")
+    if value in RESERVED_TABLES:
+        raise UsageError(f"bad {what} {value}: {value} is a reserved routing table id")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    header_timeout: float = 5.0
+    connect_timeout: float = 10.0
+    idle_timeout: float = 0.0  # 0 = off, like go-mmproxy
+    max_connections: int = 0  # 0 = unlimited
+    drain_timeout: float = 30.0
+    udp_close_after: float = 60.0
+    udp_max_clients: int = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceSettings:
+    """Everything one listener needs; built by the CLI or from instances.tsv."""
+
+    listen: Endpoint
+    target4: Endpoint | None
+    target6: Endpoint | None
+    mark: int = 0
+    transport: Transport = Transport.TCP
+    allowed: tuple[Network, ...] | None = None  # None = allow any (explicit opt-in)
+    name: str = ""
+    listeners: int = 1
+    limits: Limits = field(default_factory=Limits)
