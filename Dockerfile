@@ -29,8 +29,8 @@ FROM ${BASE} AS builder
 ARG HOST_CA=
 ARG PIP_INDEX_URL=
 ARG PIP_EXTRA_INDEX_URL=
-ENV DEBIAN_FRONTEND=noninteractive \
-    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+ARG DEBIAN_FRONTEND=noninteractive
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DEFAULT_TIMEOUT=120
 
@@ -63,7 +63,10 @@ RUN set -eu; \
 FROM ${BASE}
 
 ARG HOST_CA=
-ENV DEBIAN_FRONTEND=noninteractive
+ARG DEBIAN_FRONTEND=noninteractive
+LABEL org.opencontainers.image.title="pymmproxy" \
+      org.opencontainers.image.description="PROXY-protocol transparent proxy (go-mmproxy drop-in)" \
+      org.opencontainers.image.licenses="MIT"
 
 # python3: the interpreter the venv points at.  iptables: the libxtables/libip*tc libraries
 # and xtables match modules that python-iptables loads for `pymmproxy pathway ...`.

@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("-v", "--verbose", type=_int("-v"), default=0, choices=[0, 1, 2], metavar="0|1|2")
     add("-listeners", "--listeners", type=_int("listeners"), default=1, help="worker processes")
     add("-close-after", "--close-after", type=_int("close-after"), default=60, metavar="SECONDS")
+    add("--udp-max-clients", type=_int("udp-max-clients"), default=4096, metavar="N",
+        help="UDP: most clients tracked at once; the longest idle is evicted")  # fmt: skip
     add("--header-timeout", type=_float("header-timeout"), default=5.0, metavar="SECONDS")
     add("--connect-timeout", type=_float("connect-timeout"), default=10.0, metavar="SECONDS")
     add("--drain-timeout", type=_float("drain-timeout"), default=30.0, metavar="SECONDS")
@@ -135,12 +137,15 @@ def limits_from_args(args: argparse.Namespace) -> Limits:
         raise UsageError("-close-after must be >= 1")
     if args.max_connections < 0:
         raise UsageError("--max-connections must be >= 0")
+    if args.udp_max_clients < 1:
+        raise UsageError("--udp-max-clients must be >= 1")
     return Limits(
         header_timeout=args.header_timeout,
         connect_timeout=args.connect_timeout,
         drain_timeout=args.drain_timeout,
         max_connections=args.max_connections,
         udp_close_after=float(args.close_after),
+        udp_max_clients=args.udp_max_clients,
     )
 
 
@@ -154,8 +159,6 @@ def _run_proxy(args: argparse.Namespace) -> int:
 
         return run_instance(args)
     settings = settings_from_args(args)
-    if settings.transport is Transport.UDP:
-        raise UsageError("-p udp is not supported yet by this build (tcp only)")
     reloader = None
     if args.allowed_subnets:
         from pymmproxy.conffiles import load_allow_list  # noqa: PLC0415

@@ -1,14 +1,11 @@
-"""The configuration files: ``pathways.conf``, ``instances.tsv`` and ``allow.txt``.
-
-All are UTF-8 text; ``#`` starts a comment anywhere on a line, blank lines are ignored and
-columns are separated by tabs or spaces. Every problem is a :class:`ConfigError` naming the
-file and line, raised before anything starts.
+"""The config files, UTF-8 text with ``#`` comments and tab- or space-separated columns.
 
 - ``allow.txt``: one IP or CIDR per line (a bare IP is a /32 or /128; host bits must be 0).
 - ``pathways.conf``: one fwmark per line (decimal or ``0x`` hex), each once.
-- ``instances.tsv``: ``<name> <fwmark> <listen_addr> <target_ipv4> <target_port>
-  <target_ipv6> [key=value ...]``; a target of ``-`` means none for that family; options are
-  ``proto=tcp|udp`` and ``allow=FILE`` (a per-instance allow list, relative to the file's dir).
+- ``instances.tsv``: see ``_COLUMNS``, then optional ``proto=tcp|udp`` and ``allow=FILE`` (a
+  per-instance allow list, relative to the config dir); a ``-`` target means none.
+
+Every problem is a :class:`ConfigError` naming the file and line, raised before anything starts.
 """
 
 from __future__ import annotations
@@ -37,9 +34,8 @@ _NAME_RE = re.compile(r"[A-Za-z0-9_.@-]+")
 _FIELD_SEP = re.compile(r"[ \t\r\f\v]+")
 _COLUMNS = "<name> <fwmark> <listen_addr> <target_ipv4> <target_port> <target_ipv6>"
 _OPTIONS = ("allow", "proto")
-_HEX = frozenset(string.hexdigits)
+_DEC, _HEX = frozenset(string.digits), frozenset(string.hexdigits)
 _MAX_TOKEN = 100  # longer than any address; also keeps int() away from huge digit strings
-
 _Err = Callable[[str], ConfigError]  # builds the error for one file:line
 
 
@@ -83,9 +79,8 @@ def allow_list_path(config_dir: str | Path, env: Mapping[str, str] = os.environ)
 
 def valid_instance_name(name: str) -> bool:
     """Letters, digits and ``_.@-``, not starting with ``-`` or ``.`` (a systemd instance)."""
-    return (
-        len(name) <= MAX_NAME_LEN and _NAME_RE.fullmatch(name) is not None and name[0] not in "-."
-    )
+    ok = len(name) <= MAX_NAME_LEN and _NAME_RE.fullmatch(name) is not None
+    return ok and name[0] not in "-."
 
 
 def _lines(path: str | Path) -> Iterator[tuple[int, list[str], _Err]]:
@@ -127,15 +122,11 @@ def load_allow_list(path: str | Path) -> tuple[Network, ...]:
 
 
 def _mark(text: str, err: _Err) -> int:
-    short = len(text) <= 20
-    if short and text.isascii() and text.isdigit():
-        value = int(text)
-    elif short and text[:2] in ("0x", "0X") and len(text) > 2 and set(text[2:]) <= _HEX:
-        value = int(text, 16)
-    else:
+    digits, base = (text[2:], 16) if text[:2] in ("0x", "0X") else (text, 10)
+    if not (digits and len(text) <= 20 and set(digits) <= (_HEX if base == 16 else _DEC)):
         raise err(f"bad fwmark {text!r}: expected a number")
     try:
-        return validate_mark(value, what="fwmark")
+        return validate_mark(int(digits, base), what="fwmark")
     except UsageError as e:
         raise err(str(e)) from None
 
@@ -163,7 +154,7 @@ def _listen(text: str, err: _Err) -> Endpoint:
 
 
 def _port(text: str, err: _Err) -> int:
-    if not (text.isascii() and text.isdigit() and len(text) <= 5 and 0 < int(text) < 65536):
+    if not (set(text) <= _DEC and len(text) <= 5 and 0 < int(text) < 65536):
         raise err(f"bad target_port {text!r}: must be 1..65535")
     return int(text)
 

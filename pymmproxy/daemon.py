@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,7 +32,8 @@ from pymmproxy.notify import Notifier
 from pymmproxy.policy import AllowList
 from pymmproxy.server.context import InstanceContext
 from pymmproxy.server.tcp import ClientProtocol
-from pymmproxy.settings import InstanceSettings
+from pymmproxy.server.udp import UdpListener, serve_udp
+from pymmproxy.settings import InstanceSettings, Transport
 
 STATUS_INTERVAL = 5.0
 
@@ -72,14 +74,25 @@ class Daemon:
         loop = asyncio.get_running_loop()
         ctx = self.ctx = InstanceContext(self.settings, loop)
         ctx.verbosity = self.verbosity
-        sock = listen_socket(self.settings.listen, reuse_port=self.settings.listeners > 1)
-        server = await loop.create_server(lambda: ClientProtocol(ctx), sock=sock)
+        udp = self.settings.transport is Transport.UDP
+        sock = listen_socket(
+            self.settings.listen,
+            kind=socket.SOCK_DGRAM if udp else socket.SOCK_STREAM,
+            reuse_port=self.settings.listeners > 1,
+        )
+        # UDP has nothing to drain: close() shuts the listener and every flow at once.
+        server: asyncio.AbstractServer | UdpListener = (
+            await serve_udp(ctx, sock)
+            if udp
+            else await loop.create_server(lambda: ClientProtocol(ctx), sock=sock)
+        )
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._on_stop, signum)
         loop.add_signal_handler(signal.SIGHUP, self._on_reload)
         self.log.info(
             "daemon.listening",
             listen=str(self.settings.listen),
+            proto=str(self.settings.transport),
             target4=_str(self.settings.target4),
             target6=_str(self.settings.target6),
             mark=self.settings.mark,
@@ -126,7 +139,9 @@ class Daemon:
         try:
             new = self.reloader()
         except PymmproxyError as exc:
-            self.log.error("daemon.reload_failed", error=str(exc), kept=self.ctx.allow.describe())
+            self.log.error(  # noqa: TRY400 - an expected config error, no traceback
+                "daemon.reload_failed", error=str(exc), kept=self.ctx.allow.describe()
+            )
             return
         self.ctx.allow = new.allow
         self.log.info("daemon.reload", allow=new.allow.describe())
@@ -154,7 +169,8 @@ def run(
     notifier = Notifier()
     workers = settings.listeners
     # Bind once up front so a bad listen address fails before forking, with one line.
-    listen_socket(settings.listen, reuse_port=workers > 1).close()
+    kind = socket.SOCK_DGRAM if settings.transport is Transport.UDP else socket.SOCK_STREAM
+    listen_socket(settings.listen, kind=kind, reuse_port=workers > 1).close()
     if workers <= 1:
         daemon = Daemon(settings, verbosity=verbosity, reloader=reloader, notifier=notifier)
         uvloop.run(daemon.run())

@@ -49,7 +49,7 @@ class ProtocolError(PymmproxyError):
         super().__init__(message)
 
 
-class PolicyDenied(PymmproxyError):
+class PolicyDenied(PymmproxyError):  # noqa: N818 - reads as the event it reports
     """A peer or header refused by policy (allow list, forbidden source address)."""
 
 

@@ -9,10 +9,9 @@ from collections.abc import Sequence
 
 from pymmproxy import daemon, instancelock
 from pymmproxy.conffiles import Config, instance_settings, load_config, resolve_config_dir
-from pymmproxy.errors import PymmproxyError, UsageError
+from pymmproxy.errors import PymmproxyError
 from pymmproxy.logsetup import get_logger
 from pymmproxy.policy import AllowList
-from pymmproxy.settings import Transport
 
 
 def run_instance(args: argparse.Namespace) -> int:
@@ -22,8 +21,6 @@ def run_instance(args: argparse.Namespace) -> int:
     config_dir = resolve_config_dir(args.config_dir)
     config = load_config(config_dir)
     inst = config.instance(args.instance)
-    if inst.transport is not Transport.TCP:
-        raise UsageError(f"instance {inst.name}: proto={inst.transport} is not supported yet")
     settings = instance_settings(inst, config.allowed_for(inst), limits_from_args(args))
     settings = dataclasses.replace(settings, listeners=args.listeners)
     lock = instancelock.acquire(inst.name)

@@ -9,12 +9,28 @@ matches IPv4 entries and the IPv6 entries that cover its mapped form (``::ffff:0
 from __future__ import annotations
 
 import ipaddress
+import socket
+from collections import defaultdict
+from collections.abc import Iterable
 
 from pymmproxy.settings import Network
 
 DEFAULT_CACHE_SIZE = 4096
 _MAPPED_PREFIX = 0xFFFF << 32  # ::ffff:0:0/96 as an integer
 _DESCRIBE_MAX = 8
+
+_Table = tuple[tuple[int, frozenset[int]], ...]  # (netmask, network addresses) per prefix length
+
+
+def _table(networks: Iterable[Network]) -> _Table:
+    by_mask: defaultdict[int, set[int]] = defaultdict(set)
+    for net in networks:
+        by_mask[int(net.netmask)].add(int(net.network_address))
+    return tuple((mask, frozenset(addrs)) for mask, addrs in sorted(by_mask.items()))
+
+
+def _in(value: int, table: _Table) -> bool:
+    return any(value & mask in addrs for mask, addrs in table)
 
 
 class AllowList:
@@ -37,14 +53,12 @@ class AllowList:
         self._networks = None if networks is None else tuple(dict.fromkeys(networks))
         self._cache: dict[str, bool] = {}
         self._cache_size = max(1, cache_size)
-        # (network, mask) integer pairs per family: a cache miss is a few ANDs.
-        self._v4: tuple[tuple[int, int], ...] = ()
-        self._v6: tuple[tuple[int, int], ...] = ()
-        if self._networks is not None:
-            v4 = ipaddress.collapse_addresses(n for n in self._networks if n.version == 4)
-            v6 = ipaddress.collapse_addresses(n for n in self._networks if n.version == 6)
-            self._v4 = tuple((int(n.network_address), int(n.netmask)) for n in v4)
-            self._v6 = tuple((int(n.network_address), int(n.netmask)) for n in v6)
+        # A cache miss costs one AND and set lookup per distinct prefix length.
+        given = self._networks or ()
+        v4 = [n for n in given if isinstance(n, ipaddress.IPv4Network)]
+        v6 = [n for n in given if isinstance(n, ipaddress.IPv6Network)]
+        self._v4 = _table(ipaddress.collapse_addresses(v4))
+        self._v6 = _table(ipaddress.collapse_addresses(v6))
 
     @property
     def allow_any(self) -> bool:
@@ -94,21 +108,16 @@ class AllowList:
         return result
 
     def _match(self, ip: str) -> bool:
+        host = ip.partition("%")[0]
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
         try:
-            addr = ipaddress.ip_address(ip.partition("%")[0])
-        except ValueError:
+            value = int.from_bytes(socket.inet_pton(family, host))
+        except (OSError, ValueError):  # not an address / embedded NUL
             return False
-        if isinstance(addr, ipaddress.IPv6Address):
-            mapped = addr.ipv4_mapped
-            if mapped is None:
-                value = int(addr)
-                return any(value & mask == net for net, mask in self._v6)
-            addr = mapped
-        value = int(addr)
-        if any(value & mask == net for net, mask in self._v4):
-            return True
-        value |= _MAPPED_PREFIX
-        return any(value & mask == net for net, mask in self._v6)
+        if family == socket.AF_INET6 and value >> 32 != 0xFFFF:
+            return _in(value, self._v6)
+        value &= 0xFFFFFFFF
+        return _in(value, self._v4) or _in(value | _MAPPED_PREFIX, self._v6)
 
     def cache_clear(self) -> None:
         """Forget memoised answers (not needed for correctness: the list is immutable)."""

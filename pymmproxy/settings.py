@@ -54,7 +54,8 @@ class Endpoint:
             addr = ipaddress.ip_address(host)
         except ValueError:
             raise UsageError(f"bad {what} {text!r}: {host!r} is not an IP address") from None
-        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        digits = port_text.isascii() and port_text.isdigit() and len(port_text) <= 5
+        if not digits or not 0 < int(port_text) < 65536:
             raise UsageError(f"bad {what} {text!r}: port must be 1..65535")
         return cls(addr.compressed, int(port_text))
 

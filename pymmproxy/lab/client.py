@@ -8,10 +8,11 @@ results. A job binds ``src`` (and ``sport``, 0 = any) and connects to ``dst``:``
      "send_random": [10485760, 7],           # n bytes of pattern(n, seed)
      "shutdown": true,                       # shutdown(SHUT_WR) after sending
      "recv_first": false,                    # read to EOF before sending
+     "recv_bytes": 0,                        # >0: stop reading after that many bytes
      "timeout": 10}
 
 A result has ``connected``, ``error``, ``received`` (bytes), ``sha256``, ``text`` (first 4 KiB),
-``end`` (``eof`` | ``reset`` | ``timeout``), ``sport`` and ``elapsed``.
+``end`` (``eof`` | ``limit`` | ``reset`` | ``timeout``), ``sport`` and ``elapsed``.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def _sender(sock: socket.socket, data: bytes, shutdown: bool, errors: list[str])
         errors.append(f"send: {type(exc).__name__}: {exc}")
 
 
-def _receive(sock: socket.socket, res: dict[str, Any]) -> None:
+def _receive(sock: socket.socket, res: dict[str, Any], limit: int = 0) -> None:
     digest, count, head = hashlib.sha256(), 0, b""
     end = "eof"
     try:
@@ -47,20 +48,31 @@ def _receive(sock: socket.socket, res: dict[str, Any]) -> None:
             count += len(data)
             if len(head) < KEEP_TEXT:
                 head += data[: KEEP_TEXT - len(head)]
+            if limit and count >= limit:
+                end = "limit"
+                break
     except TimeoutError:
         end = "timeout"
     except OSError as exc:
         end = "reset"
         res["error"] = res["error"] or f"recv: {type(exc).__name__}: {exc}"
-    res.update(received=count, sha256=digest.hexdigest(), text=head.decode(errors="replace"),
-               end=end)
+    res.update(
+        received=count, sha256=digest.hexdigest(), text=head.decode(errors="replace"), end=end
+    )
 
 
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
     """Run one connection described by ``job`` (see the module docstring)."""
     family = socket.AF_INET6 if ":" in job["dst"] else socket.AF_INET
-    res: dict[str, Any] = {"connected": False, "error": None, "received": 0, "sha256": "",
-                           "text": "", "end": "", "sport": 0}
+    res: dict[str, Any] = {
+        "connected": False,
+        "error": None,
+        "received": 0,
+        "sha256": "",
+        "text": "",
+        "end": "",
+        "sport": 0,
+    }
     start = time.monotonic()
     if "send_random" in job:
         data = pattern(*job["send_random"])
@@ -79,14 +91,14 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         res["connected"], res["sport"] = True, sock.getsockname()[1]
         errors: list[str] = []
         if job.get("recv_first"):
-            _receive(sock, res)
+            _receive(sock, res, int(job.get("recv_bytes", 0)))
             _sender(sock, data, bool(job.get("shutdown", True)), errors)
         else:
             sender = threading.Thread(
                 target=_sender, args=(sock, data, bool(job.get("shutdown")), errors)
             )
             sender.start()
-            _receive(sock, res)
+            _receive(sock, res, int(job.get("recv_bytes", 0)))
             sender.join(float(job.get("timeout", 10)))
         if errors and not res["error"]:
             res["error"] = errors[0]

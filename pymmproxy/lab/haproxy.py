@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pymmproxy.lab.topology import LB_FRONT_V4, LB_FRONT_V6, WORKLOAD_V4
 
-INSTALL_HINT = "apt-get install haproxy"
+INSTALL_HINT = "apt-get install -y haproxy"
 
 
 @dataclass(frozen=True)

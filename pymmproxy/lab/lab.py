@@ -16,7 +16,13 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from pymmproxy.lab.haproxy import DEFAULT_FRONTENDS, Frontend, render_config, server_status
+from pymmproxy.lab.haproxy import (
+    DEFAULT_FRONTENDS,
+    INSTALL_HINT,
+    Frontend,
+    render_config,
+    server_status,
+)
 from pymmproxy.lab.nsexec import LabError, Ns, Proc
 from pymmproxy.lab.topology import Topology
 
@@ -110,15 +116,25 @@ class Lab:
 
     # processes -------------------------------------------------------------------------
     def run_in(
-        self, ns: Ns, argv: Sequence[str], *, timeout: float = 30, check: bool = True,
+        self,
+        ns: Ns,
+        argv: Sequence[str],
+        *,
+        timeout: float = 30,
+        check: bool = True,
         input: str | None = None,  # noqa: A002
     ) -> subprocess.CompletedProcess[str]:
         """Run ``argv`` to completion inside ``ns`` (with this package importable)."""
         return ns.run(argv, timeout=timeout, check=check, input=input, env=self.env)
 
     def spawn(
-        self, ns: Ns, name: str, argv: Sequence[str], *, port: int | None = None,
-        timeout: float = 10,
+        self,
+        ns: Ns,
+        name: str,
+        argv: Sequence[str],
+        *,
+        port: int | None = None,
+        timeout: float = 20,
     ) -> Proc:
         """Start a long-running process in ``ns``; if ``port`` is given, wait until it listens."""
         log = self.workdir / f"{name}-{len(self.procs)}.log"
@@ -137,7 +153,7 @@ class Lab:
     def start_haproxy(self, frontends: Sequence[Frontend] | None = None) -> Proc:
         """(Re)start HAProxy in the lb namespace with ``frontends`` (default: the lab's)."""
         if shutil.which("haproxy") is None:
-            raise LabError(f"haproxy not found: {_hint()}")
+            raise LabError(f"haproxy not found: {INSTALL_HINT}")
         if frontends is not None:
             self.frontends = tuple(frontends)
         if self.haproxy is not None:
@@ -169,8 +185,9 @@ class Lab:
 
     def install_pathway(self, mark: int = 123) -> None:
         """``python -m pymmproxy.pathway add MARK`` inside the workload namespace."""
-        res = self.run_in(self.workload, [PYTHON, "-m", "pymmproxy.pathway", "add", str(mark)],
-                          check=False)
+        res = self.run_in(
+            self.workload, [PYTHON, "-m", "pymmproxy.pathway", "add", str(mark)], check=False
+        )
         if res.returncode != 0:
             raise LabError(f"pathway add {mark} failed: {(res.stderr or res.stdout).strip()}")
 
@@ -188,15 +205,20 @@ class Lab:
     def clients_in(
         self, ns: Ns, jobs: Sequence[dict[str, Any]], timeout: float = 60
     ) -> list[dict[str, Any]]:
-        res = self.run_in(ns, [PYTHON, "-m", "pymmproxy.lab.client"], timeout=timeout,
-                          input=json.dumps(list(jobs)), check=False)
+        res = self.run_in(
+            ns,
+            [PYTHON, "-m", "pymmproxy.lab.client"],
+            timeout=timeout,
+            input=json.dumps(list(jobs)),
+            check=False,
+        )
         if res.returncode != 0:
             raise LabError(f"client failed: {res.stderr.strip()[-500:]}")
         out: list[dict[str, Any]] = json.loads(res.stdout)
         return out
 
     def connect_from_client(
-        self, src_ip: str, dst: str, port: int, payload: str = HTTP_GET, **job: Any
+        self, src_ip: str, dst: str, port: int, payload: str = HTTP_GET, **job: object
     ) -> dict[str, Any]:
         """One connection from ``src_ip`` in the client ns to ``dst``:``port``; its result."""
         return self.clients([{"src": src_ip, "dst": dst, "port": port, "send": payload, **job}])[0]
@@ -207,12 +229,10 @@ def _pkg_path() -> str:
     return f"{_PKG_ROOT}{os.pathsep}{old}" if old else _PKG_ROOT
 
 
-def _hint() -> str:
-    return "apt-get install -y haproxy"
-
-
 @contextmanager
-def build_lab(frontends: Sequence[Frontend] = DEFAULT_FRONTENDS, **kw: Any) -> Iterator[Lab]:
+def build_lab(
+    frontends: Sequence[Frontend] = DEFAULT_FRONTENDS, *, haproxy: bool = True
+) -> Iterator[Lab]:
     """``with build_lab() as lab:`` — the same as ``with Lab(...) as lab:``."""
-    with Lab(frontends, **kw) as lab:
+    with Lab(frontends, haproxy=haproxy) as lab:
         yield lab

@@ -4,7 +4,9 @@ Processes are started as ``nsenter --net=/run/netns/NAME -- argv`` (util-linux):
 ``setns()``es and then ``exec``s, so the Popen pid *is* the program's pid and its
 ``/proc/PID/net/tcp*`` show the sockets of that namespace (used for readiness checks
 without making a connection). Sockets for the test process itself are opened by a
-short-lived thread that ``setns()``es only itself (network namespaces are per thread).
+short-lived thread that ``setns()``es only itself (network namespaces are per thread);
+namespaces are created the same way (a thread ``unshare()``s and bind-mounts its own
+namespace on ``/run/netns/NAME``, as ``ip netns add`` does), so nothing forks.
 """
 
 from __future__ import annotations
@@ -17,11 +19,15 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
 
 NETNS_DIR = Path("/run/netns")
 CLONE_NEWNET = 0x40000000
+MS_BIND, MS_REC, MS_SHARED, MNT_DETACH = 4096, 16384, 1 << 20, 2
 _TCP_LISTEN = "0A"
 
 
@@ -52,8 +58,14 @@ class Ns:
         env: Mapping[str, str] | None = None,
     ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            self.argv(argv), check=check, capture_output=True, text=True, timeout=timeout,
-            input=input, env=env, stdin=None if input is not None else subprocess.DEVNULL,
+            self.argv(argv),
+            check=check,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            input=input,
+            env=env,
+            stdin=None if input is not None else subprocess.DEVNULL,
         )
 
     def popen(
@@ -74,40 +86,101 @@ class Ns:
             if log and not isinstance(out, int):
                 out.close()
 
+    def call(self, fn: Callable[[], T], timeout: float = 10.0) -> T:
+        """Run ``fn`` in a short-lived thread that has joined this namespace."""
+
+        def enter() -> None:
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                _check(_libc().setns(fd, CLONE_NEWNET), f"setns {self.name}")
+            finally:
+                os.close(fd)
+
+        return _in_thread(enter, fn, timeout, self.name)
+
+    @classmethod
+    def create(cls, name: str) -> Ns:
+        """Create ``/run/netns/NAME`` like ``ip netns add`` (no fork: a thread unshares)."""
+        ns = cls(name)
+        NETNS_DIR.mkdir(exist_ok=True)
+        libc = _libc()
+        run_dir = str(NETNS_DIR).encode()
+        if libc.mount(b"", run_dir, b"none", MS_SHARED | MS_REC, None) != 0:
+            _check(libc.mount(run_dir, run_dir, b"none", MS_BIND | MS_REC, None), "bind netns dir")
+            _check(libc.mount(b"", run_dir, b"none", MS_SHARED | MS_REC, None), "share netns dir")
+        os.close(os.open(ns.path, os.O_RDONLY | os.O_CREAT | os.O_EXCL, 0))
+
+        def enter() -> None:
+            _check(libc.unshare(CLONE_NEWNET), f"unshare for {name}")
+            own = b"/proc/thread-self/ns/net"
+            _check(libc.mount(own, str(ns.path).encode(), b"none", MS_BIND, None), f"bind {name}")
+
+        try:
+            _in_thread(enter, lambda: None, 10.0, name)
+        except BaseException:
+            ns.remove()
+            raise
+        return ns
+
+    def remove(self) -> None:
+        """Unmount and delete ``/run/netns/NAME`` (like ``ip netns del``; idempotent)."""
+        _libc().umount2(str(self.path).encode(), MNT_DETACH)
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
     def socket(
         self, family: socket.AddressFamily, kind: socket.SocketKind = socket.SOCK_STREAM
     ) -> socket.socket:
         """A socket created inside this namespace (usable from any thread afterwards)."""
-        box: dict[str, socket.socket | BaseException] = {}
+        return self.call(lambda: socket.socket(family, kind))
 
-        def work() -> None:
-            try:
-                fd = os.open(self.path, os.O_RDONLY)
-                try:
-                    libc = ctypes.CDLL(None, use_errno=True)
-                    if libc.setns(fd, CLONE_NEWNET) != 0:
-                        err = ctypes.get_errno()
-                        raise OSError(err, f"setns {self.name}: {os.strerror(err)}")
-                finally:
-                    os.close(fd)
-                box["sock"] = socket.socket(family, kind)
-            except BaseException as exc:  # noqa: BLE001 - handed to the caller below
-                box["err"] = exc
+    def sysctl(self, key: str, value: str) -> None:
+        """Set a sysctl of *this namespace* (``net.ipv6.conf.all.accept_dad``...)."""
+        path = Path("/proc/sys", *key.split("."))
+        self.call(lambda: path.write_text(value))
 
-        thread = threading.Thread(target=work, name=f"setns-{self.name}", daemon=True)
-        thread.start()
-        thread.join(5)
-        got = box.get("sock") or box.get("err")
-        if isinstance(got, socket.socket):
-            return got
-        raise got if isinstance(got, BaseException) else LabError(f"setns {self.name} hung")
+
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _check(ret: int, what: str) -> None:
+    if ret != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def _in_thread(enter: Callable[[], None], fn: Callable[[], T], timeout: float, what: str) -> T:
+    """``enter()`` then ``fn()`` in a fresh thread (namespace changes stay in that thread)."""
+    box: list[T] = []
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            enter()
+            box.append(fn())
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
+            errors.append(exc)
+
+    thread = threading.Thread(target=work, name=f"netns-{what}", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if errors:
+        raise errors[0]
+    if not box:
+        raise LabError(f"netns step in {what} did not finish within {timeout}s")
+    return box[0]
 
 
 class Proc:
     """A lab process with its log file; ``stop()`` ends its whole process group."""
 
     def __init__(
-        self, name: str, ns: Ns, argv: Sequence[str], log: Path,
+        self,
+        name: str,
+        ns: Ns,
+        argv: Sequence[str],
+        log: Path,
         env: Mapping[str, str] | None = None,
     ) -> None:
         self.name, self.ns, self.argv, self.log_path = name, ns, list(argv), log
@@ -138,7 +211,7 @@ class Proc:
                 self.popen.wait(wait)
         return self.popen.poll()
 
-    def wait_listening(self, port: int, timeout: float = 10.0) -> None:
+    def wait_listening(self, port: int, timeout: float = 20.0) -> None:
         """Poll this process's namespace for a TCP listener on ``port`` (no connection made)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

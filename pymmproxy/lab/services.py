@@ -7,8 +7,9 @@ Kinds:
   echo       copies everything back; half-closes after the peer's EOF
 
 Every connection is logged to stdout as a JSON line (``conn`` on accept, ``done`` at the
-end with the byte count and sha256 of what was received), so tests can tell whether, and
-from which address, anything reached a service.
+end with the byte count and sha256 of what was received; ``peer``/``port`` are the remote
+address, ``lport`` the local port), so tests can tell whether, and from which address,
+anything reached a service.
 """
 
 from __future__ import annotations
@@ -95,10 +96,13 @@ async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, st: S
     writer.write_eof()
 
 
-def serve_one(handler: Handler) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
+def serve_one(
+    handler: Handler,
+) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
     async def conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
-        emit("conn", peer=peer[0], port=peer[1])
+        lport = writer.get_extra_info("sockname")[1]
+        emit("conn", peer=peer[0], port=peer[1], lport=lport)
         st, error = Stats(), None
         try:
             await handler(reader, writer, st)
@@ -108,8 +112,15 @@ def serve_one(handler: Handler) -> Callable[[asyncio.StreamReader, asyncio.Strea
             writer.close()
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
-        emit("done", peer=peer[0], port=peer[1], received=st.count,
-             sha256=st.hash.hexdigest(), error=error)
+        emit(
+            "done",
+            peer=peer[0],
+            port=peer[1],
+            lport=lport,
+            received=st.count,
+            sha256=st.hash.hexdigest(),
+            error=error,
+        )
 
     return conn
 
@@ -121,7 +132,10 @@ def split_hostport(text: str) -> tuple[str, int]:
 
 async def run(kind: str, listens: list[str], n: int, seed: int) -> None:
     handlers: dict[str, Handler] = {
-        "whoami": whoami, "sink-hash": sink_hash, "echo": echo, "source": make_source(n, seed),
+        "whoami": whoami,
+        "sink-hash": sink_hash,
+        "echo": echo,
+        "source": make_source(n, seed),
     }
     servers = []
     for listen in listens:

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import contextlib
 import secrets
+import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
-from pyroute2 import NetNS, netns
+from pyroute2 import IPRoute
 
-from pymmproxy.lab.nsexec import Ns, kill_namespace_pids
+from pymmproxy.lab.nsexec import LabError, Ns, kill_namespace_pids
 
 IFA_F_NODAD = 0x02
 AF_INET6 = 10
@@ -56,9 +57,10 @@ class Topology:
         """Create namespaces, veths, addresses and routes; on failure undo what was made."""
         try:
             for ns in (self.client, self.lb, self.workload):
-                netns.create(ns.name)
+                Ns.create(ns.name)
                 self.created.append(ns.name)
                 _with_ns(ns, _lo_up)
+                _namespace_sysctls(ns)
             _veth(self.client, f"vcl{self.suffix}", self.lb, f"vlc{self.suffix}")
             _veth(self.lb, f"vlw{self.suffix}", self.workload, f"vwl{self.suffix}")
             _configure(self.client, f"vcl{self.suffix}", CLIENT_V4, CLIENT_V6)
@@ -67,35 +69,76 @@ class Topology:
             _configure(self.workload, f"vwl{self.suffix}", (WORKLOAD_V4,), (WORKLOAD_V6,))
             _default_routes(self.client, LB_FRONT_V4, LB_FRONT_V6)
             _default_routes(self.workload, LB_BACK_V4, LB_BACK_V6)
+            self.wait_ready()
         except BaseException:
             self.destroy()
             raise
+
+    def wait_ready(self, timeout: float = 5.0) -> None:
+        """Probe each link (v4 and v6) until a closed port answers with a reset.
+
+        A fresh veth carries IPv6 only after the kernel's link watcher has run (up to ~1 s).
+        """
+        deadline = time.monotonic() + timeout
+        for ns, addr in (
+            (self.client, LB_FRONT_V4),
+            (self.client, LB_FRONT_V6),
+            (self.lb, WORKLOAD_V4),
+            (self.lb, WORKLOAD_V6),
+        ):
+            while not _refused(ns, addr):
+                if time.monotonic() > deadline:
+                    raise LabError(f"lab link {ns.name} -> {addr} not up after {timeout}s")
 
     def destroy(self) -> None:
         """Kill anything left in the namespaces and remove them (idempotent)."""
         while self.created:
             name = self.created.pop()
             kill_namespace_pids(Ns(name))
-            with contextlib.suppress(OSError, FileNotFoundError):
-                netns.remove(name)
+            with contextlib.suppress(OSError):
+                Ns(name).remove()
 
 
-def _with_ns(ns: Ns, fn: Callable[[Any], None]) -> None:
-    with NetNS(ns.name) as ipr:
-        fn(ipr)
+def _refused(ns: Ns, addr: str, port: int = 9) -> bool:
+    family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+    with ns.socket(family) as sock:
+        sock.settimeout(0.1)
+        try:
+            sock.connect((addr, port))
+        except ConnectionRefusedError:
+            return True
+        except OSError:
+            return False
+    return True
 
 
-def _lo_up(ipr: Any) -> None:
+def _with_ns(ns: Ns, fn: Callable[[IPRoute], None]) -> None:
+    """``fn(IPRoute())`` with the netlink socket opened (and used) inside ``ns``."""
+
+    def work() -> None:
+        with IPRoute() as ipr:
+            fn(ipr)
+
+    ns.call(work)
+
+
+def _namespace_sysctls(ns: Ns) -> None:
+    """Sysctls of a lab namespace (never the host's): IPv6 addresses usable at once."""
+    for scope in ("all", "default"):
+        ns.sysctl(f"net.ipv6.conf.{scope}.accept_dad", "0")
+
+
+def _lo_up(ipr: IPRoute) -> None:
     ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
 
 
 def _veth(ns_a: Ns, if_a: str, ns_b: Ns, if_b: str) -> None:
-    with NetNS(ns_a.name) as ipr:
-        ipr.link("add", ifname=if_a, kind="veth", peer={"ifname": if_b, "net_ns_fd": ns_b.name})
+    peer = {"ifname": if_b, "net_ns_fd": ns_b.name}
+    _with_ns(ns_a, lambda ipr: ipr.link("add", ifname=if_a, kind="veth", peer=peer))
 
 
 def _configure(ns: Ns, ifname: str, v4: tuple[str, ...], v6: tuple[str, ...]) -> None:
-    with NetNS(ns.name) as ipr:
+    def work(ipr: IPRoute) -> None:
         idx = ipr.link_lookup(ifname=ifname)[0]
         for addr in v4:
             ipr.addr("add", index=idx, address=addr, prefixlen=24)
@@ -103,8 +146,12 @@ def _configure(ns: Ns, ifname: str, v4: tuple[str, ...], v6: tuple[str, ...]) ->
             ipr.addr("add", index=idx, address=addr, prefixlen=64, flags=IFA_F_NODAD)
         ipr.link("set", index=idx, state="up")
 
+    _with_ns(ns, work)
+
 
 def _default_routes(ns: Ns, gw4: str, gw6: str) -> None:
-    with NetNS(ns.name) as ipr:
+    def work(ipr: IPRoute) -> None:
         ipr.route("add", dst="0.0.0.0/0", gateway=gw4)
         ipr.route("add", dst="::/0", gateway=gw6, family=AF_INET6)
+
+    _with_ns(ns, work)

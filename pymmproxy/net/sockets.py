@@ -46,8 +46,10 @@ def listen_socket(
         if family == socket.AF_INET6:
             sock.setsockopt(SOL_IPV6, socket.IPV6_V6ONLY, 0)
         if transparent:
-            level, opt = (SOL_IPV6, IPV6_TRANSPARENT) if endpoint.is_v6 else (SOL_IP, IP_TRANSPARENT)
-            sock.setsockopt(level, opt, 1)
+            if endpoint.is_v6:
+                sock.setsockopt(SOL_IPV6, IPV6_TRANSPARENT, 1)
+            else:
+                sock.setsockopt(SOL_IP, IP_TRANSPARENT, 1)
         sock.bind((endpoint.host, endpoint.port))
         if kind == socket.SOCK_STREAM:
             sock.listen(backlog)
@@ -90,7 +92,7 @@ def upstream_socket(
                 sock.bind((source[0], 0))
         err = sock.connect_ex(target)
         if err not in _CONNECT_OK:
-            raise OSError(err, _strerror(err))
+            raise OSError(err, _strerror(err))  # noqa: TRY301 - one handler for all set-up errors
     except OSError as exc:
         sock.close()
         raise UpstreamError(_describe(exc, source, target)) from None

@@ -5,7 +5,9 @@ network namespace of the calling process. The state itself is described by
 :func:`pymmproxy.pathway.plan.plan`; rules and routes go through rtnetlink
 (:mod:`.routing`), the CONNMARK entries through a firewall backend (:mod:`.firewall`).
 Failures raise :class:`~pymmproxy.errors.PathwayError` with a one-line message; a bad mark
-raises :class:`~pymmproxy.errors.UsageError`.
+raises :class:`~pymmproxy.errors.UsageError`. ``add`` applies routes, rules, then firewall
+entries and stops at the first failure (no rollback): re-running ``add`` completes it and
+``del`` removes whatever part exists. ``del`` goes in the reverse order.
 """
 
 from __future__ import annotations
@@ -15,7 +17,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from pymmproxy.errors import PathwayError, UsageError
-from pymmproxy.pathway.firewall import BackendName, FirewallBackend, open_backend
+from pymmproxy.pathway.firewall import (
+    BackendName,
+    FirewallBackend,
+    open_backend,
+    resolve_backend_name,
+)
+from pymmproxy.pathway.firewall.detect import detect_backend
 from pymmproxy.pathway.plan import ITEMS, Family, FirewallSpec, Plan, plan
 from pymmproxy.pathway.routing import Routing, read_tcp_fwmark_accept
 
@@ -53,7 +61,9 @@ class PathwayStatus:
     def rows(self) -> list[tuple[str, bool | None, bool | None]]:
         """``(item, v4 present, v6 present)`` in display order (None: not planned)."""
         cells = {(i.item, i.family): i.present for i in self.items}
-        return [(name, cells.get((name, Family.V4)), cells.get((name, Family.V6))) for name in ITEMS]
+        return [
+            (name, cells.get((name, Family.V4)), cells.get((name, Family.V6))) for name in ITEMS
+        ]
 
 
 @contextmanager
@@ -74,15 +84,17 @@ def _reported(verb: str, mark: int) -> Iterator[None]:
 
 
 def _fw_text(backend: FirewallBackend, spec: FirewallSpec, verb: str) -> str:
-    if backend.name == "nft":
-        text = spec.nft_command()
-        return text if verb == "add" else text.replace(" add rule ", " delete rule ", 1)
-    return spec.command(verb)
+    if backend.name != "nft":
+        return spec.command(verb)
+    if verb == "add":
+        return spec.nft_command()
+    return f"nft: deleted from inet pymmproxy {spec.chain.lower()}: {spec.nft_rule()}"
 
 
 def add(mark: int, *, backend: str = "auto") -> list[str]:
     """Create whatever of ``plan(mark)`` is missing; returns the changes as commands."""
     p = plan(mark)
+    backend = resolve_backend_name(backend)  # a bad name fails before any change
     changes: list[str] = []
     with _reported("add", p.mark), Routing() as routing:
         changes += [r.command("add") for r in p.routes if routing.add_route(r)]
@@ -95,6 +107,7 @@ def add(mark: int, *, backend: str = "auto") -> list[str]:
 def delete(mark: int, *, backend: str = "auto") -> list[str]:
     """Remove exactly the entries of ``plan(mark)``; returns what was removed."""
     p = plan(mark)
+    backend = resolve_backend_name(backend)
     changes: list[str] = []
     with _reported("del", p.mark), Routing() as routing:
         with open_backend(backend) as fw:
@@ -107,17 +120,17 @@ def delete(mark: int, *, backend: str = "auto") -> list[str]:
 def _backend_reason(backend: str) -> str:
     if backend != "auto":
         return "requested"
-    from pymmproxy.pathway.firewall.detect import detect_backend  # noqa: PLC0415
-
     return f"auto: {detect_backend().reason}"
 
 
 def status(mark: int, *, backend: str = "auto") -> PathwayStatus:
-    """Read which entries of ``plan(mark)`` are present (changes nothing)."""
+    """Read which entries of ``plan(mark)`` are present (changes no rule; note that a read
+    with the legacy backend instantiates the namespace's empty legacy mangle tables)."""
     p: Plan = plan(mark)
+    reason = _backend_reason(backend)
+    backend = resolve_backend_name(backend)
     items: list[ItemStatus] = []
     with _reported("status", p.mark), Routing() as routing:
-        reason = _backend_reason(backend)
         items += [ItemStatus(r.item, r.family, routing.has_rule(r), r.command()) for r in p.rules]
         items += [ItemStatus(r.item, r.family, routing.has_route(r), r.command()) for r in p.routes]
         with open_backend(backend) as fw:

@@ -59,10 +59,6 @@ class Family(enum.Enum):
     def loopback_net(self) -> str:
         return "127.0.0.0/8" if self is Family.V4 else "::1/128"
 
-    @property
-    def label(self) -> str:
-        return f"v{self.value}"
-
 
 @dataclass(frozen=True, slots=True)
 class RuleSpec:
@@ -140,16 +136,17 @@ class FirewallSpec:
             f" --mark {self.mark} -j CONNMARK --{self.action.value}"
         )
 
-    def nft_command(self) -> str:
-        """The equivalent rule of the nft backend (``nft add rule inet pymmproxy ...``)."""
+    def nft_rule(self) -> str:
+        """The nft backend's rule body, e.g. ``meta nfproto ipv4 meta mark 0x7b ct mark ...``."""
         if self.action is FwAction.SAVE:
             body = f"meta mark {self.mark:#x} ct mark set meta mark"
         else:
             body = f"ct mark {self.mark:#x} meta mark set ct mark"
-        return (
-            f"nft add rule inet pymmproxy {self.chain.lower()}"
-            f" meta nfproto {self.family.nfproto} {body}"
-        )
+        return f"meta nfproto {self.family.nfproto} {body}"
+
+    def nft_command(self) -> str:
+        """The equivalent rule of the nft backend (``nft add rule inet pymmproxy ...``)."""
+        return f"nft add rule inet pymmproxy {self.chain.lower()} {self.nft_rule()}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,7 +186,12 @@ def plan(mark: int) -> Plan:
         for spec in (
             RuleSpec(ITEM_FWMARK_RULE, fam, FWMARK_RULE_PRIORITY, mark, fwmark=mark),
             RuleSpec(
-                ITEM_LOOPBACK_RULE, fam, LOOPBACK_RULE_PRIORITY, mark, src=fam.loopback_net, iif="lo"
+                ITEM_LOOPBACK_RULE,
+                fam,
+                LOOPBACK_RULE_PRIORITY,
+                mark,
+                src=fam.loopback_net,
+                iif="lo",
             ),
         )
     )

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import os
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -27,7 +29,13 @@ FULL_MASK = 0xFFFFFFFF
 _DENIED = frozenset({errno.EPERM, errno.EACCES})
 _ABSENT = frozenset({errno.ENOENT, errno.ESRCH})
 # Selectors we never set: a rule carrying one of them is somebody else's rule.
-_FOREIGN_RULE_ATTRS = ("FRA_DST", "FRA_OIFNAME", "FRA_IP_PROTO", "FRA_SPORT_RANGE", "FRA_DPORT_RANGE")
+_FOREIGN_RULE_ATTRS = (
+    "FRA_DST",
+    "FRA_OIFNAME",
+    "FRA_IP_PROTO",
+    "FRA_SPORT_RANGE",
+    "FRA_DPORT_RANGE",
+)
 FIB_RULE_INVERT = 0x2
 TCP_FWMARK_ACCEPT = Path("/proc/sys/net/ipv4/tcp_fwmark_accept")
 
@@ -36,11 +44,72 @@ def _fail(exc: NetlinkError, what: str) -> Exception:
     code = int(exc.code)
     if code in _DENIED:
         return PermissionError(code, what)
-    return PathwayError(f"{what}: {exc}")
+    hint = " (is lo up?)" if code == errno.ENETDOWN else ""
+    return PathwayError(f"{what}: {os.strerror(code)}{hint}")
 
 
-def _attr(msg: Any, name: str) -> Any:
-    return msg.get_attr(name)
+@dataclass(frozen=True, slots=True)
+class _RuleView:
+    """The fields of an FRA rule message that matter for matching."""
+
+    action: int
+    table: int
+    priority: int
+    flags: int
+    dst_len: int
+    src_len: int
+    src: str | None
+    fwmark: int | None
+    fwmask: int | None
+    iifname: str | None
+    foreign: bool  # carries a selector pymmproxy never sets
+
+
+@dataclass(frozen=True, slots=True)
+class _RouteView:
+    type: int
+    table: int
+    dst_len: int
+    dst: str | None
+    oif: int | None
+
+
+def _opt_int(value: object) -> int | None:
+    return None if value is None else int(str(value))
+
+
+def _opt_str(value: object) -> str | None:
+    return None if value is None else str(value)
+
+
+def _rule_view(msg: object) -> _RuleView:
+    m = cast(Any, msg)
+    get = m.get_attr
+    return _RuleView(
+        action=int(m["action"]),
+        table=int(get("FRA_TABLE") or m["table"]),
+        priority=int(get("FRA_PRIORITY") or 0),
+        flags=int(m["flags"]),
+        dst_len=int(m["dst_len"]),
+        src_len=int(m["src_len"]),
+        src=_opt_str(get("FRA_SRC")),
+        fwmark=_opt_int(get("FRA_FWMARK")),
+        fwmask=_opt_int(get("FRA_FWMASK")),
+        iifname=_opt_str(get("FRA_IIFNAME")),
+        foreign=any(get(name) is not None for name in _FOREIGN_RULE_ATTRS),
+    )
+
+
+def _route_view(msg: object) -> _RouteView:
+    m = cast(Any, msg)
+    get = m.get_attr
+    return _RouteView(
+        type=int(m["type"]),
+        table=int(get("RTA_TABLE") or m["table"]),
+        dst_len=int(m["dst_len"]),
+        dst=_opt_str(get("RTA_DST")),
+        oif=_opt_int(get("RTA_OIF")),
+    )
 
 
 class Routing:
@@ -123,33 +192,23 @@ class Routing:
         return any(self._rule_matches(msg, spec) for msg in dump)
 
     @staticmethod
-    def _rule_matches(msg: Any, spec: RuleSpec) -> bool:
-        table = _attr(msg, "FRA_TABLE") or msg["table"]
-        if int(msg["action"]) != FR_ACT_TO_TBL or int(table) != spec.table:
+    def _rule_matches(msg: object, spec: RuleSpec) -> bool:
+        r = _rule_view(msg)
+        if r.action != FR_ACT_TO_TBL or r.table != spec.table or r.priority != spec.priority:
             return False
-        if int(_attr(msg, "FRA_PRIORITY") or 0) != spec.priority:
+        if r.flags & FIB_RULE_INVERT or r.dst_len or r.foreign or r.iifname != spec.iif:
             return False
-        if int(msg["flags"]) & FIB_RULE_INVERT or int(msg["dst_len"]):
-            return False
-        if any(_attr(msg, name) is not None for name in _FOREIGN_RULE_ATTRS):
-            return False
-        fwmark = _attr(msg, "FRA_FWMARK")
         if spec.fwmark is None:
-            if fwmark:
+            if r.fwmark:
                 return False
-        elif fwmark != spec.fwmark or _attr(msg, "FRA_FWMASK") != FULL_MASK:
+        elif r.fwmark != spec.fwmark or r.fwmask != FULL_MASK:
             return False
         if spec.src is None:
-            if int(msg["src_len"]):
-                return False
-        else:
-            net = ipaddress.ip_network(spec.src)
-            src = _attr(msg, "FRA_SRC")
-            if int(msg["src_len"]) != net.prefixlen or src is None:
-                return False
-            if ipaddress.ip_address(src) != net.network_address:
-                return False
-        return _attr(msg, "FRA_IIFNAME") == spec.iif
+            return r.src_len == 0
+        net = ipaddress.ip_network(spec.src)
+        if r.src_len != net.prefixlen or r.src is None:
+            return False
+        return ipaddress.ip_address(r.src) == net.network_address
 
     # -- routes --------------------------------------------------------------------------
 
@@ -195,13 +254,12 @@ class Routing:
         except NetlinkError as exc:
             raise _fail(exc, f"{spec.family.ip_cmd} route show table {spec.table}") from exc
         for msg in dump:
-            table = _attr(msg, "RTA_TABLE") or msg["table"]
-            if int(table) != spec.table or int(msg["type"]) != RTN_LOCAL:
+            r = _route_view(msg)
+            if r.table != spec.table or r.type != RTN_LOCAL or r.oif != oif:
                 continue
-            if int(msg["dst_len"]) != net.prefixlen or _attr(msg, "RTA_OIF") != oif:
+            if r.dst_len != net.prefixlen:
                 continue
-            dst = _attr(msg, "RTA_DST")
-            if dst is None or ipaddress.ip_address(dst) == net.network_address:
+            if r.dst is None or ipaddress.ip_address(r.dst) == net.network_address:
                 return True
         return False
 

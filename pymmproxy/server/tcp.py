@@ -56,12 +56,12 @@ class ClientProtocol(asyncio.Protocol):
         if not ctx.allow.allows(self.peer[0]):
             self.state = _CLOSED
             ctx.reject("not_allowed", self.peer)
-            transport.abort()
+            self.transport.abort()
             return
         if ctx.max_connections and ctx.stats.active >= ctx.max_connections:
             self.state = _CLOSED
             ctx.reject("over_limit", self.peer)
-            transport.abort()
+            self.transport.abort()
             return
         ctx.opened(self)
         ctx.stats.pending_headers += 1
@@ -98,7 +98,8 @@ class ClientProtocol(asyncio.Protocol):
         ctx.stats.versions[f"v{header.version}"] += 1
         source = header.relayable_source
         if source is None:
-            chosen = ctx.local_target(":" in self.peer[0])
+            lb = self.peer[0]
+            chosen = ctx.local_target(":" in lb and not lb.startswith("::ffff:"))
             if chosen is None:
                 raise UpstreamError("no target configured")
             family, target = chosen

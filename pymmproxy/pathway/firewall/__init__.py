@@ -4,62 +4,36 @@ Two implementations of :class:`FirewallBackend`:
 
 * ``legacy`` (:mod:`.legacy`): python-iptables, i.e. legacy xtables ``mangle`` tables (v4 and
   v6), exactly the ``iptables -t mangle ... CONNMARK`` recipe of :mod:`..plan`.
-* ``nft`` (:mod:`.nft`): libnftables' JSON API (ctypes), rules in a dedicated
-  ``table inet pymmproxy``. Chosen for hosts whose ``iptables`` is ``xtables-nft-multi``
-  (Debian >= 11 default), where legacy tables would sit beside the host's own and make its
-  ``iptables`` warn "iptables-legacy tables present".
+* ``nft`` (:mod:`.nft`): libnftables' JSON API through ctypes, rules in a dedicated
+  ``table inet pymmproxy``. For hosts whose ``iptables`` is ``xtables-nft-multi`` (the
+  Debian >= 10 default): legacy tables there are invisible to the host's ``iptables`` /
+  ``nft list ruleset`` and make ``iptables`` warn "iptables-legacy tables present".
 
 ``auto`` picks by where the host's ``iptables`` resolves (:mod:`.detect`).
+
+Why libnftables and not pyroute2's nftables module (measured on Debian 12, pyroute2 0.9.7,
+libnftables 1.0.6): a JSON batch of table + 2 chains + 2 rules and a read-back took ~2.4 ms
+and is atomic, and ``nft`` prints exactly what was written; pyroute2's nftables support is
+marked experimental and only has expression helpers for addresses / verdicts, so the
+meta/ct mark expressions would have to be hand-assembled register by register.
 """
 
 from __future__ import annotations
 
-import abc
-from collections.abc import Sequence
-from types import TracebackType
-from typing import ClassVar, Literal
-
 from pymmproxy.errors import UsageError
-from pymmproxy.pathway.plan import FirewallSpec
+from pymmproxy.pathway.firewall.base import BackendName, FirewallBackend
+from pymmproxy.pathway.firewall.detect import detect_backend
+from pymmproxy.pathway.firewall.legacy import LegacyBackend
+from pymmproxy.pathway.firewall.nft import NftBackend
 
-BackendName = Literal["legacy", "nft"]
+__all__ = ["BACKEND_CHOICES", "BackendName", "FirewallBackend", "open_backend"]
+
 BACKEND_CHOICES = ("auto", "legacy", "nft")
-
-
-class FirewallBackend(abc.ABC):
-    """Adds, removes and reads mangle entries; every method works on a batch of specs."""
-
-    name: ClassVar[BackendName]
-
-    def close(self) -> None:
-        """Release library handles (idempotent)."""
-
-    def __enter__(self) -> FirewallBackend:
-        return self
-
-    def __exit__(
-        self, typ: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
-    @abc.abstractmethod
-    def present(self, specs: Sequence[FirewallSpec]) -> list[bool]:
-        """For each spec, whether exactly that entry exists."""
-
-    @abc.abstractmethod
-    def add(self, specs: Sequence[FirewallSpec]) -> list[FirewallSpec]:
-        """Create the missing entries; returns those it created."""
-
-    @abc.abstractmethod
-    def delete(self, specs: Sequence[FirewallSpec]) -> list[FirewallSpec]:
-        """Remove the entries (and nothing else); returns those it removed."""
 
 
 def resolve_backend_name(name: str) -> BackendName:
     """``auto`` -> the detected backend; ``legacy`` / ``nft`` as given."""
     if name == "auto":
-        from pymmproxy.pathway.firewall.detect import detect_backend
-
         return detect_backend().backend
     if name == "legacy":
         return "legacy"
@@ -70,11 +44,6 @@ def resolve_backend_name(name: str) -> BackendName:
 
 def open_backend(name: str) -> FirewallBackend:
     """An instance of the named (or detected) backend."""
-    resolved = resolve_backend_name(name)
-    if resolved == "legacy":
-        from pymmproxy.pathway.firewall.legacy import LegacyBackend
-
+    if resolve_backend_name(name) == "legacy":
         return LegacyBackend()
-    from pymmproxy.pathway.firewall.nft import NftBackend
-
     return NftBackend()

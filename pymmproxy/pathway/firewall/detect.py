@@ -12,7 +12,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from pymmproxy.pathway.firewall import BackendName
+from pymmproxy.pathway.firewall.base import BackendName
 from pymmproxy.pathway.firewall.libnftables import libnftables_available
 
 DEFAULT_IPTABLES = Path("/usr/sbin/iptables")

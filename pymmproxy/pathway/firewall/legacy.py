@@ -8,19 +8,24 @@ shows them). Entries are exactly::
 
 and the ``ip6tables`` twins. xtables has no "rule exists" error, so add reads the chain
 first (check-then-act); delete removes every exact copy of the entry and nothing else.
+The first use instantiates the (empty) legacy ``mangle`` tables of the namespace; the kernel
+keeps them after the last rule is gone. On an nf_tables host that makes the host's
+``iptables`` warn "iptables-legacy tables present", which is why ``auto`` picks ``nft`` there.
 """
 
 from __future__ import annotations
 
 import errno
-from collections.abc import Sequence
-from typing import Any, ClassVar
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar, ParamSpec, TypeVar
 
 from pymmproxy.errors import PathwayError
-from pymmproxy.pathway.firewall import BackendName, FirewallBackend
+from pymmproxy.pathway.firewall.base import BackendName, FirewallBackend, require_net_admin
 from pymmproxy.pathway.plan import Family, FirewallSpec
 
 TABLE = "mangle"
+P = ParamSpec("P")
+T = TypeVar("T")
 FULL_MASK = 0xFFFFFFFF
 _MAX_DUPLICATES = 64
 
@@ -31,16 +36,25 @@ def _is_denied(exc: Exception) -> bool:
 
 
 class _Iptc:
-    """The few python-iptables calls we need, behind a typed surface."""
+    """The few python-iptables calls we need, behind a typed surface.
+
+    python-iptables decides whether a target name is a user chain by opening *every* legacy
+    table (filter, nat, raw, security, mangle), which instantiates them all in the network
+    namespace. Our rules live in mangle only, so the rule class is narrowed to mangle.
+    """
 
     def __init__(self) -> None:
         try:
-            import iptc.easy  # noqa: PLC0415 - loads libxtables; only when this backend is used
+            import iptc  # noqa: PLC0415 - loads libiptc/libxtables: only for this backend
+            import iptc.easy  # noqa: PLC0415
         except (ImportError, OSError) as exc:  # pragma: no cover - depends on the host
             raise PathwayError(f"python-iptables unusable: {exc}") from exc
-        self._easy: Any = iptc.easy
+        self._iptc: Any = iptc
+        self._tables: dict[Family, Any] = {}
+        self._rule_classes: dict[Family, Any] = {}
 
-    def _call(self, what: str, func: Any, *args: Any, **kwargs: Any) -> Any:
+    @staticmethod
+    def _call(what: str, func: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         try:
             return func(*args, **kwargs)
         except Exception as exc:  # iptc raises IPTCError / XTablesError / ValueError
@@ -48,25 +62,59 @@ class _Iptc:
                 raise PermissionError(errno.EPERM, what) from exc
             raise PathwayError(f"{what}: {exc}") from exc
 
-    def dump_chain(self, chain: str, family: Family) -> list[dict[str, Any]]:
-        ipv6 = family is Family.V6
-        what = f"{family.iptables_cmd} -t {TABLE} -S {chain}"
-        rules = self._call(what, self._easy.dump_chain, TABLE, chain, ipv6=ipv6)
-        return [r for r in rules if isinstance(r, dict)]
+    def _table(self, family: Family) -> Any:  # noqa: ANN401 - an iptc.Table(6)
+        if family not in self._tables:
+            iptc = self._iptc
+            table_cls = iptc.Table6 if family is Family.V6 else iptc.Table
+            base = iptc.Rule6 if family is Family.V6 else iptc.Rule
+            table = table_cls(TABLE)
+            rule_cls = type("MangleRule", (base,), {"tables": property(lambda _self: [table])})
+            table.autocommit = False
+            table.create_rule = lambda entry=None, chain=None: rule_cls(entry, chain)
+            self._tables[family] = table
+            self._rule_classes[family] = rule_cls
+        return self._tables[family]
+
+    def _rules(self, spec: FirewallSpec) -> list[tuple[Any, dict[str, Any]]]:
+        table = self._table(spec.family)
+        table.refresh()
+        chain = self._iptc.Chain(table, spec.chain)
+        decode = self._iptc.easy.decode_iptc_rule
+        ipv6 = spec.family is Family.V6
+        return [(rule, decode(rule, ipv6)) for rule in chain.rules]
+
+    def find(self, spec: FirewallSpec) -> list[Any]:
+        """The rule objects in ``spec``'s chain that are exactly ``spec``."""
+        what = f"{spec.family.iptables_cmd} -t {TABLE} -S {spec.chain}"
+        found = self._call(what, self._rules, spec)
+        return [rule for rule, decoded in found if matches(decoded, spec)]
+
+    def _append(self, spec: FirewallSpec) -> None:
+        table = self._table(spec.family)
+        rule = self._rule_classes[spec.family]()
+        rule.create_match(spec.match).set_parameter("mark", f"{spec.mark:#x}")
+        rule.create_target("CONNMARK").set_parameter(spec.action.value)
+        self._iptc.Chain(table, spec.chain).append_rule(rule)
+        table.commit()
 
     def append(self, spec: FirewallSpec) -> None:
-        rule = rule_dict(spec)
-        ipv6 = spec.family is Family.V6
-        self._call(spec.command("add"), self._easy.add_rule, TABLE, spec.chain, rule, ipv6=ipv6)
+        self._call(spec.command("add"), self._append, spec)
 
-    def delete(self, spec: FirewallSpec, rule: dict[str, Any]) -> None:
-        ipv6 = spec.family is Family.V6
-        self._call(spec.command("del"), self._easy.delete_rule, TABLE, spec.chain, rule, ipv6=ipv6)
+    def _delete(self, spec: FirewallSpec, rule: object) -> None:
+        table = self._table(spec.family)
+        self._iptc.Chain(table, spec.chain).delete_rule(rule)
+        table.commit()
+
+    def delete(self, spec: FirewallSpec, rule: object) -> None:
+        self._call(spec.command("del"), self._delete, spec, rule)
 
 
 def rule_dict(spec: FirewallSpec) -> dict[str, Any]:
     """The python-iptables (``iptc.easy``) form of ``spec``."""
-    return {spec.match: {"mark": f"{spec.mark:#x}"}, "target": {"CONNMARK": {spec.action.value: ""}}}
+    return {
+        spec.match: {"mark": f"{spec.mark:#x}"},
+        "target": {"CONNMARK": {spec.action.value: ""}},
+    }
 
 
 def _mask_ok(value: object) -> bool:
@@ -92,28 +140,25 @@ def matches(rule: dict[str, Any], spec: FirewallSpec) -> bool:
     return _mask_ok(options.get("nfmask")) and _mask_ok(options.get("ctmask"))
 
 
-def _without_counters(rule: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in rule.items() if k != "counters"}
-
-
 class LegacyBackend(FirewallBackend):
     """Legacy xtables ``mangle`` (v4 and v6) through python-iptables."""
 
     name: ClassVar[BackendName] = "legacy"
 
     def __init__(self) -> None:
+        require_net_admin("iptables")
         self._iptc = _Iptc()
 
-    def _find(self, spec: FirewallSpec) -> list[dict[str, Any]]:
-        return [r for r in self._iptc.dump_chain(spec.chain, spec.family) if matches(r, spec)]
+    def close(self) -> None:
+        """Nothing to release: python-iptables keeps its table handles per process."""
 
     def present(self, specs: Sequence[FirewallSpec]) -> list[bool]:
-        return [bool(self._find(spec)) for spec in specs]
+        return [bool(self._iptc.find(spec)) for spec in specs]
 
     def add(self, specs: Sequence[FirewallSpec]) -> list[FirewallSpec]:
         created: list[FirewallSpec] = []
         for spec in specs:
-            if not self._find(spec):
+            if not self._iptc.find(spec):
                 self._iptc.append(spec)
                 created.append(spec)
         return created
@@ -122,10 +167,10 @@ class LegacyBackend(FirewallBackend):
         removed: list[FirewallSpec] = []
         for spec in specs:
             for _ in range(_MAX_DUPLICATES):
-                found = self._find(spec)
+                found = self._iptc.find(spec)
                 if not found:
                     break
-                self._iptc.delete(spec, _without_counters(found[0]))
+                self._iptc.delete(spec, found[0])
                 if spec not in removed:
                     removed.append(spec)
         return removed

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from pymmproxy.pathway.firewall import BackendName, FirewallBackend
+from pymmproxy.pathway.firewall.base import BackendName, FirewallBackend, require_net_admin
 from pymmproxy.pathway.firewall.libnftables import Nftables, NftError
 from pymmproxy.pathway.plan import FirewallSpec, FwAction
 
@@ -86,6 +86,7 @@ class NftBackend(FirewallBackend):
     name: ClassVar[BackendName] = "nft"
 
     def __init__(self) -> None:
+        require_net_admin("nftables")
         self._nft = Nftables()
 
     def close(self) -> None:
@@ -164,6 +165,7 @@ class NftBackend(FirewallBackend):
                 doomed.extend(r for r in found if r not in doomed)
         if not doomed:
             return []
+        batch: list[dict[str, Any]]
         if not foreign and len(doomed) == len(rules):
             batch = [{"delete": {"table": {"family": FAMILY, "name": TABLE}}}]
         else:

@@ -1,0 +1,140 @@
+"""``pymmproxy pathway add|del|add-all|del-all|status [MARK|INSTANCE ...]``.
+
+A numeric argument is a fwmark (decimal or ``0x`` hex), anything else the name of an
+instance in ``instances.tsv``. ``add-all`` / ``del-all`` (and ``status`` without arguments)
+use every fwmark of ``pathways.conf``. Exit codes: 0 done / complete, 1 a pathway error or
+(``status``) something missing, 2 bad usage or configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NoReturn, TextIO
+
+from pymmproxy import conffiles
+from pymmproxy.errors import PymmproxyError, UsageError
+from pymmproxy.pathway import PathwayStatus, add, delete, status
+from pymmproxy.pathway.firewall import BACKEND_CHOICES
+from pymmproxy.settings import validate_mark
+
+COMMANDS = ("add", "del", "add-all", "del-all", "status")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="pymmproxy pathway",
+        allow_abbrev=False,
+        description="Manage the policy routing + CONNMARK pathways of fwmarks.",
+    )
+    p.add_argument("command", choices=COMMANDS)
+    p.add_argument("targets", nargs="*", metavar="MARK|INSTANCE")
+    p.add_argument("--config-dir", metavar="DIR", help="directory with pathways.conf etc.")
+    p.add_argument("--backend", choices=BACKEND_CHOICES, default="auto", help="firewall backend")
+    return p
+
+
+def parse_mark_arg(text: str) -> int | None:
+    """The fwmark written as ``text`` (decimal or ``0x`` hex), None if it is not a number."""
+    if text.isascii() and text.isdigit():
+        return validate_mark(int(text))
+    if text[:2].lower() == "0x" and len(text) > 2:
+        try:
+            return validate_mark(int(text, 16))
+        except ValueError:
+            raise UsageError(f"bad mark {text!r}: not a number") from None
+    return None
+
+
+def resolve_targets(targets: Sequence[str], config_dir: Path) -> list[int]:
+    """Marks for the arguments; instance names are looked up in ``instances.tsv``."""
+    marks: list[int] = []
+    instances: dict[str, conffiles.Instance] | None = None
+    for text in targets:
+        mark = parse_mark_arg(text)
+        if mark is None:
+            if instances is None:
+                path = config_dir / conffiles.INSTANCES_FILE
+                instances = conffiles.load_instances(path, None)
+            if text not in instances:
+                known = ", ".join(instances) or "none"
+                where = config_dir / conffiles.INSTANCES_FILE
+                raise UsageError(f"no instance {text!r} in {where} (known: {known})")
+            mark = instances[text].mark
+        if mark not in marks:
+            marks.append(mark)
+    return marks
+
+
+def _all_marks(config_dir: Path) -> list[int]:
+    return list(conffiles.load_pathways(config_dir / conffiles.PATHWAYS_FILE))
+
+
+def _cell(value: bool | None) -> str:
+    return "-" if value is None else ("present" if value else "MISSING")
+
+
+def format_status(st: PathwayStatus) -> str:
+    """A readable table: one row per item, columns v4 and v6."""
+    width = max(len(name) for name, _, _ in st.rows())
+    lines = [
+        f"pathway {st.mark}: {'complete' if st.complete else 'INCOMPLETE'}"
+        f" (firewall backend {st.backend}, {st.backend_reason})",
+        f"  {'item':<{width}}  {'v4':<8} v6",
+    ]
+    lines += [f"  {n:<{width}}  {_cell(v4):<8} {_cell(v6)}" for n, v4, v6 in st.rows()]
+    fwa = "unreadable" if st.tcp_fwmark_accept is None else str(st.tcp_fwmark_accept)
+    lines.append(f"  net.ipv4.tcp_fwmark_accept = {fwa} (not needed with the loopback rules)")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace, out: TextIO) -> int:
+    """Carry out parsed arguments; raises PymmproxyError on failure."""
+    config_dir = conffiles.resolve_config_dir(args.config_dir)
+    command: str = args.command
+    if command.endswith("-all"):
+        if args.targets:
+            raise UsageError(f"{command} takes no MARK/INSTANCE (it reads pathways.conf)")
+        marks = _all_marks(config_dir)
+        if not marks:
+            out.write(f"no pathways in {config_dir / conffiles.PATHWAYS_FILE}\n")
+            return 0
+    elif args.targets:
+        marks = resolve_targets(args.targets, config_dir)
+    elif command == "status":
+        marks = _all_marks(config_dir)
+    else:
+        raise UsageError(f"{command} needs at least one MARK or INSTANCE")
+    if command == "status":
+        reports = [status(m, backend=args.backend) for m in marks]
+        out.write("\n\n".join(format_status(r) for r in reports) + "\n")
+        return 0 if all(r.complete for r in reports) else 1
+    action = add if command.startswith("add") else delete
+    for mark in marks:
+        changes = action(mark, backend=args.backend)
+        for change in changes:
+            out.write(f"{change}\n")
+        if not changes:
+            state = "already in place" if action is add else "already absent"
+            out.write(f"pathway {mark}: {state}\n")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; every error is one ``pymmproxy: ...`` line on stderr."""
+    try:
+        return run(
+            build_parser().parse_args(list(sys.argv[1:] if argv is None else argv)), sys.stdout
+        )
+    except PymmproxyError as exc:
+        sys.stderr.write(f"pymmproxy: {exc}\n")
+        return exc.exit_code
+    except SystemExit as exc:  # --help
+        return exc.code if isinstance(exc.code, int) else 0

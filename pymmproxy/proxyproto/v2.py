@@ -1,0 +1,140 @@
+"""Decoding of the binary (version 2) header.
+
+:func:`parse_v2` returns ``(header, consumed)`` or, when the input is a valid but incomplete
+prefix, the total byte count it needs before anything more can be decided. Every field is
+checked as soon as its byte is present, in wire order.
+"""
+
+from __future__ import annotations
+
+import struct
+from socket import AF_INET, AF_INET6, inet_ntop
+
+from pymmproxy.proxyproto.crc32c import crc32c
+from pymmproxy.proxyproto.errors import (
+    BadCommandError,
+    BadFamilyError,
+    BadLengthError,
+    BadSignatureError,
+    BadTransportError,
+    BadVersionError,
+    CRCMismatchError,
+    HeaderTooLongError,
+)
+from pymmproxy.proxyproto.model import Command, Family, Header, Transport, make_header
+from pymmproxy.proxyproto.tlv import TLV, parse_tlvs
+
+__all__ = ["ADDRESS_LENGTHS", "MAX_V2_LENGTH", "SIGNATURE", "parse_v2"]
+
+SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+MAX_V2_LENGTH = 16 + 0xFFFF
+ADDRESS_LENGTHS = (0, 12, 36, 216)  # indexed by Family
+_COMMANDS = (Command.LOCAL, Command.PROXY)
+_FAMILIES = tuple(Family)
+_TRANSPORTS = tuple(Transport)
+
+_INET = struct.Struct("!12sBBH4s4sHH")
+_INET6 = struct.Struct("!12sBBH16s16sHH")
+_ZERO_CRC = b"\x00\x00\x00\x00"
+
+
+def parse_v2(data: bytes, max_length: int) -> tuple[Header, int] | int:
+    """Parse a v2 header at the start of ``data`` (``data[0]`` is CR); see the module doc."""
+    # Fast path: a complete PROXY over INET/INET6, one unpack and two inet_ntop.
+    n = len(data)
+    if n >= 28 and data[12] == 0x21:
+        ft = data[13]
+        if ft in (0x11, 0x12):
+            sig, _, _, length, src, dst, sport, dport = _INET.unpack_from(data)
+            total = 16 + length
+            if sig == SIGNATURE and length >= 12 and total <= n and total <= max_length:
+                return make_header(
+                    2,
+                    Command.PROXY,
+                    Family.INET,
+                    _TRANSPORTS[ft & 0x0F],
+                    inet_ntop(AF_INET, src),
+                    sport,
+                    inet_ntop(AF_INET, dst),
+                    dport,
+                    _tlvs(data, 28, total) if length > 12 else (),
+                ), total
+        elif ft in (0x21, 0x22) and n >= 52:
+            sig, _, _, length, src, dst, sport, dport = _INET6.unpack_from(data)
+            total = 16 + length
+            if sig == SIGNATURE and length >= 36 and total <= n and total <= max_length:
+                return make_header(
+                    2,
+                    Command.PROXY,
+                    Family.INET6,
+                    _TRANSPORTS[ft & 0x0F],
+                    inet_ntop(AF_INET6, src),
+                    sport,
+                    inet_ntop(AF_INET6, dst),
+                    dport,
+                    _tlvs(data, 52, total) if length > 36 else (),
+                ), total
+    return _parse_slow(data, max_length)
+
+
+def _parse_slow(data: bytes, max_length: int) -> tuple[Header, int] | int:
+    """Field-by-field parse with early rejection of partial input."""
+    n = len(data)
+    got = data[:12]
+    if got != SIGNATURE[: len(got)]:
+        at = next(i for i, (a, b) in enumerate(zip(got, SIGNATURE, strict=False)) if a != b)
+        raise BadSignatureError(
+            f"byte {at} is 0x{got[at]:02x}, not the v2 signature's 0x{SIGNATURE[at]:02x}"
+        )
+    if n < 13:
+        return n + 1  # each signature byte is checked as it arrives
+    vc = data[12]
+    if vc >> 4 != 2:
+        raise BadVersionError(f"v2 version nibble is {vc >> 4}, must be 2")
+    if vc & 0x0F > 1:
+        raise BadCommandError(f"v2 command {vc & 0x0F} is neither LOCAL (0) nor PROXY (1)")
+    if n < 14:
+        return 14
+    ft = data[13]
+    if ft >> 4 > 3:
+        raise BadFamilyError(f"v2 address family {ft >> 4} is not UNSPEC/INET/INET6/UNIX")
+    if ft & 0x0F > 2:
+        raise BadTransportError(f"v2 transport {ft & 0x0F} is not UNSPEC/STREAM/DGRAM")
+    if n < 16:
+        return 16
+    length = (data[14] << 8) | data[15]
+    total = 16 + length
+    if total > max_length:
+        raise HeaderTooLongError(f"v2 header of {total} bytes exceeds the limit of {max_length}")
+    family = _FAMILIES[ft >> 4]
+    addr_len = ADDRESS_LENGTHS[family]
+    if length < addr_len:
+        raise BadLengthError(f"v2 length {length} is below the {addr_len} bytes of {family.name}")
+    if n < total:
+        return total
+
+    command = _COMMANDS[vc & 0x0F]
+    src = dst = None
+    sport = dport = None
+    if command == Command.PROXY and family == Family.INET:
+        _, _, _, _, s, d, sport, dport = _INET.unpack_from(data)
+        src, dst = inet_ntop(AF_INET, s), inet_ntop(AF_INET, d)
+    elif command == Command.PROXY and family == Family.INET6:
+        _, _, _, _, s, d, sport, dport = _INET6.unpack_from(data)
+        src, dst = inet_ntop(AF_INET6, s), inet_ntop(AF_INET6, d)
+    tlvs = _tlvs(data, 16 + addr_len, total) if total > 16 + addr_len else ()
+    header = make_header(2, command, family, _TRANSPORTS[ft & 0x0F], src, sport, dst, dport, tlvs)
+    return header, total
+
+
+def _tlvs(data: bytes, start: int, total: int) -> tuple[TLV, ...]:
+    """TLVs of ``data[start:total]``, with the CRC32C (if any) verified over the header."""
+    tlvs, crc_at = parse_tlvs(data, start, total)
+    if crc_at >= 0:
+        expected = int.from_bytes(data[crc_at : crc_at + 4], "big")
+        actual = crc32c(data[crc_at + 4 : total], crc32c(_ZERO_CRC, crc32c(data[:crc_at])))
+        if actual != expected:
+            raise CRCMismatchError(
+                f"CRC32C TLV says 0x{expected:08x}, header sums to 0x{actual:08x}"
+            )
+    return tlvs

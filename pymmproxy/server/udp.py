@@ -1,0 +1,285 @@
+"""``-p udp``: PROXY v2 DGRAM datagrams from the load balancer, relayed per client.
+
+Every datagram from the load balancer (LB) must start with a PROXY v2 header (v1 is TCP
+only); the rest is the client's payload. Per client address in the header there is one
+transparent upstream socket (see :mod:`.udpflows`), bound to the client's address and port
+and connected to the target, so the service sees the real client.
+
+Replies follow go-mmproxy (``udp.go``): whatever the target sends on a flow's socket is
+written, as is -- no PROXY header is added -- from the listening socket to the LB address
+that carried the client's datagrams. go-mmproxy remembers the LB of a flow's *first*
+datagram; this module uses the LB of its *latest* one, which is the same with one LB and
+follows a client that moves to another LB. Like go-mmproxy:
+
+* LOCAL datagrams are relayed without spoofing (the kernel picks our address), on one
+  socket per LB, to the target of the LB's address family; they are counted and logged at
+  a bounded rate.
+* A flow is idle once no datagram has passed in either direction for ``-close-after``
+  seconds; it is then closed (go-mmproxy closes after one to two periods, we within one
+  sweep tick).
+* The allow list is applied to the LB's address; refused and malformed datagrams are
+  dropped, counted and logged at a bounded rate.
+
+Differences on purpose: the target family follows the *client's* address (as for TCP), so a
+v6 client behind a v4 LB reaches ``-6`` (go-mmproxy picks by the LB's family and fails to
+bind); the number of flows is capped (``--udp-max-clients``), evicting the flow idle the
+longest, so a flood of spoofed headers cannot exhaust file descriptors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import resource
+import socket
+from collections.abc import Hashable
+from typing import Any
+
+from pymmproxy.errors import ProtocolError, UpstreamError
+from pymmproxy.logsetup import RateLimiter
+from pymmproxy.net.sockets import upstream_socket
+from pymmproxy.proxyproto import SIGNATURE, Command, Family, Header, Transport, parse_header
+from pymmproxy.server.context import InstanceContext
+from pymmproxy.server.udpflows import Flow, FlowTable
+
+_INET_PROXY_DGRAM = 0x12  # family INET, transport DGRAM
+_INET6_PROXY_DGRAM = 0x22
+_V2_PROXY = 0x21  # version 2, command PROXY
+
+
+class UdpListener(asyncio.DatagramProtocol):
+    """The listening socket's protocol: allow list -> header -> flow -> upstream send."""
+
+    def __init__(self, ctx: InstanceContext) -> None:
+        self.ctx = ctx
+        limits = ctx.settings.limits
+        self.table = FlowTable(
+            ctx.loop,
+            close_after=limits.udp_close_after,
+            max_clients=limits.udp_max_clients,
+            deliver=self._deliver,
+            on_error=self._flow_error,
+        )
+        self.flows = self.table.flows
+        self.time = ctx.loop.time
+        self.transport: asyncio.DatagramTransport | None = None
+        self.congested = False
+        self.datagrams = 0
+        self.payload_bytes = 0
+        self.dropped_replies = 0
+        self._local_log = RateLimiter(burst=5, period=10.0)
+        self._stats_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self._stats_timer = self.ctx.loop.call_later(1.0, self._flush_stats)
+
+    # -- load balancer -> target -----------------------------------------------------------
+    def datagram_received(self, data: bytes, addr: Any) -> None:  # noqa: ANN401
+        if not self.ctx.allow.allows(addr[0]):
+            self.ctx.reject("not_allowed", addr)
+            return
+        # Fast path: a known client behind a v2 PROXY DGRAM header without TLVs. The key is
+        # the raw source address and port bytes, which is what _route() builds for new flows.
+        if len(data) >= 28 and data[12] == _V2_PROXY and data[14] == 0:
+            ft = data[13]
+            key, used = None, 0
+            if ft == _INET_PROXY_DGRAM and data[15] == 12:
+                key, used = data[16:20] + data[24:26], 28
+            elif ft == _INET6_PROXY_DGRAM and data[15] == 36 and len(data) >= 52:
+                key, used = data[16:32] + data[48:50], 52
+            if key is not None and data[:12] == SIGNATURE:
+                flow = self.flows.get(key)
+                if flow is not None:
+                    self.flows.move_to_end(key)
+                    flow.last = self.time()
+                    flow.lb = addr
+                    try:
+                        flow.send(data[used:])
+                    except OSError as exc:
+                        self._send_failed(flow, exc)
+                    else:
+                        self.datagrams += 1
+                        self.payload_bytes += len(data) - used
+                    return
+        self._slow_path(data, addr)
+
+    def _slow_path(self, data: bytes, addr: Any) -> None:  # noqa: ANN401
+        """Full parse: new clients, LOCAL, TLVs, and everything that gets dropped."""
+        ctx = self.ctx
+        try:
+            parsed = parse_header(data)
+        except ProtocolError as exc:
+            ctx.failed("bad_header", addr, kind=exc.kind, error=str(exc))
+            return
+        if parsed is None:
+            ctx.failed("bad_header", addr, kind="truncated", error=f"{len(data)} bytes")
+            return
+        header, used = parsed
+        if header.version != 2:
+            ctx.failed("bad_header", addr, kind="v1_over_udp", error="PROXY v1 is TCP only")
+            return
+        key, source, target = self._route(header, addr)
+        if target is None:
+            return
+        flow = self.flows.get(key)
+        if flow is None:
+            flow = self._open(key, source, target, addr)
+            if flow is None:
+                return
+        else:
+            self.flows.move_to_end(key)
+            flow.last = ctx.loop.time()
+            flow.lb = addr
+        self._send(flow, data[used:])
+
+    def _route(
+        self,
+        header: Header,
+        addr: Any,  # noqa: ANN401
+    ) -> tuple[Hashable, tuple[str, int] | None, tuple[str, int] | None]:
+        """Flow key, source to spoof and target of a parsed header (target None: dropped)."""
+        ctx = self.ctx
+        if header.command is Command.LOCAL:
+            ctx.stats.versions["v2-local"] += 1
+            if ctx.verbosity >= 1 or self._local_log.allow():
+                ctx.log.info("udp.local", lb=_ep(addr), note="relayed without spoofing")
+            # Like go-mmproxy: a dotted LB address (also ::ffff:a.b.c.d) picks the v4 target.
+            chosen = ctx.local_target("." not in addr[0])
+            if chosen is None:
+                ctx.failed("no_target", addr, error="no target for LOCAL datagrams")
+                return None, None, None
+            return ("local", addr[0], addr[1]), None, chosen[1]
+        if header.transport != Transport.DGRAM or header.family not in (Family.INET, Family.INET6):
+            ctx.failed(
+                "bad_header",
+                addr,
+                kind="not_dgram",
+                error=f"PROXY over UDP needs INET/INET6 DGRAM, got "
+                f"{header.family.name}/{header.transport.name}",
+            )
+            return None, None, None
+        source = header.relayable_source  # never None for PROXY over INET/INET6
+        v6 = header.family == Family.INET6
+        target = ctx.target6 if v6 else ctx.target4
+        if source is None or target is None:
+            ctx.failed("no_target", addr, client=_ep(source), error=f"no -{6 if v6 else 4}")
+            return None, None, None
+        family = socket.AF_INET6 if v6 else socket.AF_INET
+        key = socket.inet_pton(family, source[0]) + source[1].to_bytes(2, "big")
+        return key, source, target
+
+    def _open(
+        self,
+        key: Hashable,
+        source: tuple[str, int] | None,
+        target: tuple[str, int],
+        addr: Any,  # noqa: ANN401
+    ) -> Flow | None:
+        ctx = self.ctx
+        family = socket.AF_INET6 if ":" in target[0] else socket.AF_INET
+        try:
+            sock = upstream_socket(family, target, source, ctx.mark, kind=socket.SOCK_DGRAM)
+        except UpstreamError as exc:
+            ctx.failed("upstream_error", addr, client=_ep(source), error=str(exc))
+            return None
+        flow, evicted = self.table.add(key, sock, addr, source, target)
+        if evicted is not None:
+            ctx.reject("udp_evicted", evicted.lb, client=_ep(evicted.client), flows=len(self.table))
+        ctx.stats.accepted += 1
+        ctx.stats.versions["v2"] += 1
+        if ctx.verbosity >= 2:
+            ctx.log.info("udp.flow", lb=_ep(addr), client=_ep(source), target=_ep(target))
+        return flow
+
+    def _send(self, flow: Flow, payload: bytes) -> None:
+        try:
+            flow.send(payload)
+        except OSError as exc:
+            self._send_failed(flow, exc)
+        else:
+            self.datagrams += 1
+            self.payload_bytes += len(payload)
+
+    def _send_failed(self, flow: Flow, exc: OSError) -> None:
+        if isinstance(exc, BlockingIOError):  # socket buffer full: drop, like a busy link
+            self.ctx.failed("upstream_busy", flow.lb, client=_ep(flow.client))
+        else:
+            self._flow_error(flow, exc)
+
+    # -- target -> load balancer -----------------------------------------------------------
+    def _deliver(self, data: bytes, lb: Any) -> None:  # noqa: ANN401
+        if self.congested:
+            self.dropped_replies += 1
+            return
+        transport = self.transport
+        if transport is not None:
+            transport.sendto(data, lb)
+
+    def _flow_error(self, flow: Flow, exc: OSError) -> None:
+        reason = "target_refused" if exc.errno == errno.ECONNREFUSED else "upstream_io"
+        self.ctx.failed(reason, flow.lb, client=_ep(flow.client), error=str(exc))
+
+    def pause_writing(self) -> None:
+        self.congested = True  # the LB is not keeping up: drop replies rather than queue them
+
+    def resume_writing(self) -> None:
+        self.congested = False
+
+    def error_received(self, exc: Exception) -> None:
+        self.ctx.failed("lb_unreachable", None, error=str(exc))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.close()
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def _flush_stats(self) -> None:
+        self._collect()
+        self._stats_timer = self.ctx.loop.call_later(1.0, self._flush_stats)
+
+    def _collect(self) -> None:
+        """Move the hot-path counters into ``ctx.stats`` (once a second and at close)."""
+        stats, table = self.ctx.stats, self.table
+        stats.relayed += self.datagrams
+        stats.bytes_up += self.payload_bytes
+        stats.bytes_down += table.reply_bytes
+        stats.active = len(table)
+        self.datagrams = self.payload_bytes = table.reply_bytes = 0
+        if self.dropped_replies:
+            stats.errors["reply_dropped"] += self.dropped_replies
+            self.dropped_replies = 0
+
+    def close(self) -> int:
+        """Close the listener and every flow; returns how many flows were open."""
+        if self._stats_timer is not None:
+            self._stats_timer.cancel()
+            self._stats_timer = None
+        self._collect()
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+        closed = self.table.close()
+        self.ctx.stats.active = 0
+        return closed
+
+
+async def serve_udp(ctx: InstanceContext, sock: socket.socket) -> UdpListener:
+    """Start relaying datagrams arriving on the bound UDP socket ``sock``."""
+    _raise_nofile_limit()
+    _, protocol = await ctx.loop.create_datagram_endpoint(lambda: UdpListener(ctx), sock=sock)
+    return protocol
+
+
+def _raise_nofile_limit() -> None:
+    """One fd per client: lift the soft RLIMIT_NOFILE to the hard one (Go does this too)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):  # e.g. an unlimited hard limit
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def _ep(addr: Any) -> str | None:  # noqa: ANN401
+    if not addr:
+        return None
+    host, port = addr[0], addr[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -1,0 +1,54 @@
+"""``pymmproxy demo`` end to end, plus its one-line refusals."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pymmproxy import demo
+from tests.e2e.helpers import program, require_lab
+
+pytestmark = [pytest.mark.e2e]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.netns
+def test_demo_command_exits_0_with_matching_rows() -> None:
+    require_lab()
+    program("py")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    res = subprocess.run(
+        [sys.executable, "-m", "pymmproxy", "demo"],
+        capture_output=True, text=True, timeout=60, env=env, check=False,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stdout + res.stderr
+    rows = [line for line in res.stdout.splitlines() if line.rstrip().endswith((" yes", " NO"))]
+    assert len(rows) == 8, res.stdout
+    assert all(row.rstrip().endswith(" yes") for row in rows), res.stdout
+    assert "OK: 8/8" in res.stdout
+    assert {"v1", "v2"} <= {row.split()[1] for row in rows}
+    assert any("[2001:db8:1::" in row for row in rows)
+
+
+def test_demo_needs_root(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert demo.main([]) == 1
+    assert capsys.readouterr().err == "pymmproxy demo: needs root (network namespaces)\n"
+
+
+def test_demo_says_how_to_install_haproxy(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    real_which = shutil.which
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setattr(shutil, "which", lambda n: None if n == "haproxy" else real_which(n))
+    assert demo.main([]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("pymmproxy demo: ")
+    assert "apt-get install haproxy" in err
+    assert err.count("\n") == 1

@@ -1,0 +1,281 @@
+"""The daemon in a namespace, driven with hand-made PROXY headers (no HAProxy needed).
+
+The "load balancer" here is the test itself, connecting from the workload's own address;
+the pathway (fwmark 123) is installed with ``pymmproxy pathway add`` and the namespace has a
+foreign default route, so a missing reply path would show as a hang, not a pass.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import socket
+import threading
+import time
+
+import pytest
+
+from pymmproxy.proxyproto import Command, Family, Header, Transport, encode_v1, encode_v2
+from tests.integration.conftest import LB_V4, LB_V6, Workload, ns_socket
+
+pytestmark = [pytest.mark.netns]
+
+WHOAMI, ECHO, SINK, DOWN = 8080, 8081, 8082, 8089
+PORT = 8001
+
+
+def header(src: str, sport: int, *, dport: int = PORT) -> Header:
+    v6 = ":" in src
+    fam, dst = (Family.INET6, LB_V6) if v6 else (Family.INET, LB_V4)
+    return Header(2, Command.PROXY, fam, Transport.STREAM, src, sport, dst, dport)
+
+
+def local_header() -> Header:
+    return Header(2, Command.LOCAL, Family.UNSPEC, Transport.UNSPEC, None, None, None, None)
+
+
+def open_conn(wl: Workload, port: int = PORT, timeout: float = 5.0) -> socket.socket:
+    s = ns_socket(wl.ns)
+    s.settimeout(timeout)
+    try:
+        s.connect((LB_V4, port))
+    except OSError:
+        s.close()
+        raise
+    return s
+
+
+def recv_all(s: socket.socket) -> bytes:
+    chunks = []
+    while chunk := s.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def whoami(wl: Workload, raw_header: bytes, port: int = PORT) -> str:
+    with open_conn(wl, port) as s:
+        s.sendall(raw_header + b"GET / HTTP/1.0\r\n\r\n")
+        reply = recv_all(s).decode()
+    return reply.rsplit("\r\n\r\n", 1)[-1].strip()
+
+
+@pytest.fixture(scope="module")
+def wl(workload: Workload) -> Workload:
+    workload.service("whoami", WHOAMI)
+    workload.service("echo", ECHO)
+    workload.service("sink-hash", SINK)
+    workload.daemon("-4", f"127.0.0.1:{WHOAMI}", "-6", f"[::1]:{WHOAMI}",
+                    "--header-timeout", "1", port=PORT)  # fmt: skip
+    workload.daemon("-4", f"127.0.0.1:{ECHO}", "-6", f"[::1]:{ECHO}", port=PORT + 1)
+    workload.daemon("-4", f"127.0.0.1:{SINK}", "-6", "none", port=PORT + 2)
+    workload.daemon("-4", f"127.0.0.1:{DOWN}", "-6", f"[::1]:{DOWN}", port=PORT + 3)
+    return workload
+
+
+@pytest.mark.parametrize(
+    ("src", "sport"), [("192.0.2.55", 41000), ("203.0.113.9", 1), ("2001:db8:1::55", 65535)]
+)
+def test_v2_service_sees_client_address_and_port(wl: Workload, src: str, sport: int) -> None:
+    assert whoami(wl, encode_v2(header(src, sport))) == f"{src} {sport}"
+
+
+def test_v1_service_sees_client_address(wl: Workload) -> None:
+    assert whoami(wl, encode_v1(header("192.0.2.56", 40001))) == "192.0.2.56 40001"
+    assert whoami(wl, encode_v1(header("2001:db8:1::56", 40002))) == "2001:db8:1::56 40002"
+
+
+def test_v2_with_crc32c_and_tlvs_accepted(wl: Workload) -> None:
+    assert whoami(wl, encode_v2(header("192.0.2.57", 40003), with_crc32c=True)) == "192.0.2.57 40003"
+
+
+def test_port_in_use_falls_back_to_any_port(wl: Workload) -> None:
+    with open_conn(wl) as held:
+        held.sendall(encode_v2(header("192.0.2.58", 40004)))
+        seen = whoami(wl, encode_v2(header("192.0.2.58", 40004)))
+    host, port = seen.split()
+    assert host == "192.0.2.58"
+    assert port != "40004"
+
+
+def test_local_health_check_is_relayed_unspoofed(wl: Workload) -> None:
+    seen = whoami(wl, encode_v2(local_header()))
+    assert seen.split()[0] == "127.0.0.1"
+    assert whoami(wl, b"PROXY UNKNOWN\r\n").split()[0] == "127.0.0.1"
+
+
+def test_bytes_after_header_in_same_segment_are_forwarded(wl: Workload) -> None:
+    with open_conn(wl, PORT + 1) as s:
+        s.sendall(encode_v2(header("192.0.2.60", 40010)) + b"hello")
+        s.shutdown(socket.SHUT_WR)
+        assert recv_all(s) == b"hello"
+
+
+def test_ten_megabytes_each_way_intact(wl: Workload) -> None:
+    payload = os.urandom(10 * 1024 * 1024)
+    with open_conn(wl, PORT + 1, timeout=30) as s:
+        s.sendall(encode_v2(header("192.0.2.61", 40011)))
+        received = bytearray()
+
+        def reader() -> None:
+            while chunk := s.recv(1 << 20):
+                received.extend(chunk)
+
+        t = threading.Thread(target=reader)
+        t.start()
+        s.sendall(payload)
+        s.shutdown(socket.SHUT_WR)  # half-close: the echo still answers everything
+        t.join(30)
+    assert hashlib.sha256(received).digest() == hashlib.sha256(payload).digest()
+
+
+def test_half_close_client_to_service(wl: Workload) -> None:
+    payload = os.urandom(3 * 1024 * 1024)
+    with open_conn(wl, PORT + 2, timeout=30) as s:
+        s.sendall(encode_v2(header("192.0.2.62", 40012)) + payload)
+        s.shutdown(socket.SHUT_WR)
+        answer = recv_all(s).decode().split()
+    assert answer == [hashlib.sha256(payload).hexdigest(), str(len(payload))]
+
+
+def test_bad_header_closes_only_that_connection(wl: Workload) -> None:
+    with open_conn(wl) as good:
+        good.sendall(encode_v2(header("192.0.2.63", 40013)))
+        for garbage in (b"GET / HTTP/1.1\r\n\r\n", b"PROXY TCP4 1.2.3 4.5.6.7 1 2\r\n",
+                        b"\r\n\r\n\x00\r\nQUIT\n\xff" + bytes(20)):  # fmt: skip
+            with open_conn(wl) as bad:
+                bad.sendall(garbage)
+                assert recv_all(bad) == b""
+        good.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        assert recv_all(good).decode().endswith("192.0.2.63 40013\n")
+
+
+def test_header_timeout_closes(wl: Workload) -> None:
+    with open_conn(wl) as s:
+        start = time.monotonic()
+        s.sendall(b"PROXY TCP4 ")
+        assert recv_all(s) == b""
+        assert 0.8 < time.monotonic() - start < 3.0
+
+
+def test_target_down_closes_promptly_and_daemon_recovers(wl: Workload) -> None:
+    start = time.monotonic()
+    with open_conn(wl, PORT + 3) as s:
+        s.sendall(encode_v2(header("192.0.2.64", 40014)) + b"GET / HTTP/1.0\r\n\r\n")
+        with _reset_is_close():
+            assert recv_all(s) == b""
+    assert time.monotonic() - start < 2.0
+    svc = wl.service("whoami", 8089)
+    try:
+        assert whoami(wl, encode_v2(header("192.0.2.64", 40015)), PORT + 3) == "192.0.2.64 40015"
+    finally:
+        svc.kill()
+        svc.wait()
+
+
+def test_no_target_for_family_closes(wl: Workload) -> None:
+    with open_conn(wl, PORT + 2) as s:
+        s.sendall(encode_v2(header("2001:db8:1::65", 40016)) + b"x")
+        s.shutdown(socket.SHUT_WR)
+        assert recv_all(s) == b""
+    assert "no -6 target" in wl.log(f"daemon-{PORT + 2}.log")
+
+
+def test_peer_not_in_allow_list_is_refused(wl: Workload) -> None:
+    proc = wl.daemon("-4", f"127.0.0.1:{WHOAMI}", port=PORT + 4, allow="203.0.113.0/24\n")
+    with open_conn(wl, PORT + 4) as s:
+        s.sendall(encode_v2(header("192.0.2.66", 40017)) + b"GET / HTTP/1.0\r\n\r\n")
+        with _reset_is_close():
+            assert recv_all(s) == b""
+    assert "192.0.2.66" not in wl.log(f"service-whoami-{WHOAMI}.log")
+    assert "not_allowed" in wl.log(f"daemon-{PORT + 4}.log")
+    proc.terminate()
+    assert proc.wait(10) == 0
+
+
+class _reset_is_close:  # noqa: N801 - reads as a statement in the test
+    """A reset from the proxy counts as the connection being closed."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> bool:
+        return isinstance(exc[1], ConnectionResetError)
+
+
+def test_sigterm_drains_open_transfer_without_loss(wl: Workload) -> None:
+    proc = wl.daemon("-4", f"127.0.0.1:{SINK}", "--drain-timeout", "20", port=PORT + 5)
+    payload = os.urandom(20 * 1024 * 1024)
+    with open_conn(wl, PORT + 5, timeout=30) as s:
+        s.sendall(encode_v2(header("192.0.2.67", 40018)) + payload[: 1 << 20])
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
+        with open_conn_refused(wl, PORT + 5):
+            pass
+        s.sendall(payload[1 << 20 :])
+        s.shutdown(socket.SHUT_WR)
+        answer = recv_all(s).decode().split()
+    assert answer == [hashlib.sha256(payload).hexdigest(), str(len(payload))]
+    assert proc.wait(20) == 0
+
+
+class open_conn_refused:  # noqa: N801
+    """Asserts the listener is gone (new connections refused) while draining."""
+
+    def __init__(self, wl: Workload, port: int) -> None:
+        self.wl, self.port = wl, port
+
+    def __enter__(self) -> None:
+        with pytest.raises(ConnectionRefusedError):
+            open_conn(self.wl, self.port).close()
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def test_sighup_reloads_allow_list_and_keeps_connections(wl: Workload) -> None:
+    proc = wl.daemon("-4", f"127.0.0.1:{ECHO}", port=PORT + 6)
+    allow_file = wl.tmp / f"allow-{PORT + 6}.txt"
+    with open_conn(wl, PORT + 6) as kept:
+        kept.sendall(encode_v2(header("192.0.2.68", 40019)) + b"one")
+        assert kept.recv(3) == b"one"
+        allow_file.write_text("not a network\n")
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(0.3)
+        assert "daemon.reload_failed" in wl.log(f"daemon-{PORT + 6}.log")
+        allow_file.write_text("203.0.113.0/24\n")
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(0.3)
+        with open_conn(wl, PORT + 6) as refused:
+            refused.sendall(encode_v2(header("192.0.2.69", 40020)) + b"x")
+            with _reset_is_close():
+                assert recv_all(refused) == b""
+        kept.sendall(b"two")
+        assert kept.recv(3) == b"two"
+    proc.terminate()
+    assert proc.wait(10) == 0
+
+
+LINGER_RST = b"\x01\x00\x00\x00\x00\x00\x00\x00"
+
+
+@pytest.mark.parametrize("ending", ["half_close", "reset", "close"])
+def test_no_fd_leak_after_many_connections(wl: Workload, ending: str) -> None:
+    port = PORT + 7 + ["half_close", "reset", "close"].index(ending)
+    proc = wl.daemon("-4", f"127.0.0.1:{ECHO}", port=port)
+    fds = f"/proc/{proc.pid}/fd"  # ip netns exec execs in place: this is the daemon
+    before = len(os.listdir(fds))
+    for i in range(1000):
+        with open_conn(wl, port) as s:
+            s.sendall(encode_v2(header("192.0.2.70", 20000 + i)) + b"ping")
+            if ending == "half_close":
+                s.shutdown(socket.SHUT_WR)
+                assert recv_all(s) == b"ping"
+            elif ending == "reset":
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RST)
+    deadline = time.monotonic() + 5
+    while (after := len(os.listdir(fds))) > before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert after <= before, [os.readlink(f"{fds}/{fd}") for fd in os.listdir(fds)]
+    proc.terminate()
+    assert proc.wait(10) == 0

@@ -1,0 +1,127 @@
+"""The command line: go-mmproxy spellings, long names, one-line errors with exit 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pymmproxy import __version__
+from pymmproxy.cli import build_parser, main, settings_from_args
+from pymmproxy.errors import UsageError
+from pymmproxy.settings import Endpoint, Transport
+
+
+@pytest.fixture
+def allow(tmp_path: Path) -> Path:
+    path = tmp_path / "allow.txt"
+    path.write_text("# LBs\n198.51.100.0/24\n2001:db8::/32\n")
+    return path
+
+
+def settings(*argv: str):  # noqa: ANN201 - InstanceSettings
+    return settings_from_args(build_parser().parse_args(list(argv)))
+
+
+def test_go_mmproxy_spellings(allow: Path) -> None:
+    s = settings(
+        "-l", "0.0.0.0:2222", "-4", "127.0.0.1:22", "-6", "[::1]:22", "-mark", "123",
+        "-allowed-subnets", str(allow), "-v", "2", "-listeners", "2", "-close-after", "30",
+        "-p", "tcp",
+    )  # fmt: skip
+    assert s.listen == Endpoint("0.0.0.0", 2222)
+    assert s.target4 == Endpoint("127.0.0.1", 22)
+    assert s.target6 == Endpoint("::1", 22)
+    assert s.mark == 123
+    assert s.listeners == 2
+    assert s.limits.udp_close_after == 30
+    assert s.transport is Transport.TCP
+    assert s.allowed is not None
+    assert len(s.allowed) == 2
+
+
+def test_equals_forms_and_long_names(allow: Path) -> None:
+    s = settings("-mark=77", "--listen=[::]:8443", f"--allowed-subnets={allow}",
+                 "--target4", "127.0.0.1:80", "--header-timeout", "2.5")  # fmt: skip
+    assert s.mark == 77
+    assert s.listen == Endpoint("::", 8443)
+    assert s.limits.header_timeout == 2.5
+
+
+def test_go_mmproxy_defaults(allow: Path) -> None:
+    s = settings("-allowed-subnets", str(allow))
+    assert str(s.listen) == "0.0.0.0:8443"
+    assert str(s.target4) == "127.0.0.1:443"
+    assert str(s.target6) == "[::1]:443"
+    assert s.mark == 0
+
+
+def test_target_none_disables_a_family(allow: Path) -> None:
+    s = settings("-allowed-subnets", str(allow), "-6", "none")
+    assert s.target6 is None
+    with pytest.raises(UsageError, match="no target"):
+        settings("-allowed-subnets", str(allow), "-6", "none", "-4", "none")
+
+
+def test_default_deny_without_allow_list() -> None:
+    with pytest.raises(UsageError, match="no allow list"):
+        settings()
+    assert settings("--allow-any").allowed is None
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["-mark", "abc"], "not an integer"),
+        (["-mark", "254"], "reserved routing table"),
+        (["-mark", "4294967296"], "must be 1..4294967295"),
+        (["-l", "1.2.3.4"], "expected ADDR:PORT"),
+        (["-l", "1.2.3.4:0"], "port must be 1..65535"),
+        (["-l", "::1:80"], "brackets"),
+        (["-4", "[::1]:80"], "expected an IPv4 address"),
+        (["-6", "127.0.0.1:80"], "expected an IPv6 address"),
+        (["-4", "localhost:80"], "not an IP address"),
+        (["-v", "3"], "invalid choice"),
+        (["-p", "sctp"], "invalid choice"),
+        (["-listeners", "0"], "-listeners must be >= 1"),
+        (["--header-timeout", "0"], "must be > 0"),
+        (["--bogus"], "unrecognized arguments"),
+        (["-allowed-subnets", "/nonexistent/allow.txt"], "/nonexistent/allow.txt"),
+    ],
+)
+def test_bad_values_are_one_line_exit_2(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    extra = [] if "-allowed-subnets" in argv else ["--allow-any"]
+    assert main([*argv, *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pymmproxy: ")
+    assert err.count("\n") == 1
+    assert message in err
+
+
+def test_version_and_help() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "pymmproxy", "--version"], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == f"pymmproxy {__version__}"
+    helptext = subprocess.run(
+        [sys.executable, "-m", "pymmproxy", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    for flag in ("-allowed-subnets", "-mark", "-listeners", "-close-after", "--header-timeout"):
+        assert flag in helptext
+
+
+def test_listen_address_in_use_is_one_line(allow: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import socket
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        code = main(["-l", f"127.0.0.1:{port}", "-allowed-subnets", str(allow)])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"pymmproxy: cannot listen on 127.0.0.1:{port}:")
