@@ -71,8 +71,9 @@ NAMES = tuple(c.name for c in CANDIDATES)
 class Proc:
     """A started program; ``stop()`` ends its whole process group."""
 
-    def __init__(self, name: str, ns: Netns, argv: list[str], log: Path,
-                 env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, name: str, ns: Netns, argv: list[str], log: Path, env: dict[str, str] | None = None
+    ) -> None:
         self.name, self.log_path = name, log
         self.started = time.monotonic()
         self.popen = ns.popen(argv, log, env=env)
@@ -128,8 +129,11 @@ def listening_ports(pid: int) -> set[int]:
 
 
 def check_tools() -> None:
-    missing = [t for t in ("haproxy", "go-mmproxy", "nginx", "wrk", "iperf3", "nsenter", "ip")
-               if shutil.which(t) is None]
+    missing = [
+        t
+        for t in ("haproxy", "go-mmproxy", "nginx", "wrk", "iperf3", "nsenter", "ip")
+        if shutil.which(t) is None
+    ]
     if missing:
         raise BenchError(f"missing {', '.join(missing)}: {APT_HINT}")
 
@@ -166,8 +170,9 @@ class Bench:
         wk.run([sys.executable, "-m", "pymmproxy", "pathway", "add", str(MARK)], env=self.env)
         conf = self.workdir / "nginx.conf"
         conf.write_text(nginx_config(self.workdir))
-        nginx = self.spawn(wk, "nginx", ["nginx", "-p", str(self.workdir), "-e", "stderr",
-                                         "-c", str(conf)])
+        nginx = self.spawn(
+            wk, "nginx", ["nginx", "-p", str(self.workdir), "-e", "stderr", "-c", str(conf)]
+        )
         iperf = self.spawn(wk, "iperf3-server", ["iperf3", "-s", "-p", str(IPERF_PORT)])
         lbconf = self.workdir / "haproxy-lb.cfg"
         lbconf.write_text(lb_config(self.candidates))
@@ -181,8 +186,20 @@ class Bench:
     # -- candidates -------------------------------------------------------------------------
     def argv(self, cand: Candidate, listen_port: int, target_port: int) -> list[str]:
         listen = f"{WORKLOAD_IP}:{listen_port}"
-        flags = ["-l", listen, "-4", f"127.0.0.1:{target_port}", "-6", f"[::1]:{target_port}",
-                 "-mark", str(MARK), "-allowed-subnets", str(self.allowed), "-v", "0"]
+        flags = [
+            "-l",
+            listen,
+            "-4",
+            f"127.0.0.1:{target_port}",
+            "-6",
+            f"[::1]:{target_port}",
+            "-mark",
+            str(MARK),
+            "-allowed-subnets",
+            str(self.allowed),
+            "-v",
+            "0",
+        ]
         if cand.kind == "pymmproxy":
             return [sys.executable, "-m", "pymmproxy", *flags, "-listeners", str(cand.listeners)]
         if cand.kind == "go-mmproxy":
@@ -195,9 +212,12 @@ class Bench:
 
     def start_candidate(self, cand: Candidate, bulk: bool) -> Proc:
         """Start the HTTP (or bulk) instance of ``cand``; returns at once (not yet ready)."""
-        port, target = ((cand.bulk_port, IPERF_PORT) if bulk else (cand.http_port, NGINX_PORT))
-        return self.spawn(self.topo.workload, f"{cand.name}-{'bulk' if bulk else 'http'}",
-                          self.argv(cand, port, target))
+        port, target = (cand.bulk_port, IPERF_PORT) if bulk else (cand.http_port, NGINX_PORT)
+        return self.spawn(
+            self.topo.workload,
+            f"{cand.name}-{'bulk' if bulk else 'http'}",
+            self.argv(cand, port, target),
+        )
 
 
 def nginx_config(workdir: Path) -> str:
@@ -246,8 +266,10 @@ def lb_config(candidates: tuple[Candidate, ...]) -> str:
     lines = [_HAPROXY_COMMON]
     for cand in candidates:
         proxy = " send-proxy-v2" if cand.is_proxy else ""
-        for kind, front, back in (("http", cand.lb_http_port, cand.http_port),
-                                  ("bulk", cand.lb_bulk_port, cand.bulk_port)):
+        for kind, front, back in (
+            ("http", cand.lb_http_port, cand.http_port),
+            ("bulk", cand.lb_bulk_port, cand.bulk_port),
+        ):
             lines += [
                 f"listen {kind}_{cand.name}",
                 f"    bind {LB_FRONT}:{front} backlog 8192",
@@ -258,8 +280,11 @@ def lb_config(candidates: tuple[Candidate, ...]) -> str:
 
 def receiver_config(listen_port: int, target_port: int) -> str:
     """HAProxy as the receiver: PROXY header in, the client's address out (usesrc client)."""
-    return _HAPROXY_COMMON + f"""\
+    return (
+        _HAPROXY_COMMON
+        + f"""\
 listen recv
     bind {WORKLOAD_IP}:{listen_port} accept-proxy backlog 8192
     server s 127.0.0.1:{target_port} source 0.0.0.0 usesrc client
 """
+    )

@@ -27,8 +27,9 @@ def _complete(buf: bytes) -> bool:
     return False
 
 
-def open_batch(host: str, port: int, n: int, timeout: float,
-               why: dict[str, int]) -> tuple[list[socket.socket], int]:
+def open_batch(
+    host: str, port: int, n: int, timeout: float, why: dict[str, int]
+) -> tuple[list[socket.socket], int]:
     sel = selectors.DefaultSelector()
     pending: dict[socket.socket, bytes] = {}
     for _ in range(n):
@@ -63,8 +64,9 @@ def open_batch(host: str, port: int, n: int, timeout: float,
                     del pending[sock]
                     done.append(sock)
             except (OSError, EOFError) as exc:
-                key_ = type(exc).__name__ + (f" errno {exc.errno}" if isinstance(exc, OSError)
-                                             else "")
+                key_ = type(exc).__name__ + (
+                    f" errno {exc.errno}" if isinstance(exc, OSError) else ""
+                )
                 why[key_] = why.get(key_, 0) + 1
                 sel.unregister(sock)
                 del pending[sock]

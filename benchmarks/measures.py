@@ -65,17 +65,30 @@ def parse_wrk(text: str) -> WrkResult:
         kinds = dict(zip(kinds, (int(x) for x in err.groups()), strict=True))
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
     return WrkResult(
-        requests=int(m.group(1)), seconds=_duration_s(m.group(2)), rps=float(rps.group(1)),
-        p50_ms=pct.get(50), p90_ms=pct.get(90), p99_ms=pct.get(99), errors=sum(kinds.values()),
+        requests=int(m.group(1)),
+        seconds=_duration_s(m.group(2)),
+        rps=float(rps.group(1)),
+        p50_ms=pct.get(50),
+        p90_ms=pct.get(90),
+        p99_ms=pct.get(99),
+        errors=sum(kinds.values()),
         socket_errors=kinds,
         non2xx=int(non2xx.group(1)) if non2xx else 0,
     )
 
 
-def run_wrk(client: Netns, port: int, seconds: float, *, connections: int, threads: int,
-            close: bool = False) -> WrkResult:
-    argv = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s",
-            "--latency", "--timeout", "3s"]
+def run_wrk(
+    client: Netns, port: int, seconds: float, *, connections: int, threads: int, close: bool = False
+) -> WrkResult:
+    argv = [
+        "wrk",
+        f"-t{threads}",
+        f"-c{connections}",
+        f"-d{max(1, round(seconds))}s",
+        "--latency",
+        "--timeout",
+        "3s",
+    ]
     if close:
         argv += ["-H", "Connection: close"]
     argv.append(f"http://{LB_FRONT}:{port}/")
@@ -96,8 +109,18 @@ def parse_iperf3(text: str) -> tuple[float, int]:
 
 
 def run_iperf3(client: Netns, port: int, seconds: int) -> tuple[float, int]:
-    argv = ["iperf3", "-c", LB_FRONT, "-p", str(port), "-t", str(max(1, seconds)), "-J",
-            "--connect-timeout", "3000"]
+    argv = [
+        "iperf3",
+        "-c",
+        LB_FRONT,
+        "-p",
+        str(port),
+        "-t",
+        str(max(1, seconds)),
+        "-J",
+        "--connect-timeout",
+        "3000",
+    ]
     res = client.run(argv, timeout=seconds + 30, check=False)
     if not res.stdout.strip():
         raise BenchError(f"iperf3 failed ({res.returncode}): {res.stderr[-300:]}")
@@ -160,13 +183,15 @@ def tree_cpu_seconds(root: int) -> float:
 
 
 # -- idle connections ---------------------------------------------------------------------
-def hold_idle(client: Netns, port: int, count: int, workdir: Path,
-              timeout: float = 60) -> subprocess.Popen[bytes]:
+def hold_idle(
+    client: Netns, port: int, count: int, workdir: Path, timeout: float = 60
+) -> subprocess.Popen[bytes]:
     """Start ``benchmarks.holder`` in the client ns; returns once ``count`` conns are idle."""
     argv = [sys.executable, "-m", "benchmarks.holder", LB_FRONT, str(port), str(count)]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    proc = client.popen(argv, workdir / "holder.log", env=env, stdin=subprocess.PIPE,
-                        stdout=subprocess.PIPE)
+    proc = client.popen(
+        argv, workdir / "holder.log", env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
     assert proc.stdout is not None
     line = _readline(proc, timeout)
     info = json.loads(line) if line else {}
@@ -238,8 +263,9 @@ class StartupProbe:
     def _attempt(self, sport: int) -> bool:
         try:
             with socket.create_connection((WORKLOAD_IP, self.port), timeout=2) as sock:
-                head = (proxy_v2_header(CLIENT_IP, sport, WORKLOAD_IP, self.port)
-                        if self.proxy else b"")
+                head = (
+                    proxy_v2_header(CLIENT_IP, sport, WORKLOAD_IP, self.port) if self.proxy else b""
+                )
                 sock.sendall(head + HTTP_GET)
                 data = b""
                 while chunk := sock.recv(4096):

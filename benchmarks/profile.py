@@ -41,8 +41,12 @@ def summarize(path: Path, top: int = 15) -> dict[str, Any]:
     def pct(c: Counter[str]) -> list[tuple[str, float]]:
         return [(k, round(100 * v / samples, 1)) for k, v in c.most_common(top)] if samples else []
 
-    return {"file": str(path), "samples": samples, "self_pct": pct(self_c),
-            "total_pct": pct(total_c)}
+    return {
+        "file": str(path),
+        "samples": samples,
+        "self_pct": pct(self_c),
+        "total_pct": pct(total_c),
+    }
 
 
 if __name__ == "__main__":

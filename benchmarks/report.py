@@ -40,8 +40,13 @@ METRICS = (
     Metric("conn_p99", "new-conn p99 ms", _path("close", "p99_ms"), False, "{:.2f}"),
     Metric("bulk", "bulk Gbit/s", _path("bulk_gbps"), True, "{:.2f}"),
     Metric("mem", "idle KB/conn", _path("idle_kb_per_conn"), False, "{:.2f}"),
-    Metric("pss", "base PSS MB", lambda r: None if r.get("pss_base_kb") is None
-           else r["pss_base_kb"] / 1024, False, "{:.1f}"),
+    Metric(
+        "pss",
+        "base PSS MB",
+        lambda r: None if r.get("pss_base_kb") is None else r["pss_base_kb"] / 1024,
+        False,
+        "{:.1f}",
+    ),
     Metric("cpu_conn", "CPU µs/conn", _path("cpu_us_per_conn"), False, "{:.0f}"),
     Metric("cpu_req", "CPU µs/req (k-a)", _path("cpu_us_per_request"), False, "{:.1f}"),
     Metric("cpu_gb", "CPU ms/GB", _path("cpu_ms_per_gb"), False, "{:.0f}"),
@@ -82,8 +87,17 @@ def check_targets(results: dict[str, Row]) -> list[dict[str, Any]]:
         for key, ref, factor, op in TARGETS:
             r = ratio(results, name, ref, key)
             met = None if r is None else (r >= factor if op == ">=" else r <= factor)
-            out.append({"candidate": name, "metric": key, "reference": ref, "op": op,
-                        "factor": factor, "ratio": r, "met": met})
+            out.append(
+                {
+                    "candidate": name,
+                    "metric": key,
+                    "reference": ref,
+                    "op": op,
+                    "factor": factor,
+                    "ratio": r,
+                    "met": met,
+                }
+            )
     return out
 
 
@@ -114,15 +128,19 @@ def markdown(data: dict[str, Any]) -> str:
         "|---|" + "---:|" * len(METRICS),
     ]
     for name in names:
-        lines.append(f"| {name} | " + " | ".join(
-            _cell(mt, mt.get(results[name])) for mt in METRICS) + " |")
+        lines.append(
+            f"| {name} | " + " | ".join(_cell(mt, mt.get(results[name])) for mt in METRICS) + " |"
+        )
     for ref in ("go-mmproxy", "haproxy", "direct"):
         if ref not in results:
             continue
-        lines += ["", f"**Ratios vs {ref}** (candidate / {ref}; for ms, KB and µs lower is "
-                  "better)", "",
-                  "| candidate | " + " | ".join(BY_KEY[k].label for k in RATIO_METRICS) + " |",
-                  "|---|" + "---:|" * len(RATIO_METRICS)]
+        lines += [
+            "",
+            f"**Ratios vs {ref}** (candidate / {ref}; for ms, KB and µs lower is better)",
+            "",
+            "| candidate | " + " | ".join(BY_KEY[k].label for k in RATIO_METRICS) + " |",
+            "|---|" + "---:|" * len(RATIO_METRICS),
+        ]
         for name in names:
             if name == ref:
                 continue
@@ -134,24 +152,38 @@ def markdown(data: dict[str, Any]) -> str:
     targets = check_targets(results)
     if targets:
         cands = sorted({t["candidate"] for t in targets})
-        lines += ["", "**Targets** (pymmproxy)", "",
-                  "| target | " + " | ".join(cands) + " |", "|---|" + "---|" * len(cands)]
+        lines += [
+            "",
+            "**Targets** (pymmproxy)",
+            "",
+            "| target | " + " | ".join(cands) + " |",
+            "|---|" + "---|" * len(cands),
+        ]
         for key, ref, factor, op in TARGETS:
             cells = []
             for c in cands:
-                t = next(t for t in targets if t["candidate"] == c and t["metric"] == key
-                         and t["reference"] == ref)
+                t = next(
+                    t
+                    for t in targets
+                    if t["candidate"] == c and t["metric"] == key and t["reference"] == ref
+                )
                 if t["ratio"] is None:
                     cells.append("n/a")
                 else:
                     cells.append(f"{t['ratio']:.2f}x {'met' if t['met'] else '**missed**'}")
-            lines.append(f"| {BY_KEY[key].label} {op} {factor}x {ref} | " + " | ".join(cells)
-                         + " |")
-    errs = {n: (r.get("keepalive", {}).get("errors", 0), r.get("close", {}).get("errors", 0))
-            for n, r in results.items()}
+            lines.append(
+                f"| {BY_KEY[key].label} {op} {factor}x {ref} | " + " | ".join(cells) + " |"
+            )
+    errs = {
+        n: (r.get("keepalive", {}).get("errors", 0), r.get("close", {}).get("errors", 0))
+        for n, r in results.items()
+    }
     if any(a or b for a, b in errs.values()):
-        lines += ["", "wrk socket errors (keep-alive, close): "
-                  + ", ".join(f"{n} {a}/{b}" for n, (a, b) in errs.items())]
+        lines += [
+            "",
+            "wrk socket errors (keep-alive, close): "
+            + ", ".join(f"{n} {a}/{b}" for n, (a, b) in errs.items()),
+        ]
     if data.get("failed"):
         lines += ["", "**Failed:** " + "; ".join(f"{n}: {e}" for n, e in data["failed"].items())]
     if data.get("udp") is not None:
@@ -168,8 +200,10 @@ def udp_markdown(udp: Any) -> str:
         cols = sorted({k for v in rows.values() for k in v if not isinstance(v[k], dict | list)})
         out = ["| candidate | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
         for name, row in rows.items():
-            cells = [(f"{row[c]:,.2f}" if isinstance(row.get(c), float) else str(row.get(c, "—")))
-                     for c in cols]
+            cells = [
+                (f"{row[c]:,.2f}" if isinstance(row.get(c), float) else str(row.get(c, "—")))
+                for c in cols
+            ]
             out.append(f"| {name} | " + " | ".join(cells) + " |")
         return "\n".join(out)
     return "```json\n" + json.dumps(udp, indent=2, default=str) + "\n```"
@@ -184,20 +218,32 @@ def chart(data: dict[str, Any], path: Path) -> None:
     results: dict[str, Row] = data["results"]
     names = list(results)
     keys = ("ka_rps", "ka_p99", "conn_rps", "bulk", "mem", "cpu_conn")
-    colors = {"pymmproxy": "#2b7bba", "go-mmproxy": "#e07b39", "haproxy": "#5a9e4b",
-              "direct": "#888888"}
+    colors = {
+        "pymmproxy": "#2b7bba",
+        "go-mmproxy": "#e07b39",
+        "haproxy": "#5a9e4b",
+        "direct": "#888888",
+    }
     fig, axes = plt.subplots(2, 3, figsize=(13, 7))
     for ax, key in zip(axes.flat, keys, strict=True):
         mt = BY_KEY[key]
         vals = [mt.get(results[n]) for n in names]
-        bars = ax.bar(names, [v or 0 for v in vals],
-                      color=[colors.get(results[n].get("kind", ""), "#999") for n in names])
+        bars = ax.bar(
+            names,
+            [v or 0 for v in vals],
+            color=[colors.get(results[n].get("kind", ""), "#999") for n in names],
+        )
         for bar, v in zip(bars, vals, strict=True):
-            ax.annotate("—" if v is None else mt.fmt.format(v),
-                        (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                        ha="center", va="bottom", fontsize=8)
-        ax.set_title(f"{mt.label} ({'higher' if mt.higher_better else 'lower'} is better)",
-                     fontsize=10)
+            ax.annotate(
+                "—" if v is None else mt.fmt.format(v),
+                (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                ha="center",
+                va="bottom",
+                fontsize=8,
+            )
+        ax.set_title(
+            f"{mt.label} ({'higher' if mt.higher_better else 'lower'} is better)", fontsize=10
+        )
         ax.tick_params(axis="x", labelrotation=25, labelsize=8)
     kind = "quick" if data["plan"]["quick"] else "full"
     fig.suptitle(f"pymmproxy benchmark {data['date']} ({kind})")

@@ -54,15 +54,38 @@ class Plan:
     threads: int = 2
 
     @classmethod
-    def make(cls, quick: bool, *, connections: int = 50, threads: int = 2,
-             rounds: int | None = None) -> Plan:
+    def make(
+        cls, quick: bool, *, connections: int = 50, threads: int = 2, rounds: int | None = None
+    ) -> Plan:
         if quick:
-            return cls(True, warmup=0, close_warmup=0, keepalive=1, close=1, bulk=1,
-                       rounds=rounds or 1, idle_conns=300, settle=0.3, connections=connections,
-                       close_connections=connections, threads=threads)
-        return cls(False, warmup=2, close_warmup=1, keepalive=3, close=2, bulk=2,
-                   rounds=rounds or 3, idle_conns=2000, settle=1.5, connections=connections,
-                   close_connections=connections, threads=threads)
+            return cls(
+                True,
+                warmup=0,
+                close_warmup=0,
+                keepalive=1,
+                close=1,
+                bulk=1,
+                rounds=rounds or 1,
+                idle_conns=300,
+                settle=0.3,
+                connections=connections,
+                close_connections=connections,
+                threads=threads,
+            )
+        return cls(
+            False,
+            warmup=2,
+            close_warmup=1,
+            keepalive=3,
+            close=2,
+            bulk=2,
+            rounds=rounds or 3,
+            idle_conns=2000,
+            settle=1.5,
+            connections=connections,
+            close_connections=connections,
+            threads=threads,
+        )
 
 
 class Progress:
@@ -78,17 +101,25 @@ class Runner:
     """All candidates run side by side (idle when not measured); the timed measures go in
     rounds that alternate between candidates, so background load drifts hit all alike."""
 
-    def __init__(self, bench: Bench, cands: tuple[Candidate, ...], plan: Plan, say: Progress,
-                 profile_dir: Path | None) -> None:
+    def __init__(
+        self,
+        bench: Bench,
+        cands: tuple[Candidate, ...],
+        plan: Plan,
+        say: Progress,
+        profile_dir: Path | None,
+    ) -> None:
         self.bench, self.plan, self.say, self.profile_dir = bench, plan, say, profile_dir
         self.cands = list(cands)
         self.procs: dict[str, tuple[Proc | None, Proc | None]] = {}
         self.results: dict[str, dict[str, Any]] = {
             c.name: {"kind": c.kind, "listeners": c.listeners if c.is_proxy else None}
-            for c in cands}
+            for c in cands
+        }
         self.failed: dict[str, str] = {}
         self.rounds: dict[str, dict[str, list[dict[str, Any]]]] = {
-            c.name: {"keepalive": [], "close": [], "bulk": []} for c in cands}
+            c.name: {"keepalive": [], "close": [], "bulk": []} for c in cands
+        }
 
     @property
     def alive(self) -> list[Candidate]:
@@ -104,8 +135,11 @@ class Runner:
                 fn(cand, *args)
                 break
             except BenchError as exc:
-                dead = [p for p in self.procs.get(cand.name, (None, None))
-                        if p is not None and not p.alive]
+                dead = [
+                    p
+                    for p in self.procs.get(cand.name, (None, None))
+                    if p is not None and not p.alive
+                ]
                 if fn == self.start or dead:
                     why = f"{exc}" + "".join(f"; {p.name} died: {p.tail()}" for p in dead)
                     self.say(f"{cand.name}: FAILED: {why}")
@@ -119,7 +153,8 @@ class Runner:
                 self.say(f"{cand.name}: {what} failed (attempt {attempt}): {exc}")
                 if attempt == 2:
                     self.results[cand.name].setdefault("measure_errors", []).append(
-                        f"{what}: {exc}")
+                        f"{what}: {exc}"
+                    )
                 time.sleep(1)
 
     def run(self) -> None:
@@ -132,8 +167,10 @@ class Runner:
             self.step(cand, self.idle_memory)
         for what in ("keepalive", "close", "bulk"):
             for rnd in range(plan.rounds):
-                order = self.alive[rnd % max(1, len(self.alive)):] + \
-                    self.alive[:rnd % max(1, len(self.alive))]
+                order = (
+                    self.alive[rnd % max(1, len(self.alive)) :]
+                    + self.alive[: rnd % max(1, len(self.alive))]
+                )
                 for cand in order:
                     self.step(cand, self.measure, what, rnd)
         if self.profile_dir is not None:
@@ -162,11 +199,22 @@ class Runner:
     def warm_up(self, cand: Candidate) -> None:
         plan, client = self.plan, self.bench.topo.client
         if plan.warmup:
-            m.run_wrk(client, cand.lb_http_port, plan.warmup, connections=plan.connections,
-                      threads=plan.threads)
+            m.run_wrk(
+                client,
+                cand.lb_http_port,
+                plan.warmup,
+                connections=plan.connections,
+                threads=plan.threads,
+            )
         if plan.close_warmup:
-            m.run_wrk(client, cand.lb_http_port, plan.close_warmup,
-                      connections=plan.close_connections, threads=plan.threads, close=True)
+            m.run_wrk(
+                client,
+                cand.lb_http_port,
+                plan.close_warmup,
+                connections=plan.close_connections,
+                threads=plan.threads,
+                close=True,
+            )
 
     def idle_memory(self, cand: Candidate) -> None:
         http = self.procs[cand.name][0]
@@ -174,9 +222,11 @@ class Runner:
             return
         res = measure_idle(self.bench, cand, http, self.plan)
         self.results[cand.name].update(res)
-        self.say(f"{cand.name}: {res['idle_conns']} idle conns, "
-                 f"{res['idle_kb_per_conn']:.2f} KB/conn "
-                 f"(PSS {res['pss_base_kb'] / 1024:.1f} MB base, {res['processes']} processes)")
+        self.say(
+            f"{cand.name}: {res['idle_conns']} idle conns, "
+            f"{res['idle_kb_per_conn']:.2f} KB/conn "
+            f"(PSS {res['pss_base_kb'] / 1024:.1f} MB base, {res['processes']} processes)"
+        )
 
     def measure(self, cand: Candidate, what: str, rnd: int) -> None:
         plan, client = self.plan, self.bench.topo.client
@@ -190,19 +240,28 @@ class Runner:
             msg = f"{gbps:.2f} Gbit/s"
         else:
             close = what == "close"
-            w = m.run_wrk(client, cand.lb_http_port, plan.close if close else plan.keepalive,
-                          connections=plan.close_connections if close else plan.connections,
-                          threads=plan.threads, close=close)
+            w = m.run_wrk(
+                client,
+                cand.lb_http_port,
+                plan.close if close else plan.keepalive,
+                connections=plan.close_connections if close else plan.connections,
+                threads=plan.threads,
+                close=close,
+            )
             row = w.as_dict()
-            msg = (f"{w.rps:,.0f} {'conns' if close else 'req'}/s, p50 {w.p50_ms:.2f} ms, "
-                   f"p99 {w.p99_ms:.2f} ms" + (f", socket errors {w.socket_errors}" if w.errors else ""))
+            msg = (
+                f"{w.rps:,.0f} {'conns' if close else 'req'}/s, p50 {w.p50_ms:.2f} ms, "
+                f"p99 {w.p99_ms:.2f} ms"
+                + (f", socket errors {w.socket_errors}" if w.errors else "")
+            )
         if proc is not None and cpu0 is not None:
             row["cpu_s"] = m.tree_cpu_seconds(proc.pid) - cpu0
             if what == "bulk":
                 msg += f", CPU {row['cpu_s'] / (row['bytes'] / 1e9) * 1e3:.0f} ms/GB"
             else:
-                msg += f", CPU {row['cpu_s'] / max(1, row['requests']) * 1e6:.0f} µs/" + \
-                    ("conn" if what == "close" else "req")
+                msg += f", CPU {row['cpu_s'] / max(1, row['requests']) * 1e6:.0f} µs/" + (
+                    "conn" if what == "close" else "req"
+                )
         self.rounds[cand.name][what].append(row)
         self.say(f"{tag}: {msg}")
 
@@ -211,31 +270,41 @@ class Runner:
         http = self.procs[cand.name][0]
         assert http is not None and self.profile_dir is not None
         spy = start_profile(http, cand, self.plan, self.profile_dir)
-        m.run_wrk(self.bench.topo.client, cand.lb_http_port, self.plan.close,
-                  connections=self.plan.close_connections, threads=self.plan.threads,
-                  close=True)
+        m.run_wrk(
+            self.bench.topo.client,
+            cand.lb_http_port,
+            self.plan.close,
+            connections=self.plan.close_connections,
+            threads=self.plan.threads,
+            close=True,
+        )
         if spy is not None:
             finish_profile(spy, self.results[cand.name], self.say)
 
     def aggregate(self, cand: Candidate) -> None:
         res, rounds = self.results[cand.name], self.rounds[cand.name]
         res["rounds"] = rounds
-        for what, cpu_key, scale in (("keepalive", "cpu_us_per_request", 1e6),
-                                     ("close", "cpu_us_per_conn", 1e6)):
+        for what, cpu_key, scale in (
+            ("keepalive", "cpu_us_per_request", 1e6),
+            ("close", "cpu_us_per_conn", 1e6),
+        ):
             rows = rounds[what]
             if not rows:
                 continue
             reqs = sum(r["requests"] for r in rows)
             secs = sum(r["seconds"] for r in rows)
             res[what] = {
-                "requests": reqs, "seconds": secs, "rps": reqs / secs if secs else 0.0,
+                "requests": reqs,
+                "seconds": secs,
+                "rps": reqs / secs if secs else 0.0,
                 "p50_ms": _median([r["p50_ms"] for r in rows]),
                 "p90_ms": _median([r["p90_ms"] for r in rows]),
                 "p99_ms": _median([r["p99_ms"] for r in rows]),
                 "p99_ms_max": max((r["p99_ms"] or 0.0) for r in rows),
                 "errors": sum(r["errors"] for r in rows),
-                "socket_errors": {k: sum(r["socket_errors"][k] for r in rows)
-                                  for k in rows[0]["socket_errors"]},
+                "socket_errors": {
+                    k: sum(r["socket_errors"][k] for r in rows) for k in rows[0]["socket_errors"]
+                },
                 "non2xx": sum(r["non2xx"] for r in rows),
             }
             if all("cpu_s" in r for r in rows):
@@ -245,8 +314,9 @@ class Runner:
             res["bulk_gbps"] = sum(r["gbps"] for r in rows) / len(rows)
             res["bulk_bytes"] = sum(r["bytes"] for r in rows)
             if all("cpu_s" in r for r in rows):
-                res["cpu_ms_per_gb"] = (sum(r["cpu_s"] for r in rows)
-                                        / (res["bulk_bytes"] / 1e9) * 1e3)
+                res["cpu_ms_per_gb"] = (
+                    sum(r["cpu_s"] for r in rows) / (res["bulk_bytes"] / 1e9) * 1e3
+                )
 
 
 def _median(values: list[float | None]) -> float | None:
@@ -277,23 +347,39 @@ def measure_idle(bench: Bench, cand: Candidate, http: Proc, plan: Plan) -> dict[
 
 
 # -- optional py-spy profile of the new-connection load -----------------------------------
-def start_profile(http: Proc, cand: Candidate, plan: Plan,
-                  profile_dir: Path) -> tuple[subprocess.Popen[bytes], Path] | None:
+def start_profile(
+    http: Proc, cand: Candidate, plan: Plan, profile_dir: Path
+) -> tuple[subprocess.Popen[bytes], Path] | None:
     if cand.kind != "pymmproxy":
         return None
     spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     if not Path(spy).exists():
         raise BenchError("--profile needs py-spy: .venv/bin/pip install py-spy")
     out = profile_dir / f"{cand.name}-close.collapsed"
-    argv = [spy, "record", "--pid", str(http.pid), "--subprocesses", "--nonblocking",
-            "--rate", "250", "--duration", str(plan.close), "--format", "raw", "-o", str(out)]
+    argv = [
+        spy,
+        "record",
+        "--pid",
+        str(http.pid),
+        "--subprocesses",
+        "--nonblocking",
+        "--rate",
+        "250",
+        "--duration",
+        str(plan.close),
+        "--format",
+        "raw",
+        "-o",
+        str(out),
+    ]
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(0.3)
     return proc, out
 
 
-def finish_profile(spy: tuple[subprocess.Popen[bytes], Path], res: dict[str, Any],
-                   say: Progress) -> None:
+def finish_profile(
+    spy: tuple[subprocess.Popen[bytes], Path], res: dict[str, Any], say: Progress
+) -> None:
     from benchmarks.profile import summarize  # noqa: PLC0415
 
     proc, out = spy
@@ -331,8 +417,15 @@ def versions() -> dict[str, str]:
     }
 
 
-def run(plan: Plan, names: tuple[str, ...], out: Path | None, *, udp: bool = True,
-        profile: bool = False, say: Callable[[str], None] | None = None) -> dict[str, Any]:
+def run(
+    plan: Plan,
+    names: tuple[str, ...],
+    out: Path | None,
+    *,
+    udp: bool = True,
+    profile: bool = False,
+    say: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     """Run the benchmark; returns the result dict (written to ``out`` unless None)."""
     say = say or Progress()
     check_tools()
@@ -408,19 +501,31 @@ def _sigterm(signum: int, _frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m benchmarks.run", description=__doc__.split("\n")[0]
+    )
     ap.add_argument("--quick", action="store_true", help="short smoke run (<= 1 minute)")
     ap.add_argument("--out", type=Path, default=RESULTS, help=f"output directory ({RESULTS})")
-    ap.add_argument("--only", default=",".join(NAMES),
-                    help=f"comma-separated candidates (default: {','.join(NAMES)})")
+    ap.add_argument(
+        "--only",
+        default=",".join(NAMES),
+        help=f"comma-separated candidates (default: {','.join(NAMES)})",
+    )
     ap.add_argument("--no-udp", action="store_true", help="skip benchmarks.udp_bench")
     ap.add_argument("--connections", type=int, default=50, help="wrk connections (50)")
     ap.add_argument("--threads", type=int, default=2, help="wrk threads (2)")
-    ap.add_argument("--rounds", type=int, default=None,
-                    help="alternating rounds per timed measure (full 3, quick 1)")
-    ap.add_argument("--profile", action="store_true",
-                    help="py-spy the pymmproxy candidates under the new-connection load "
-                         "(slows them: do not compare those numbers)")
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="alternating rounds per timed measure (full 3, quick 1)",
+    )
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="py-spy the pymmproxy candidates under the new-connection load "
+        "(slows them: do not compare those numbers)",
+    )
     args = ap.parse_args(argv)
     names = tuple(n.strip() for n in args.only.split(",") if n.strip())
     unknown = [n for n in names if n not in NAMES]
@@ -428,8 +533,9 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown candidate(s) {', '.join(unknown)}; known: {', '.join(NAMES)}")
     signal.signal(signal.SIGTERM, _sigterm)
     signal.signal(signal.SIGHUP, _sigterm)
-    plan = Plan.make(args.quick, connections=args.connections, threads=args.threads,
-                     rounds=args.rounds)
+    plan = Plan.make(
+        args.quick, connections=args.connections, threads=args.threads, rounds=args.rounds
+    )
     try:
         data = run(plan, names, args.out, udp=not args.no_udp, profile=args.profile)
     except BenchError as exc:

@@ -60,24 +60,49 @@ class Netns:
     def argv(self, argv: Sequence[str]) -> list[str]:
         return ["nsenter", f"--net={self.path}", "--", *argv]
 
-    def run(self, argv: Sequence[str], *, timeout: float = 30, check: bool = True,
-            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-        res = subprocess.run(self.argv(argv), capture_output=True, text=True, timeout=timeout,
-                             stdin=subprocess.DEVNULL, env=env, check=False,
-                             preexec_fn=_raise_nofile)
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        timeout: float = 30,
+        check: bool = True,
+        env: dict[str, str] | None = None,
+    ) -> subprocess.CompletedProcess[str]:
+        res = subprocess.run(
+            self.argv(argv),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            check=False,
+            preexec_fn=_raise_nofile,
+        )
         if check and res.returncode != 0:
-            raise BenchError(f"{' '.join(argv)} in {self.name} failed ({res.returncode}): "
-                             f"{(res.stderr or res.stdout).strip()[-400:]}")
+            raise BenchError(
+                f"{' '.join(argv)} in {self.name} failed ({res.returncode}): "
+                f"{(res.stderr or res.stdout).strip()[-400:]}"
+            )
         return res
 
-    def popen(self, argv: Sequence[str], log: Path, *, env: dict[str, str] | None = None,
-              stdin: int | None = subprocess.DEVNULL, stdout: int | None = None,
-              ) -> subprocess.Popen[bytes]:
+    def popen(
+        self,
+        argv: Sequence[str],
+        log: Path,
+        *,
+        env: dict[str, str] | None = None,
+        stdin: int | None = subprocess.DEVNULL,
+        stdout: int | None = None,
+    ) -> subprocess.Popen[bytes]:
         """Start ``argv`` in its own session (pid == the program's pid: nsenter execs)."""
         with log.open("ab") as out:
             return subprocess.Popen(
-                self.argv(argv), stdin=stdin, stdout=stdout if stdout is not None else out,
-                stderr=out, start_new_session=True, env=env,
+                self.argv(argv),
+                stdin=stdin,
+                stdout=stdout if stdout is not None else out,
+                stderr=out,
+                start_new_session=True,
+                env=env,
                 preexec_fn=_raise_nofile,  # noqa: PLW1509 - only setrlimit
             )
 
@@ -145,13 +170,40 @@ class Topology:
             _ip("netns", "add", ns.name)
             self.created.append(ns)
             _ip("-n", ns.name, "link", "set", "lo", "up")
-        _ip("link", "add", f"bc{s}", "netns", self.client.name, "type", "veth",
-            "peer", "name", f"bl{s}", "netns", self.lb.name)
-        _ip("link", "add", f"bm{s}", "netns", self.lb.name, "type", "veth",
-            "peer", "name", f"bw{s}", "netns", self.workload.name)
-        for ns, ifname, addr in ((self.client, f"bc{s}", CLIENT_IP), (self.lb, f"bl{s}", LB_FRONT),
-                                 (self.lb, f"bm{s}", LB_BACK),
-                                 (self.workload, f"bw{s}", WORKLOAD_IP)):
+        _ip(
+            "link",
+            "add",
+            f"bc{s}",
+            "netns",
+            self.client.name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            f"bl{s}",
+            "netns",
+            self.lb.name,
+        )
+        _ip(
+            "link",
+            "add",
+            f"bm{s}",
+            "netns",
+            self.lb.name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            f"bw{s}",
+            "netns",
+            self.workload.name,
+        )
+        for ns, ifname, addr in (
+            (self.client, f"bc{s}", CLIENT_IP),
+            (self.lb, f"bl{s}", LB_FRONT),
+            (self.lb, f"bm{s}", LB_BACK),
+            (self.workload, f"bw{s}", WORKLOAD_IP),
+        ):
             prefix = 24
             _ip("-n", ns.name, "addr", "add", f"{addr}/{prefix}", "dev", ifname)
             _ip("-n", ns.name, "link", "set", ifname, "up")
@@ -187,8 +239,9 @@ class Topology:
             ns = self.created.pop()
             kill_namespace_pids(ns)
             with contextlib.suppress(subprocess.SubprocessError, OSError):
-                subprocess.run(["ip", "netns", "del", ns.name], capture_output=True, timeout=10,
-                               check=False)
+                subprocess.run(
+                    ["ip", "netns", "del", ns.name], capture_output=True, timeout=10, check=False
+                )
 
 
 def _ip(*args: str) -> None:

@@ -20,6 +20,7 @@ import os
 import signal
 import socket
 import sys
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -89,6 +90,7 @@ class Daemon:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._on_stop, signum)
         loop.add_signal_handler(signal.SIGHUP, self._on_reload)
+        loop.add_signal_handler(signal.SIGUSR1, self._on_dump)
         self.log.info(
             "daemon.listening",
             listen=str(self.settings.listen),
@@ -110,7 +112,7 @@ class Daemon:
             await self._drain(ctx)
         finally:
             ticker.cancel()
-            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
                 loop.remove_signal_handler(signum)
 
     async def _drain(self, ctx: InstanceContext) -> None:
@@ -131,6 +133,25 @@ class Daemon:
             for conn in list(self.ctx.conns):
                 conn.transport.abort()
         self._stop.set()
+
+    def _on_dump(self) -> None:
+        """SIGUSR1: one ``daemon.stats`` line with the counters and connection states."""
+        if self.ctx is None:
+            return
+        stats = self.ctx.stats
+        states = Counter(getattr(conn, "state_name", "?") for conn in self.ctx.conns)
+        self.log.info(
+            "daemon.stats",
+            active=stats.active,
+            pending_headers=stats.pending_headers,
+            accepted=stats.accepted,
+            relayed=stats.relayed,
+            bytes_up=stats.bytes_up,
+            bytes_down=stats.bytes_down,
+            rejected=dict(stats.rejected),
+            errors=dict(stats.errors),
+            states=dict(states),
+        )
 
     def _on_reload(self) -> None:
         if self.reloader is None or self.ctx is None:

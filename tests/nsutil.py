@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -67,13 +68,10 @@ def netns(prefix: str = "pmt") -> Iterator[Netns]:
         subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
         yield Netns(name)
     finally:
-        subprocess.run(["ip", "netns", "pids", name], capture_output=True, check=False)
         pids = subprocess.run(
             ["ip", "netns", "pids", name], capture_output=True, text=True, check=False
         ).stdout.split()
         for pid in pids:
-            try:
+            with contextlib.suppress(ProcessLookupError, ValueError):
                 os.kill(int(pid), 9)
-            except (ProcessLookupError, ValueError):
-                pass
         subprocess.run(["ip", "netns", "del", name], check=False)

@@ -69,9 +69,7 @@ def _check_prefix(line: bytes) -> bytes | None:
     """
     word = _TCP.get(line[:11])
     if word is None:
-        word = _check_word(line)
-        if word is None or word == b"UNKNOWN":  # anything up to CRLF is ignored after UNKNOWN
-            return word
+        return _check_word(line)  # UNKNOWN (the rest up to CRLF is ignored) or incomplete
     body = line[11:-1] if line[-1] == 0x0D else line[11:]
     bad = body.translate(None, _CHARS[word])
     at = body.index(bad[:1]) if bad else len(body)

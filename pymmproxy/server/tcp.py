@@ -53,6 +53,11 @@ class ClientProtocol(asyncio.Protocol):
         self.peer: Any = transport.get_extra_info("peername")
         self.started = time.monotonic()
         ctx.stats.accepted += 1
+        if self.peer is None:  # reset before we got to it: getpeername() failed
+            self.state = _CLOSED
+            ctx.stats.rejected["gone_before_accept"] += 1
+            self.transport.abort()
+            return
         if not ctx.allow.allows(self.peer[0]):
             self.state = _CLOSED
             ctx.reject("not_allowed", self.peer)
@@ -124,6 +129,11 @@ class ClientProtocol(asyncio.Protocol):
         except OSError as exc:
             sock.close()
             self._fail("target_error", exc.strerror or str(exc))
+
+    @property
+    def state_name(self) -> str:
+        """Where the connection is: header, connecting, relay or closed."""
+        return ("header", "connecting", "relay", "closed")[self.state]
 
     # -- called by UpstreamProtocol ------------------------------------------------------
     def upstream_made(self, transport: asyncio.Transport) -> None:

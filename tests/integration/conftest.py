@@ -29,7 +29,9 @@ LB_V6 = "2001:db8:2::2"
 MARK = 123
 
 
-def ns_socket(ns: Netns, family: int = socket.AF_INET, kind: int = socket.SOCK_STREAM) -> socket.socket:
+def ns_socket(
+    ns: Netns, family: int = socket.AF_INET, kind: int = socket.SOCK_STREAM
+) -> socket.socket:
     """A socket living in ``ns``."""
     box: list[object] = []
 
@@ -132,3 +134,5 @@ def workload(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workload]:
             yield wl
         finally:
             wl.stop_all()
+        crashed = [p.name for p in wl.tmp.glob("daemon-*.log") if "Traceback" in p.read_text()]
+        assert not crashed, f"daemon logged a traceback: {crashed}"

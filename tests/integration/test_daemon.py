@@ -86,7 +86,9 @@ def test_v1_service_sees_client_address(wl: Workload) -> None:
 
 
 def test_v2_with_crc32c_and_tlvs_accepted(wl: Workload) -> None:
-    assert whoami(wl, encode_v2(header("192.0.2.57", 40003), with_crc32c=True)) == "192.0.2.57 40003"
+    assert (
+        whoami(wl, encode_v2(header("192.0.2.57", 40003), with_crc32c=True)) == "192.0.2.57 40003"
+    )
 
 
 def test_port_in_use_falls_back_to_any_port(wl: Workload) -> None:
@@ -279,3 +281,4 @@ def test_no_fd_leak_after_many_connections(wl: Workload, ending: str) -> None:
     assert after <= before, [os.readlink(f"{fds}/{fd}") for fd in os.listdir(fds)]
     proc.terminate()
     assert proc.wait(10) == 0
+    assert "Traceback" not in wl.log(f"daemon-{port}.log")

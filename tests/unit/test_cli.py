@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +22,7 @@ def allow(tmp_path: Path) -> Path:
     return path
 
 
-def settings(*argv: str):  # noqa: ANN201 - InstanceSettings
+def settings(*argv: str):
     return settings_from_args(build_parser().parse_args(list(argv)))
 
 
@@ -115,8 +116,6 @@ def test_version_and_help() -> None:
 
 
 def test_listen_address_in_use_is_one_line(allow: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    import socket
-
     with socket.socket() as held:
         held.bind(("127.0.0.1", 0))
         held.listen()
