@@ -27,6 +27,11 @@ def _complete(buf: bytes) -> bool:
     return False
 
 
+def pending_sock(obj: object) -> socket.socket:
+    assert isinstance(obj, socket.socket)
+    return obj
+
+
 def open_batch(
     host: str, port: int, n: int, timeout: float, why: dict[str, int]
 ) -> tuple[list[socket.socket], int]:
@@ -44,20 +49,19 @@ def open_batch(
     deadline = time.monotonic() + timeout
     while pending and time.monotonic() < deadline:
         for key, _ev in sel.select(0.2):
-            sock = key.fileobj
-            assert isinstance(sock, socket.socket)
+            sock = pending_sock(key.fileobj)
             try:
                 if sock not in sent:
                     err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
                     if err:
-                        raise OSError(err, "connect")
+                        raise OSError(err, "connect")  # noqa: TRY301 - one handler per socket
                     sock.send(REQUEST)
                     sent.add(sock)
                     sel.modify(sock, selectors.EVENT_READ)
                     continue
                 chunk = sock.recv(65536)
                 if not chunk:
-                    raise EOFError("closed before the response")
+                    raise EOFError("closed before the response")  # noqa: TRY301
                 pending[sock] += chunk
                 if _complete(pending[sock]):
                     sel.unregister(sock)

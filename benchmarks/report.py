@@ -81,8 +81,8 @@ def ratio(results: dict[str, Row], name: str, ref: str, key: str) -> float | Non
 
 def check_targets(results: dict[str, Row]) -> list[dict[str, Any]]:
     out = []
-    for name in results:
-        if results[name].get("kind") != "pymmproxy":
+    for name, row in results.items():
+        if row.get("kind") != "pymmproxy":
             continue
         for key, ref, factor, op in TARGETS:
             r = ratio(results, name, ref, key)
@@ -191,7 +191,7 @@ def markdown(data: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def udp_markdown(udp: Any) -> str:
+def udp_markdown(udp: object) -> str:
     """A table when the UDP result is {name: {metric: value}}, else its JSON."""
     if isinstance(udp, dict) and isinstance(udp.get("markdown"), str):
         return str(udp["markdown"])

@@ -106,7 +106,7 @@ class Runner:
         bench: Bench,
         cands: tuple[Candidate, ...],
         plan: Plan,
-        say: Progress,
+        say: Callable[[str], None],
         profile_dir: Path | None,
     ) -> None:
         self.bench, self.plan, self.say, self.profile_dir = bench, plan, say, profile_dir
@@ -125,7 +125,7 @@ class Runner:
     def alive(self) -> list[Candidate]:
         return [c for c in self.cands if c.name not in self.failed]
 
-    def step(self, cand: Candidate, fn: Any, *args: Any) -> None:
+    def step(self, cand: Candidate, fn: Callable[..., None], *args: object) -> None:
         """Run one step for ``cand``: a failed measure is retried once, then recorded; only
         a failed start or a dead process drops the candidate."""
         if cand.name in self.failed:
@@ -268,7 +268,8 @@ class Runner:
     def profile(self, cand: Candidate) -> None:
         """One extra (uncounted) new-connection round under py-spy."""
         http = self.procs[cand.name][0]
-        assert http is not None and self.profile_dir is not None
+        assert http is not None
+        assert self.profile_dir is not None
         spy = start_profile(http, cand, self.plan, self.profile_dir)
         m.run_wrk(
             self.bench.topo.client,
@@ -378,7 +379,7 @@ def start_profile(
 
 
 def finish_profile(
-    spy: tuple[subprocess.Popen[bytes], Path], res: dict[str, Any], say: Progress
+    spy: tuple[subprocess.Popen[bytes], Path], res: dict[str, Any], say: Callable[[str], None]
 ) -> None:
     from benchmarks.profile import summarize  # noqa: PLC0415
 
@@ -480,7 +481,7 @@ def _loadavg() -> str:
         return "?"
 
 
-def run_udp(quick: bool, say: Progress) -> Any:
+def run_udp(quick: bool, say: Callable[[str], None]) -> object:
     """The UDP engineer's ``benchmarks.udp_bench.run_udp_bench(quick)``, if it exists."""
     if not (Path(__file__).resolve().parent / "udp_bench.py").exists():
         return None

@@ -29,7 +29,7 @@ def smoke(out: Path | None = None, *, verbose: bool = True) -> dict[str, Any]:
         tmp = out = Path(tempfile.mkdtemp(prefix="pmxbench-smoke-"))
     say = Progress() if verbose else (lambda _msg: None)
     try:
-        data = run(plan, SMOKE_CANDIDATES, out, udp=False, say=say)  # type: ignore[arg-type]
+        data = run(plan, SMOKE_CANDIDATES, out, udp=False, say=say)
         data["files"] = sorted(p.name for p in out.iterdir())
     finally:
         if tmp is not None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 import resource
 import secrets
@@ -228,7 +229,7 @@ class Topology:
     def _wait_links(self, timeout: float = 5.0) -> None:
         deadline = time.monotonic() + timeout
         for ns, addr in ((self.client, LB_FRONT), (self.lb, WORKLOAD_IP)):
-            while not ns.call(lambda a=addr: _refused(a)):
+            while not ns.call(functools.partial(_refused, addr)):
                 if time.monotonic() > deadline:
                     raise BenchError(f"link {ns.name} -> {addr} not up after {timeout}s")
                 time.sleep(0.05)

@@ -41,61 +41,18 @@ def test_haproxy_capture() -> None:
     assert header.relayable_source == ("172.19.0.1", 42578)
 
 
-@pytest.mark.parametrize(
-    ("fam", "block", "family", "transport", "src", "dst"),
-    [
-        (
-            0x11,
-            INET_BLOCK,
-            Family.INET,
-            Transport.STREAM,
-            ("172.19.0.1", 42578),
-            ("172.19.0.3", 80),
-        ),
-        (0x12, INET_BLOCK, Family.INET, Transport.DGRAM, ("172.19.0.1", 42578), ("172.19.0.3", 80)),
-        (
-            0x10,
-            INET_BLOCK,
-            Family.INET,
-            Transport.UNSPEC,
-            ("172.19.0.1", 42578),
-            ("172.19.0.3", 80),
-        ),
-        (
-            0x21,
-            INET6_BLOCK,
-            Family.INET6,
-            Transport.STREAM,
-            ("2001:db8::1", 54321),
-            ("2001:db8::2", 443),
-        ),
-        (
-            0x22,
-            INET6_BLOCK,
-            Family.INET6,
-            Transport.DGRAM,
-            ("2001:db8::1", 54321),
-            ("2001:db8::2", 443),
-        ),
-        (
-            0x20,
-            INET6_BLOCK,
-            Family.INET6,
-            Transport.UNSPEC,
-            ("2001:db8::1", 54321),
-            ("2001:db8::2", 443),
-        ),
-    ],
-)
-def test_proxy_inet(
-    fam: int,
-    block: bytes,
-    family: Family,
-    transport: Transport,
-    src: tuple[str, int],
-    dst: tuple[str, int],
-) -> None:
-    expected = Header(2, Command.PROXY, family, transport, *src[:1], src[1], dst[0], dst[1])
+V4_ENDPOINTS = (("172.19.0.1", 42578), ("172.19.0.3", 80))
+V6_ENDPOINTS = (("2001:db8::1", 54321), ("2001:db8::2", 443))
+
+
+@pytest.mark.parametrize("fam", [0x10, 0x11, 0x12, 0x20, 0x21, 0x22])
+def test_proxy_inet(fam: int) -> None:
+    family, transport = Family(fam >> 4), Transport(fam & 0x0F)
+    if family == Family.INET:
+        block, (src, dst) = INET_BLOCK, V4_ENDPOINTS
+    else:
+        block, (src, dst) = INET6_BLOCK, V6_ENDPOINTS
+    expected = Header(2, Command.PROXY, family, transport, src[0], src[1], dst[0], dst[1])
     assert parse_all_ways(v2(0x21, fam, block)) == expected
     # The same with TLVs after the block (leaves the fast path's "no TLV" case).
     tlvs = tlv(0x01, b"h2") + tlv(0xE0, b"")
