@@ -17,7 +17,14 @@ from typing import NoReturn
 
 from pymmproxy import __version__
 from pymmproxy.errors import PymmproxyError, UsageError
-from pymmproxy.settings import Endpoint, InstanceSettings, Limits, Transport, validate_mark
+from pymmproxy.settings import (
+    DEFAULT_MAX_PENDING_HEADERS,
+    Endpoint,
+    InstanceSettings,
+    Limits,
+    Transport,
+    validate_mark,
+)
 
 SUBCOMMANDS = {
     "pathway": "pymmproxy.pathway.cli",
@@ -57,6 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
     add("--connect-timeout", type=_float("connect-timeout"), default=10.0, metavar="SECONDS")
     add("--drain-timeout", type=_float("drain-timeout"), default=30.0, metavar="SECONDS")
     add("--max-connections", type=_int("max-connections"), default=0, metavar="N")
+    add("--max-pending-headers", type=_int("max-pending-headers"), metavar="N",
+        default=DEFAULT_MAX_PENDING_HEADERS, help="most connections still waiting for their "
+        "PROXY header; more are refused at once (0 = no limit)")  # fmt: skip
+    add("--idle-timeout", type=_float("idle-timeout", zero=True), default=0.0, metavar="SECONDS",
+        help="close relayed connections silent this long (0 = never, like go-mmproxy)")  # fmt: skip
+    add("--allow-any-source", action="store_true",
+        help="also spoof loopback, multicast, link-local and own addresses (unsafe)")  # fmt: skip
+    add("--metrics", metavar="ADDR:PORT", help="serve Prometheus metrics (off by default)")
     add("--log-format", choices=["json", "console", "auto"], default="auto")
     add("--instance", metavar="NAME", help="run instance NAME from instances.tsv")
     add("--config-dir", metavar="DIR", help="directory with instances.tsv etc.")
@@ -74,14 +89,14 @@ def _int(name: str) -> Callable[[str], int]:
     return conv
 
 
-def _float(name: str) -> Callable[[str], float]:
+def _float(name: str, *, zero: bool = False) -> Callable[[str], float]:
     def conv(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{name}: {text!r} is not a number") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"{name}: must be > 0")
+        if not (value >= 0 if zero else value > 0) or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"{name}: must be {'>=' if zero else '>'} 0")
         return value
 
     return conv
@@ -126,7 +141,14 @@ def settings_from_args(args: argparse.Namespace) -> InstanceSettings:
         allowed=allowed,
         listeners=args.listeners,
         limits=limits_from_args(args),
+        metrics=metrics_from_args(args),
     )
+
+
+def metrics_from_args(args: argparse.Namespace) -> Endpoint | None:
+    """The ``--metrics`` endpoint, or ``None`` when metrics are off."""
+    text = getattr(args, "metrics", None)
+    return None if not text else Endpoint.parse(text, what="--metrics address")
 
 
 def limits_from_args(args: argparse.Namespace) -> Limits:
@@ -139,6 +161,8 @@ def limits_from_args(args: argparse.Namespace) -> Limits:
         raise UsageError("--max-connections must be >= 0")
     if args.udp_max_clients < 1:
         raise UsageError("--udp-max-clients must be >= 1")
+    if getattr(args, "max_pending_headers", 0) < 0:
+        raise UsageError("--max-pending-headers must be >= 0")
     return Limits(
         header_timeout=args.header_timeout,
         connect_timeout=args.connect_timeout,
@@ -146,6 +170,9 @@ def limits_from_args(args: argparse.Namespace) -> Limits:
         max_connections=args.max_connections,
         udp_close_after=float(args.close_after),
         udp_max_clients=args.udp_max_clients,
+        max_pending_headers=getattr(args, "max_pending_headers", DEFAULT_MAX_PENDING_HEADERS),
+        idle_timeout=getattr(args, "idle_timeout", 0.0),
+        allow_any_source=getattr(args, "allow_any_source", False),
     )
 
 

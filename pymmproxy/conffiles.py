@@ -2,8 +2,8 @@
 
 - ``allow.txt``: one IP or CIDR per line (a bare IP is a /32 or /128; host bits must be 0).
 - ``pathways.conf``: one fwmark per line (decimal or ``0x`` hex), each once.
-- ``instances.tsv``: see ``_COLUMNS``, then optional ``proto=tcp|udp`` and ``allow=FILE`` (a
-  per-instance allow list, relative to the config dir); a ``-`` target means none.
+- ``instances.tsv``: see ``_COLUMNS``, then optional ``proto=tcp|udp``, ``allow=FILE`` (a per-
+  instance allow list, relative to the config dir), ``ports=FIRST-LAST``; ``-`` means no target.
 
 Every problem is a :class:`ConfigError` naming the file and line, raised before anything starts.
 """
@@ -20,6 +20,7 @@ from functools import partial
 from pathlib import Path
 
 from pymmproxy.errors import ConfigError, UsageError
+from pymmproxy.portrange import PortRange, check_ranges, parse_ports
 from pymmproxy.settings import Endpoint, InstanceSettings, Limits, Network, Transport, validate_mark
 
 SYSTEM_CONFIG_DIR = Path("/etc/pymmproxy")
@@ -33,7 +34,7 @@ MAX_NAME_LEN = 200  # keeps pymmproxy@NAME.service and NAME.lock under 255 bytes
 _NAME_RE = re.compile(r"[A-Za-z0-9_.@-]+")
 _FIELD_SEP = re.compile(r"[ \t\r\f\v]+")
 _COLUMNS = "<name> <fwmark> <listen_addr> <target_ipv4> <target_port> <target_ipv6>"
-_OPTIONS = ("allow", "proto")
+_OPTIONS = ("allow", "proto", "ports")
 _DEC, _HEX = frozenset(string.digits), frozenset(string.hexdigits)
 _MAX_TOKEN = 100  # longer than any address; also keeps int() away from huge digit strings
 _Err = Callable[[str], ConfigError]  # builds the error for one file:line
@@ -51,6 +52,7 @@ class Instance:
     transport: Transport = Transport.TCP
     allow_file: Path | None = None
     line: int = 0
+    ports: PortRange | None = None  # TPROXY mode: the port range it receives
 
 
 def resolve_config_dir(
@@ -179,7 +181,7 @@ def _options(tokens: list[str], err: _Err) -> dict[str, str]:
         if not (sep and value):
             raise err(f"unexpected column {token!r}: expected key=value")
         if key not in _OPTIONS:
-            raise err(f"unknown option {key!r} (known: allow, proto)")
+            raise err(f"unknown option {key!r} (known: allow, proto) (TPROXY: ports)")
         if key in options:
             raise err(f"option {key!r} given twice")
         options[key] = value
@@ -209,7 +211,8 @@ def _instance(
         raise err(f"bad proto {options['proto']!r}: expected tcp or udp")
     transport = Transport(options.get("proto", "tcp"))
     allow = base / Path(options["allow"]).expanduser() if "allow" in options else None
-    return Instance(name, mark, listen, target4, target6, transport, allow, number)
+    ports = parse_ports(options["ports"], transport, port, err) if "ports" in options else None
+    return Instance(name, mark, listen, target4, target6, transport, allow, number, ports)
 
 
 def _clash(a: Endpoint, b: Endpoint) -> bool:
@@ -232,6 +235,7 @@ def load_instances(path: str | Path, pathways: Collection[int] | None) -> dict[s
             if other.transport is inst.transport and _clash(other.listen, inst.listen):
                 where = f"instance {other.name!r} on line {other.line}"
                 raise err(f"{inst.transport} listen_addr {inst.listen} clashes with {where}")
+            check_ranges(inst, other, err)  # TPROXY ports= ranges (pymmproxy.portrange)
         instances[inst.name] = inst
     return instances
 

@@ -8,10 +8,12 @@ matches IPv4 entries and the IPv6 entries that cover its mapped form (``::ffff:0
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import socket
 from collections import defaultdict
 from collections.abc import Iterable
+from pathlib import Path
 
 from pymmproxy.settings import Network
 
@@ -122,3 +124,91 @@ class AllowList:
     def cache_clear(self) -> None:
         """Forget memoised answers (not needed for correctness: the list is immutable)."""
         self._cache.clear()
+
+
+# -- which header sources may be spoofed ---------------------------------------------------
+_V4_FIRST_OCTET = {"0": "unspecified", "127": "loopback"} | {
+    str(octet): "multicast" for octet in range(224, 240)
+}
+_V6_LINK_LOCAL = frozenset({"fe8", "fe9", "fea", "feb"})
+_MAPPED = "::ffff:"
+
+
+class SourcePolicy:
+    """Header sources the proxy refuses to spoof, checked once per relayed connection.
+
+    Refused (the answer is the kind, for logs and metrics): ``unspecified`` (``0.0.0.0/8``,
+    ``::``), ``loopback`` (``127.0.0.0/8``, ``::1``), ``multicast`` (``224.0.0.0/4``,
+    ``ff00::/8``), ``link_local`` (``169.254.0.0/16``, ``fe80::/10``: never a client behind a
+    load balancer, and a v6 one cannot be bound without a scope), ``broadcast``
+    (``255.255.255.255``) and ``own_address`` (an address of this host: a spoofed
+    connection would look local to the service). IPv4-mapped IPv6 sources are judged by their
+    IPv4 address. Addresses are the parser's canonical ``inet_ntop`` text, so the checks are
+    string tests, not address parsing.
+    """
+
+    __slots__ = ("own",)
+
+    def __init__(self, own: Iterable[str] = ()) -> None:
+        self.own = frozenset(_canonical(ip) for ip in own)
+
+    def refuses(self, ip: str) -> str | None:
+        """The kind of address ``ip`` is if it must not be spoofed, else ``None``."""
+        if ":" in ip:
+            if ip.startswith(_MAPPED) and "." in ip:
+                return self.refuses(ip[len(_MAPPED) :])
+            kind = _v6_kind(ip)
+        else:
+            kind = _V4_FIRST_OCTET.get(ip.partition(".")[0])
+            if kind is None and ip.startswith("169.254."):
+                kind = "link_local"
+            elif ip == "255.255.255.255":
+                kind = "broadcast"
+        if kind is None and ip in self.own:
+            return "own_address"
+        return kind
+
+
+def _v6_kind(ip: str) -> str | None:
+    if ip == "::":
+        return "unspecified"
+    if ip == "::1":
+        return "loopback"
+    head = ip.partition(":")[0]
+    if len(head) == 4 and head.startswith("ff"):
+        return "multicast"
+    if len(head) == 4 and head[:3] in _V6_LINK_LOCAL:
+        return "link_local"
+    return None
+
+
+def own_addresses(listen_host: str) -> frozenset[str]:
+    """This host's addresses to refuse as sources: the listen address, or all if wildcard.
+
+    A wildcard listener (``0.0.0.0`` / ``::``) answers on every local address, so those are
+    read from ``/proc`` (of the current network namespace) once at start-up.
+    """
+    if listen_host not in {"0.0.0.0", "::"}:
+        return frozenset({_canonical(listen_host)})
+    found: set[str] = set()
+    with contextlib.suppress(OSError):
+        last = ""
+        for line in Path("/proc/net/fib_trie").read_text().splitlines():
+            text = line.strip()
+            if text.startswith(("|--", "+--")):
+                last = text[3:].split()[0]
+            elif text.startswith("/32 host LOCAL"):
+                found.add(last)
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/net/if_inet6").read_text().splitlines():
+            raw = line.split()[0]
+            found.add(socket.inet_ntop(socket.AF_INET6, bytes.fromhex(raw)))
+    return frozenset(_canonical(ip) for ip in found if "/" not in ip)
+
+
+def _canonical(ip: str) -> str:
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    try:
+        return socket.inet_ntop(family, socket.inet_pton(family, ip))
+    except (OSError, ValueError):
+        return ip

@@ -13,6 +13,7 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 MAX_MARK = 2**32 - 1
 RESERVED_TABLES = frozenset({0, 253, 254, 255})
+DEFAULT_MAX_PENDING_HEADERS = 4096
 
 
 class Transport(enum.StrEnum):
@@ -78,6 +79,10 @@ class Limits:
     drain_timeout: float = 30.0
     udp_close_after: float = 60.0
     udp_max_clients: int = 4096
+    max_pending_headers: int = (
+        DEFAULT_MAX_PENDING_HEADERS  # connections still waiting for their header; 0 = unlimited
+    )
+    allow_any_source: bool = False  # spoof loopback/multicast/own addresses too (unsafe)
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,3 +98,4 @@ class InstanceSettings:
     name: str = ""
     listeners: int = 1
     limits: Limits = field(default_factory=Limits)
+    metrics: Endpoint | None = None  # Prometheus endpoint (off by default)

@@ -50,3 +50,22 @@ class UpstreamProtocol(asyncio.Protocol):
         client = self.client
         if not client.transport.is_closing():
             client.transport.resume_reading()
+
+
+def endpoint(addr: tuple[str, int] | None) -> str | None:
+    """``host:port`` / ``[v6]:port`` for logs (``None`` stays ``None``)."""
+    if not addr:
+        return None
+    host, port = addr[0], addr[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def os_reason(exc: Exception, *, before_data: bool) -> str:
+    """The ``reason`` of a connection that ended with ``exc`` from the kernel."""
+    if isinstance(exc, ConnectionRefusedError):
+        return "target_refused"
+    if isinstance(exc, ConnectionResetError):
+        return "reset"
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    return "target_error" if before_data else "io_error"

@@ -4,18 +4,43 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
+from bisect import bisect_left
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 from pymmproxy.logsetup import RateLimiter, get_logger
-from pymmproxy.policy import AllowList
-from pymmproxy.settings import Endpoint, InstanceSettings
+from pymmproxy.policy import AllowList, SourcePolicy, own_addresses
+from pymmproxy.settings import Endpoint, InstanceSettings, Transport
+
+IDLE_CHECKS = 4  # the idle sweep runs every idle_timeout / IDLE_CHECKS seconds
+#: ``Stats.versions`` keys: by version for spoofed headers; LOCAL/UNKNOWN ones by (version, command)
+VERSION_KEYS = ("v0", "v1", "v2")
+LOCAL_KEYS = {(1, 1): "v1-unknown", (2, 0): "v2-local", (2, 1): "v2-unspec"}
+
+
+class Histogram:
+    """Fixed buckets (Prometheus ``le`` bounds, +Inf last) and the sum of what was observed."""
+
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.total += value
 
 
 @dataclass(slots=True)
 class Stats:
-    """Plain counters (cheap to bump); the metrics module reads them on scrape."""
+    """Plain counters (cheap to bump); the metrics module reads them on scrape.
+
+    The histograms exist only with ``--metrics``; without it nothing is observed.
+    """
 
     accepted: int = 0
     active: int = 0
@@ -25,7 +50,11 @@ class Stats:
     bytes_down: int = 0
     rejected: Counter[str] = field(default_factory=Counter)
     errors: Counter[str] = field(default_factory=Counter)
-    versions: Counter[str] = field(default_factory=Counter)
+    versions: Counter[str] = field(default_factory=Counter)  # see VERSION_KEYS, LOCAL_KEYS
+    header_errors: Counter[str] = field(default_factory=Counter)  # by ProtocolError.kind
+    sources_refused: Counter[str] = field(default_factory=Counter)  # by SourcePolicy kind
+    header_wait: Histogram | None = None  # accept -> complete header, seconds
+    connect_time: Histogram | None = None  # connect() -> target connected, seconds
 
 
 class InstanceContext:
@@ -41,6 +70,7 @@ class InstanceContext:
         self.connect_timeout = limits.connect_timeout
         self.idle_timeout = limits.idle_timeout
         self.max_connections = limits.max_connections
+        self.max_pending_headers = limits.max_pending_headers
         self.target4 = _addr(settings.target4)
         self.target6 = _addr(settings.target6)
         self.stats = Stats()
@@ -50,6 +80,20 @@ class InstanceContext:
         self.log = get_logger(instance=settings.name) if settings.name else get_logger()
         self.verbosity = 0
         self._limiter = RateLimiter()
+        self.sources: SourcePolicy | None = None
+        if limits.allow_any_source:
+            self.log.warning("daemon.unsafe", allow_any_source=True)
+        else:
+            self.sources = SourcePolicy(own_addresses(settings.listen.host))
+        self.probe: Any = None  # metrics.ConnectProbe while --metrics is on
+        self.metrics: Any = None
+        self._sweeper: asyncio.TimerHandle | None = None
+        if self.idle_timeout > 0 and settings.transport is Transport.TCP:
+            self._sweeper = loop.call_later(self.idle_timeout / IDLE_CHECKS, self._sweep)
+        if settings.metrics is not None:
+            from pymmproxy.metrics import attach  # noqa: PLC0415 - prometheus_client on demand
+
+            self.metrics = attach(self, settings.metrics)
 
     def local_target(self, lb_is_v6: bool) -> tuple[socket.AddressFamily, tuple[str, int]] | None:
         """Target for LOCAL / UNKNOWN headers: the LB's family if it has a target."""
@@ -59,16 +103,37 @@ class InstanceContext:
                 return (socket.AF_INET6 if ":" in target[0] else socket.AF_INET), target
         return None
 
+    def refresh_own_addresses(self) -> None:
+        """Re-read this host's addresses for the source policy (e.g. on SIGHUP)."""
+        if self.sources is not None:
+            self.sources = SourcePolicy(own_addresses(self.settings.listen.host))
+
     def opened(self, conn: object) -> None:
         self.conns.add(conn)
         self.stats.active += 1
         self.idle.clear()
 
-    def closed(self, conn: object) -> None:
+    def closed(self, conn: Any) -> None:  # noqa: ANN401 - a tcp.ClientProtocol
+        """Forget a connection, add its byte counts, log ``conn.closed`` at ``-v 2``."""
         self.conns.discard(conn)
-        self.stats.active -= 1
+        stats = self.stats
+        stats.active -= 1
+        stats.bytes_up += conn.bytes_up
+        stats.bytes_down += conn.bytes_down
         if not self.conns:
             self.idle.set()
+        if self.verbosity >= 2:
+            self.log.info(
+                "conn.closed",
+                lb=_fmt(conn.peer),
+                client=_fmt(conn.source),
+                target=_fmt(conn.target),
+                mark=self.mark,
+                bytes_in=conn.bytes_up,
+                bytes_out=conn.bytes_down,
+                duration=round(time.monotonic() - conn.started, 6),
+                reason=conn.reason,
+            )
 
     def reject(self, reason: str, peer: Any, **fields: Any) -> None:  # noqa: ANN401
         """Count a refused connection and log it (rate-limited below -v 1)."""
@@ -90,12 +155,29 @@ class InstanceContext:
         if count:
             self.log.warning("log.suppressed", count=count)
 
+    def _sweep(self) -> None:
+        """One pass of the idle timeout over the open connections (no per-chunk timers)."""
+        self._sweeper = self.loop.call_later(self.idle_timeout / IDLE_CHECKS, self._sweep)
+        for conn in list(self.conns):
+            conn.idle_check()
+
+    def close(self) -> None:
+        """Stop the idle sweep and leave the metrics endpoint (the listener is gone)."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        if self.metrics is not None:
+            self.metrics.detach(self)
+            self.metrics = None
+
 
 def _addr(endpoint: Endpoint | None) -> tuple[str, int] | None:
     return None if endpoint is None else (endpoint.host, endpoint.port)
 
 
-def _fmt(peer: Any) -> str:  # noqa: ANN401
+def _fmt(peer: Any) -> str | None:  # noqa: ANN401
+    if not peer:
+        return None
     if isinstance(peer, tuple) and len(peer) >= 2:
         host, port = peer[0], peer[1]
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

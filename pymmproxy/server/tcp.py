@@ -14,10 +14,10 @@ import time
 from typing import Any
 
 from pymmproxy.errors import ProtocolError, UpstreamError
-from pymmproxy.net.relay import UpstreamProtocol
+from pymmproxy.net.relay import UpstreamProtocol, endpoint, os_reason
 from pymmproxy.net.sockets import still_connecting, upstream_socket
 from pymmproxy.proxyproto import parse_header
-from pymmproxy.server.context import InstanceContext
+from pymmproxy.server.context import IDLE_CHECKS, LOCAL_KEYS, VERSION_KEYS, InstanceContext
 
 _HEADER, _CONNECTING, _RELAY, _CLOSED = range(4)
 MAX_HEADER_BYTES = 65535 + 16
@@ -29,6 +29,7 @@ class ClientProtocol(asyncio.Protocol):
     __slots__ = (
         "ctx", "transport", "peer", "buf", "state", "timer", "upstream", "up_proto",
         "client_eof", "up_eof", "bytes_up", "bytes_down", "started", "source", "target", "reason",
+        "idle_mark", "idle_checks",
     )  # fmt: skip
 
     def __init__(self, ctx: InstanceContext) -> None:
@@ -45,6 +46,8 @@ class ClientProtocol(asyncio.Protocol):
         self.source: tuple[str, int] | None = None
         self.target: tuple[str, int] | None = None
         self.reason = "done"
+        self.idle_mark = 0
+        self.idle_checks = 0
 
     # -- accept and header ---------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -59,13 +62,16 @@ class ClientProtocol(asyncio.Protocol):
             self.transport.abort()
             return
         if not ctx.allow.allows(self.peer[0]):
+            refused = "not_allowed"
+        elif ctx.max_connections and ctx.stats.active >= ctx.max_connections:
+            refused = "over_limit"
+        elif ctx.max_pending_headers and ctx.stats.pending_headers >= ctx.max_pending_headers:
+            refused = "pending_limit"  # e.g. slowloris: new connections go, old ones stay
+        else:
+            refused = ""
+        if refused:
             self.state = _CLOSED
-            ctx.reject("not_allowed", self.peer)
-            self.transport.abort()
-            return
-        if ctx.max_connections and ctx.stats.active >= ctx.max_connections:
-            self.state = _CLOSED
-            ctx.reject("over_limit", self.peer)
+            ctx.reject(refused, self.peer)
             self.transport.abort()
             return
         ctx.opened(self)
@@ -95,14 +101,19 @@ class ClientProtocol(asyncio.Protocol):
         self._leave_header()
         try:
             self._connect(header)
-        except (ProtocolError, UpstreamError) as exc:
-            self._fail(_kind(exc), str(exc))
+        except ProtocolError as exc:  # a UNIX-family PROXY header
+            self._fail_header(exc)
+        except UpstreamError as exc:
+            self._fail("upstream_error", str(exc))
 
     def _connect(self, header: Any) -> None:  # noqa: ANN401 - proxyproto.Header
         ctx = self.ctx
-        ctx.stats.versions[f"v{header.version}"] += 1
+        stats = ctx.stats
+        if stats.header_wait is not None:
+            stats.header_wait.observe(time.monotonic() - self.started)
         source = header.relayable_source
         if source is None:
+            stats.versions[LOCAL_KEYS[header.version, header.command]] += 1
             lb = self.peer[0]
             chosen = ctx.local_target(":" in lb and not lb.startswith("::ffff:"))
             if chosen is None:
@@ -118,7 +129,14 @@ class ClientProtocol(asyncio.Protocol):
                 raise UpstreamError(f"IPv4 client {source[0]} but no -4 target configured")
         self.source = source
         self.target = target
+        if source is not None:
+            stats.versions[VERSION_KEYS[header.version]] += 1
+            if ctx.sources is not None and (kind := ctx.sources.refuses(source[0])):
+                self._refuse_source(kind)
+                return
         sock = upstream_socket(family, target, source, ctx.mark)
+        if ctx.probe is not None:
+            ctx.probe.watch(sock)
         self.state = _CONNECTING
         self.transport.pause_reading()
         ctx.loop.create_task(self._hand_over(sock))
@@ -162,7 +180,7 @@ class ClientProtocol(asyncio.Protocol):
 
     def upstream_lost(self, exc: Exception | None) -> None:
         if exc is not None and self.state != _CLOSED:
-            self._fail(_os_reason(exc, before_data=self.bytes_down == 0), str(exc))
+            self._fail(os_reason(exc, before_data=self.bytes_down == 0), str(exc))
         else:
             self._close()
 
@@ -183,26 +201,10 @@ class ClientProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._leave_header()
         if exc is not None and self.state == _RELAY:
-            self.reason = _os_reason(exc, before_data=False)
+            self.reason = os_reason(exc, before_data=False)
         self._close(abort=exc is not None)
-        ctx = self.ctx
-        if self not in ctx.conns:
-            return  # rejected before it was counted
-        ctx.closed(self)
-        ctx.stats.bytes_up += self.bytes_up
-        ctx.stats.bytes_down += self.bytes_down
-        if ctx.verbosity >= 2:
-            ctx.log.info(
-                "conn.closed",
-                lb=_ep(self.peer),
-                client=_ep(self.source),
-                target=_ep(self.target),
-                mark=ctx.mark,
-                bytes_in=self.bytes_up,
-                bytes_out=self.bytes_down,
-                duration=round(time.monotonic() - self.started, 6),
-                reason=self.reason,
-            )
+        if self in self.ctx.conns:  # else rejected before it was counted
+            self.ctx.closed(self)
 
     def pause_writing(self) -> None:
         if self.upstream is not None:
@@ -212,6 +214,21 @@ class ClientProtocol(asyncio.Protocol):
         upstream = self.upstream
         if upstream is not None and not upstream.is_closing():
             upstream.resume_reading()
+
+    def idle_check(self) -> None:
+        """Called by the instance's idle sweep: close after IDLE_CHECKS sweeps without data."""
+        if self.state != _RELAY:
+            return
+        seen = self.bytes_up + self.bytes_down
+        if seen != self.idle_mark:
+            self.idle_mark = seen
+            self.idle_checks = 0
+            return
+        self.idle_checks += 1
+        if self.idle_checks >= IDLE_CHECKS:
+            self.reason = "idle_timeout"
+            self.ctx.stats.errors[self.reason] += 1
+            self._close()
 
     # -- failure and teardown --------------------------------------------------------------
     def _leave_header(self) -> None:
@@ -246,7 +263,15 @@ class ClientProtocol(asyncio.Protocol):
             self.ctx.failed(self.reason, self.peer, received=len(self.buf))
         else:
             self.reason = f"bad_header:{exc.kind}"
+            self.ctx.stats.header_errors[exc.kind] += 1
             self.ctx.failed("bad_header", self.peer, kind=exc.kind, error=str(exc))
+        self._close(abort=True)
+
+    def _refuse_source(self, kind: str) -> None:
+        """The header asks to spoof an address we never spoof (see ``SourcePolicy``)."""
+        self.reason = f"source_refused:{kind}"
+        self.ctx.stats.sources_refused[kind] += 1
+        self.ctx.failed("source_refused", self.peer, kind=kind, client=endpoint(self.source))
         self._close(abort=True)
 
     def _fail(self, reason: str, detail: str) -> None:
@@ -254,8 +279,9 @@ class ClientProtocol(asyncio.Protocol):
             return
         self.reason = reason
         self.ctx.failed(
-            reason, self.peer, error=detail, client=_ep(self.source), target=_ep(self.target)
-        )
+            reason, self.peer, error=detail, client=endpoint(self.source),
+            target=endpoint(self.target),
+        )  # fmt: skip
         self._close(abort=True)
 
     def _close(self, *, abort: bool = False) -> None:
@@ -269,26 +295,3 @@ class ClientProtocol(asyncio.Protocol):
                     transport.abort()
                 else:
                     transport.close()
-
-
-def _ep(addr: Any) -> str | None:  # noqa: ANN401
-    if not addr:
-        return None
-    host, port = addr[0], addr[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _kind(exc: ProtocolError | UpstreamError) -> str:
-    if isinstance(exc, ProtocolError):
-        return f"bad_header:{exc.kind}"
-    return "upstream_error"
-
-
-def _os_reason(exc: Exception, *, before_data: bool) -> str:
-    if isinstance(exc, ConnectionRefusedError):
-        return "target_refused"
-    if isinstance(exc, ConnectionResetError):
-        return "reset"
-    if isinstance(exc, TimeoutError):
-        return "timeout"
-    return "target_error" if before_data else "io_error"

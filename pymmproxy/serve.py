@@ -1,0 +1,196 @@
+"""``pymmproxy serve [--instances A,B,...]``: instances of instances.tsv in one process.
+
+Every instance (or the listed ones) gets its own listener, fwmark, targets, allow list,
+limits and ``instance=`` log field, all on one event loop; ``-listeners N`` forks N workers
+that each run all of them (``SO_REUSEPORT``). The limit flags of ``pymmproxy`` apply to
+every instance; flags that describe a single proxy (``-l``, ``-4``, ``--instance`` ...) are
+refused. An instance with ``ports=FIRST-LAST`` runs in TPROXY mode (:mod:`.server.tproxy`).
+
+SIGHUP re-reads the configuration (``RELOADING=1`` .. ``READY=1`` for systemd) and applies
+it as a whole (:mod:`.server.registry`): added instances start, removed ones stop accepting
+and drain, changed ones restart, untouched ones keep their connections. A broken config
+(``file:line: ...``), a listed instance gone missing, an address that cannot be bound or a
+lock held elsewhere rejects the reload and the old set keeps running.
+
+With workers, each one reloads on its own; the parent holds the locks of the instances
+it started with, and worker 0 owns the TPROXY rules.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from pymmproxy import instancelock, logsetup
+from pymmproxy.conffiles import instance_settings, load_config, resolve_config_dir
+from pymmproxy.daemon import Lifecycle, run_app
+from pymmproxy.errors import PymmproxyError, UsageError
+from pymmproxy.instancelock import InstanceLock
+from pymmproxy.logsetup import get_logger
+from pymmproxy.notify import Notifier
+from pymmproxy.server.listener import bind, status_line
+from pymmproxy.server.registry import Registry, Spec
+from pymmproxy.settings import Limits
+
+#: Flags of the single-proxy command line that make no sense here.
+_REFUSED = {
+    "listen": "-l",
+    "target4": "-4",
+    "target6": "-6",
+    "mark": "-mark",
+    "allowed_subnets": "-allowed-subnets",
+    "allow_any": "--allow-any",
+    "protocol": "-p",
+    "instance": "--instance",
+}
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """``pymmproxy``'s own flags (limits, -v, -listeners, --config-dir) plus ``--instances``."""
+    from pymmproxy.cli import build_parser  # noqa: PLC0415 - cli imports us lazily
+
+    parser = build_parser()
+    parser.prog = "pymmproxy serve"
+    parser.description = "Run the instances of instances.tsv in one process."
+    parser.add_argument("--instances", metavar="A,B,...", help="only these instances")
+    args = parser.parse_args(list(argv))
+    for dest, flag in _REFUSED.items():
+        if getattr(args, dest) != parser.get_default(dest):
+            raise UsageError(f"serve runs the instances of instances.tsv: {flag} is not allowed")
+    return args
+
+
+def selected(text: str | None) -> list[str] | None:
+    """``--instances a,b`` as a list (None: all of them)."""
+    if text is None:
+        return None
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise UsageError("--instances needs at least one name")
+    return list(dict.fromkeys(names))
+
+
+def load_specs(
+    config_dir: Path, names: list[str] | None, limits: Limits, listeners: int
+) -> dict[str, Spec]:
+    """What to run, from the config directory (ConfigError / UsageError if broken)."""
+    config = load_config(config_dir)
+    specs: dict[str, Spec] = {}
+    for name in config.instances if names is None else names:
+        inst = config.instance(name)
+        settings = instance_settings(inst, config.allowed_for(inst), limits)
+        specs[name] = Spec(dataclasses.replace(settings, listeners=listeners), inst.ports)
+    return specs
+
+
+class Serve(Lifecycle):
+    """The lifecycle of one serve process (or worker) around a :class:`Registry`."""
+
+    def __init__(
+        self,
+        load: Callable[[], dict[str, Spec]],
+        initial: dict[str, Spec],
+        registry: Registry,
+        *,
+        notifier: Notifier | None = None,
+        on_ready: Callable[[], None] | None = None,
+    ) -> None:
+        super().__init__(get_logger(), notifier, on_ready)
+        self.load = load
+        self.initial = initial
+        self.registry = registry
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        if not self.initial:
+            self.log.warning("serve.no_instances")
+        changes = await self.registry.apply(self.initial)
+        self.log.info("serve.started", instances=changes.added)
+
+    def close(self) -> None:
+        self.registry.close()
+
+    async def drain(self) -> None:
+        await self.registry.drain()
+
+    def abort(self) -> None:
+        self.registry.abort()
+
+    def dump(self) -> None:
+        for listener in self.registry.listeners():
+            listener.dump()
+
+    def status(self) -> str:
+        counts = [listener.counts() for listener in self.registry.listeners()]
+        return f"{len(self.registry.running)} instances: {status_line(counts)}"
+
+    def reload(self) -> None:
+        task = asyncio.get_running_loop().create_task(self._reload())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _reload(self) -> None:
+        self.notifier.reloading()
+        self.log.info("serve.reloading")
+        try:
+            changes = await self.registry.apply(self.load())
+        except PymmproxyError as exc:
+            kept = sorted(self.registry.running)
+            self.log.error("serve.reload_failed", error=str(exc), kept=kept)  # noqa: TRY400
+        else:
+            self.log.info("serve.reload", **dataclasses.asdict(changes))
+        finally:
+            self.notifier.ready()
+
+
+def main(argv: Sequence[str]) -> int:
+    """Entry point of ``pymmproxy serve`` (errors propagate to :func:`pymmproxy.cli.main`)."""
+    from pymmproxy.cli import limits_from_args  # noqa: PLC0415 - cli imports us lazily
+
+    args = parse_args(argv)
+    logsetup.configure(args.verbose, args.log_format)
+    config_dir = resolve_config_dir(args.config_dir)
+    names = selected(args.instances)
+    limits = limits_from_args(args)
+    workers: int = args.listeners
+
+    def load() -> dict[str, Spec]:
+        return load_specs(config_dir, names, limits, workers)
+
+    initial = load()
+    log = get_logger()
+    log.info("serve.start", config_dir=str(config_dir), instances=list(initial), workers=workers)
+    held: list[InstanceLock] = []
+    if workers > 1:  # fail before forking; the parent holds the locks for all workers
+        for spec in initial.values():
+            bind(spec.settings, reuse_port=True).close()
+        held = _lock_all(initial)
+
+    def factory(on_ready: Callable[[], None] | None, index: int) -> Lifecycle:
+        registry = Registry(
+            verbosity=args.verbose, reuse_port=workers > 1, locks=workers <= 1,
+            manage_rules=index == 0,
+        )  # fmt: skip
+        notifier = None if on_ready else Notifier()
+        return Serve(load, initial, registry, notifier=notifier, on_ready=on_ready)
+
+    try:
+        return run_app(factory, workers, log)
+    finally:
+        for lock in held:
+            lock.release()
+
+
+def _lock_all(specs: dict[str, Spec]) -> list[InstanceLock]:
+    held: list[InstanceLock] = []
+    for name in specs:
+        lock = instancelock.acquire(name)
+        if lock is None:
+            for other in held:
+                other.release()
+            raise PymmproxyError(f"instance {name} is already running; not starting serve")
+        held.append(lock)
+    return held

@@ -1,0 +1,244 @@
+"""The set of instances one ``pymmproxy serve`` process runs, changed as a whole.
+
+:meth:`Registry.apply` moves from the running set to a desired one in two phases. First
+everything that can fail: instance locks for new names, listening sockets for new
+addresses, TPROXY rules. If any of it fails, what was prepared is undone and the error is
+raised: the old set keeps running untouched. Then the switch, which cannot fail:
+
+* removed instances stop accepting and drain in the background (``drain_timeout``);
+* changed instances (listen address, targets, mark, limits, ports) are restarted: the old
+  listener stops accepting and drains, a new one starts. A listening socket whose address
+  stays is handed over (duplicated), so connections queued in it are not refused;
+* an instance whose allow list alone changed gets the new list in place;
+* untouched instances (and all open connections) are left alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+
+from pymmproxy import instancelock
+from pymmproxy.errors import PymmproxyError
+from pymmproxy.instancelock import InstanceLock
+from pymmproxy.logsetup import get_logger
+from pymmproxy.net.sockets import IP_TRANSPARENT, IPV6_TRANSPARENT, SOL_IP, SOL_IPV6
+from pymmproxy.policy import AllowList
+from pymmproxy.server.listener import Listener, bind
+from pymmproxy.settings import Endpoint, InstanceSettings, Transport
+
+SocketKey = tuple[Transport, Endpoint]
+
+
+@dataclass(frozen=True, slots=True)
+class Spec:
+    """What one instance runs: its settings and, in TPROXY mode, its port range."""
+
+    settings: InstanceSettings
+    ports: tuple[int, int] | None = None
+
+    @property
+    def key(self) -> SocketKey:
+        return self.settings.transport, self.settings.listen
+
+    def same_but_allow(self, other: Spec) -> bool:
+        """Equal apart from the allow list (which can change in place)."""
+        return replace(self.settings, allowed=None) == replace(other.settings, allowed=None) and (
+            self.ports == other.ports
+        )
+
+
+@dataclass(slots=True)
+class _Running:
+    spec: Spec
+    listener: Listener
+    lock: InstanceLock | None = None
+
+
+@dataclass(slots=True)
+class Changes:
+    """What one :meth:`Registry.apply` did, by instance name."""
+
+    added: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    restarted: list[str] = field(default_factory=list)
+    allow_updated: list[str] = field(default_factory=list)
+
+
+class Registry:
+    """Running instances, their listening sockets, locks and TPROXY rules."""
+
+    def __init__(
+        self, *, verbosity: int = 0, reuse_port: bool = False, locks: bool = True,
+        manage_rules: bool = True, backend: str = "auto",
+    ) -> None:  # fmt: skip
+        self.verbosity = verbosity
+        self.reuse_port = reuse_port
+        self.locks = locks  # take instance locks (off in forked workers: the parent holds them)
+        self.manage_rules = manage_rules  # install/remove TPROXY rules (one worker does)
+        self.backend = backend
+        self.running: dict[str, _Running] = {}
+        self.draining: list[Listener] = []
+        self._sockets: dict[SocketKey, socket.socket] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._lock = asyncio.Lock()
+        self.log = get_logger()
+
+    def listeners(self) -> list[Listener]:
+        return [r.listener for r in self.running.values()] + self.draining
+
+    async def apply(self, desired: Mapping[str, Spec]) -> Changes:
+        """Make the running set ``desired`` (PymmproxyError: nothing changed)."""
+        async with self._lock:
+            return await self._apply(desired)
+
+    async def _apply(self, desired: Mapping[str, Spec]) -> Changes:
+        old = self.running
+        changes = Changes()
+        for name, spec in desired.items():
+            if name not in old:
+                changes.added.append(name)
+            elif not old[name].spec.same_but_allow(spec):
+                changes.restarted.append(name)
+            elif old[name].spec != spec:
+                changes.allow_updated.append(name)
+        changes.removed = [name for name in old if name not in desired]
+        starting = changes.added + changes.restarted
+        locks, sockets = self._prepare(desired, changes.added, starting)
+        try:
+            self._sync_rules(desired, starting, changes.removed)
+        except PymmproxyError:
+            for lock in locks.values():
+                lock.release()
+            for sock in sockets.values():
+                sock.close()
+            raise
+        self._sockets.update(sockets)
+        for name in changes.allow_updated:
+            running = old[name]
+            running.spec = desired[name]
+            if running.listener.ctx is not None:
+                running.listener.ctx.allow = AllowList(desired[name].settings.allowed)
+                running.listener.log.info(
+                    "daemon.reload", allow=running.listener.ctx.allow.describe()
+                )
+        for name in changes.restarted:
+            if (held := old[name].lock) is not None:
+                locks[name] = held
+        for name in changes.removed + changes.restarted:
+            self._retire(old[name], release=name in changes.removed)
+            del old[name]
+        for name in starting:
+            await self._start(name, desired[name], locks.get(name))
+        used = {spec.key for spec in desired.values()}
+        for key in [k for k in self._sockets if k not in used]:
+            self._sockets.pop(key).close()
+        return changes
+
+    def _prepare(
+        self, desired: Mapping[str, Spec], added: list[str], starting: list[str]
+    ) -> tuple[dict[str, InstanceLock], dict[SocketKey, socket.socket]]:
+        """Locks for new names and sockets for new addresses (all or nothing)."""
+        locks: dict[str, InstanceLock] = {}
+        sockets: dict[SocketKey, socket.socket] = {}
+        try:
+            for name in added if self.locks else ():
+                locks[name] = _lock(name)
+            for name in starting:
+                spec = desired[name]
+                sock = self._sockets.get(spec.key) or sockets.get(spec.key)
+                if sock is None:
+                    sock = sockets[spec.key] = bind(spec.settings, reuse_port=self.reuse_port)
+                if spec.ports is not None:
+                    v6 = spec.settings.listen.is_v6
+                    level, option = (SOL_IPV6, IPV6_TRANSPARENT) if v6 else (SOL_IP, IP_TRANSPARENT)
+                    sock.setsockopt(level, option, 1)
+        except BaseException:
+            for lock in locks.values():
+                lock.release()
+            for sock in sockets.values():
+                sock.close()
+            raise
+        return locks, sockets
+
+    def _sync_rules(
+        self, desired: Mapping[str, Spec], starting: list[str], removed: list[str]
+    ) -> None:
+        """Install the TPROXY rules of starting instances, remove those of stopping ones."""
+        if not self.manage_rules:
+            return
+        old = self.running
+        install = {n: p for n in starting if (p := desired[n].ports) is not None}
+        drop = [n for n in removed if old[n].spec.ports is not None]
+        drop += [n for n in starting if n in old and old[n].spec.ports and n not in install]
+        if not install and not drop:
+            return
+        from pymmproxy.pathway import tproxy  # noqa: PLC0415 - netlink/nft only when needed
+
+        rules = {n: tproxy.rules_for(n, desired[n].settings.listen, p) for n, p in install.items()}
+        for change in tproxy.apply(rules, drop, backend=self.backend):
+            self.log.info("serve.tproxy_rule", change=change)
+
+    async def _start(self, name: str, spec: Spec, lock: InstanceLock | None) -> None:
+        listener = Listener(spec.settings, verbosity=self.verbosity, ports=spec.ports)
+        running = _Running(spec, listener, lock)
+        try:
+            await listener.start(self._sockets[spec.key].dup())
+        except (PymmproxyError, OSError) as exc:
+            listener.log.error("serve.start_failed", error=str(exc))  # noqa: TRY400
+        self.running[name] = running
+
+    def _retire(self, running: _Running, *, release: bool) -> None:
+        """Stop accepting and drain in the background."""
+        listener = running.listener
+        listener.close()
+        if release and running.lock is not None:
+            running.lock.release()
+        self.draining.append(listener)
+        task = asyncio.get_running_loop().create_task(
+            listener.drain(running.spec.settings.limits.drain_timeout)
+        )
+        self._tasks.add(task)
+        task.add_done_callback(lambda t: self._drained(t, listener))
+
+    def _drained(self, task: asyncio.Task[None], listener: Listener) -> None:
+        self._tasks.discard(task)
+        with contextlib.suppress(ValueError):
+            self.draining.remove(listener)
+
+    def close(self) -> None:
+        """Stop accepting everywhere (and remove this process's TPROXY rules)."""
+        for running in self.running.values():
+            running.listener.close()
+        for sock in self._sockets.values():
+            sock.close()
+        self._sockets.clear()
+        try:
+            self._sync_rules({}, [], list(self.running))
+        except PymmproxyError as exc:
+            self.log.error("serve.tproxy_rule_failed", error=str(exc))  # noqa: TRY400
+
+    async def drain(self) -> None:
+        """Drain every instance at once, then release the locks."""
+        drains = [
+            r.listener.drain(r.spec.settings.limits.drain_timeout) for r in self.running.values()
+        ]
+        await asyncio.gather(*drains, *self._tasks)
+        for running in self.running.values():
+            if running.lock is not None:
+                running.lock.release()
+
+    def abort(self) -> None:
+        for listener in self.listeners():
+            listener.abort()
+
+
+def _lock(name: str) -> InstanceLock:
+    lock = instancelock.acquire(name)
+    if lock is None:
+        pid = instancelock.holder_pid(name)
+        raise PymmproxyError(f"instance {name} is already running{f' (pid {pid})' if pid else ''}")
+    return lock
