@@ -54,7 +54,14 @@ class PolicyDenied(PymmproxyError):  # noqa: N818 - reads as the event it report
 
 
 class UpstreamError(PymmproxyError):
-    """The target could not be reached, or the transparent socket could not be set up."""
+    """The target could not be reached, or the transparent socket could not be set up.
+
+    ``reason`` is the stable short name logged and counted (``target_refused``, ...).
+    """
+
+    def __init__(self, message: str, reason: str = "upstream_error") -> None:
+        self.reason = reason
+        super().__init__(message)
 
 
 class PathwayError(PymmproxyError):

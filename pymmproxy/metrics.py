@@ -20,9 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import select
 import socket
-import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -50,8 +48,6 @@ CONNECT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0
                    0.25, 0.5, 1.0, 2.5, 5.0, 10.0)  # fmt: skip
 MAX_REQUEST = 8192
 REQUEST_TIMEOUT = 5.0
-_ONESHOT_OUT = select.EPOLLOUT | select.EPOLLONESHOT
-_FAILED = select.EPOLLERR | select.EPOLLHUP
 
 _servers: dict[Endpoint, MetricsServer] = {}
 
@@ -63,47 +59,8 @@ def attach(ctx: InstanceContext, endpoint: Endpoint) -> MetricsServer:
         server = _servers[endpoint] = MetricsServer(endpoint, ctx.loop, ctx.settings.listeners)
     ctx.stats.header_wait = Histogram(HEADER_WAIT_BUCKETS)
     ctx.stats.connect_time = Histogram(CONNECT_BUCKETS)
-    ctx.probe = ConnectProbe(ctx.loop, ctx.stats.connect_time)
     server.contexts.append(ctx)
     return server
-
-
-class ConnectProbe:
-    """Target connect latency: EPOLLOUT (one-shot) on each still-connecting upstream socket.
-
-    The sockets sit in a private epoll set whose fd the loop watches; a closed socket leaves
-    the set by itself, so nothing needs undoing per connection.
-    """
-
-    __slots__ = ("_epoll", "_hist", "_loop", "_started")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, hist: Histogram) -> None:
-        self._epoll = select.epoll()
-        self._hist = hist
-        self._loop = loop
-        self._started: dict[int, float] = {}
-        loop.add_reader(self._epoll.fileno(), self._ready)
-
-    def watch(self, sock: socket.socket) -> None:
-        fd = sock.fileno()
-        try:
-            self._epoll.register(fd, _ONESHOT_OUT)
-        except FileExistsError:
-            self._epoll.modify(fd, _ONESHOT_OUT)
-        self._started[fd] = time.monotonic()
-
-    def _ready(self) -> None:
-        now = time.monotonic()
-        started = self._started
-        for fd, events in self._epoll.poll(0):
-            begun = started.pop(fd, None)
-            if begun is not None and not events & _FAILED:
-                self._hist.observe(now - begun)
-
-    def close(self) -> None:
-        self._loop.remove_reader(self._epoll.fileno())
-        self._epoll.close()
-        self._started.clear()
 
 
 class MetricsServer:
@@ -152,9 +109,6 @@ class MetricsServer:
         """Stop reporting ``ctx``; the endpoint closes with its last instance."""
         with contextlib.suppress(ValueError):
             self.contexts.remove(ctx)
-        if ctx.probe is not None:
-            ctx.probe.close()
-            ctx.probe = None
         if not self.contexts:
             self.close()
 

@@ -155,9 +155,11 @@ class SourcePolicy:
     def refuses(self, ip: str) -> str | None:
         """The kind of address ``ip`` is if it must not be spoofed, else ``None``."""
         if ":" in ip:
-            if ip.startswith(_MAPPED) and "." in ip:
+            first = ip[0]
+            if first == ":" and ip.startswith(_MAPPED) and "." in ip:
                 return self.refuses(ip[len(_MAPPED) :])
-            kind = _v6_kind(ip)
+            # Only "::"-led (::, ::1) and "f"-led (ff00::/8, fe80::/10) texts can be refused.
+            kind = _v6_kind(ip) if first in {":", "f"} else None
         else:
             kind = _V4_FIRST_OCTET.get(ip.partition(".")[0])
             if kind is None and ip.startswith("169.254."):

@@ -67,10 +67,8 @@ def clash(new: _Listens, old: _Listens) -> str | None:
     if not (new.ports or old.ports) or not hosts_overlap(new.listen, old.listen):
         return None
     where = f"instance {old.name!r} on line {old.line}"
-    if new.ports and old.ports:
-        if new.ports[0] <= old.ports[1] and old.ports[0] <= new.ports[1]:
-            return f"ports={new.ports[0]}-{new.ports[1]} overlaps the ports of {where}"
-        return None
+    if new.ports and old.ports and new.ports[0] <= old.ports[1] and old.ports[0] <= new.ports[1]:
+        return f"ports={new.ports[0]}-{new.ports[1]} overlaps the ports of {where}"
     if new.ports and old.transport is Transport.TCP and _inside(old.listen.port, new.ports):
         return f"ports={new.ports[0]}-{new.ports[1]} covers the listen_addr of {where}"
     if old.ports and new.transport is Transport.TCP and _inside(new.listen.port, old.ports):

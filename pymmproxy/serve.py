@@ -128,6 +128,9 @@ class Serve(Lifecycle):
         return f"{len(self.registry.running)} instances: {status_line(counts)}"
 
     def reload(self) -> None:
+        if self._stop.is_set():
+            self.log.info("serve.reload_ignored", reason="stopping")
+            return
         task = asyncio.get_running_loop().create_task(self._reload())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

@@ -102,7 +102,7 @@ def check_backend(b: BackendFacts) -> list[Check]:
 
 
 def _missing(items: list[ItemStatus], mark: int) -> str:
-    """``fwmark 7 lookup 7 (IPv4, IPv6)``: each missing entry once, with its families."""
+    """``rule fwmark 7 lookup 7 (IPv4, IPv6)``: each missing entry once, with its families."""
     what = {
         ITEM_FWMARK_RULE: f"rule fwmark {mark} lookup {mark}",
         ITEM_LOCAL_ROUTE: f"route local default dev lo table {mark}",

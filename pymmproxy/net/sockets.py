@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import socket
-import struct
 
 from pymmproxy.errors import PymmproxyError, UpstreamError
 from pymmproxy.settings import Endpoint
@@ -20,8 +19,6 @@ IP_TRANSPARENT = getattr(socket, "IP_TRANSPARENT", 19)
 IPV6_TRANSPARENT = getattr(socket, "IPV6_TRANSPARENT", 75)
 IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)
 SO_MARK = getattr(socket, "SO_MARK", 36)
-TCP_INFO = getattr(socket, "TCP_INFO", 11)
-TCP_SYN_SENT = 2
 _CONNECT_OK = frozenset({0, errno.EINPROGRESS})
 
 
@@ -67,16 +64,28 @@ def upstream_socket(
     mark: int,
     kind: socket.SocketKind = socket.SOCK_STREAM,
 ) -> socket.socket:
-    """A non-blocking socket bound to ``source`` (spoofed) and connecting to ``target``.
+    """:func:`connect_upstream` without the connect state (UDP connects at once)."""
+    return connect_upstream(family, target, source, mark, kind)[0]
 
-    For TCP the connect is started and left in progress (``EINPROGRESS``): the caller hands
-    the socket to ``loop.create_connection(sock=...)``, saving an event-loop round trip.
-    ``source=None`` means no spoofing (health checks): the kernel picks our own address.
-    If the client's port is taken, the bind falls back to port 0 (any port, same address).
+
+def connect_upstream(
+    family: socket.AddressFamily,
+    target: tuple[str, int],
+    source: tuple[str, int] | None,
+    mark: int,
+    kind: socket.SocketKind = socket.SOCK_STREAM,
+) -> tuple[socket.socket, bool]:
+    """A non-blocking socket bound to ``source`` (spoofed), connecting to ``target``.
+
+    Returns the socket and whether ``connect()`` already completed (on loopback the
+    handshake usually finishes inside the call); otherwise it is in progress
+    (``EINPROGRESS``) and the caller waits for writability. ``source=None`` means no
+    spoofing (health checks): the kernel picks our own address. If the client's port is
+    taken, the bind falls back to port 0 (any port, same address). Raises
+    :class:`UpstreamError` with a one-line reason.
     """
-    sock = socket.socket(family, kind)
+    sock = socket.socket(family, kind | socket.SOCK_NONBLOCK)
     try:
-        sock.setblocking(False)
         if mark:
             sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
         if source is not None:
@@ -95,17 +104,8 @@ def upstream_socket(
             raise OSError(err, _strerror(err))  # noqa: TRY301 - one handler for all set-up errors
     except OSError as exc:
         sock.close()
-        raise UpstreamError(_describe(exc, source, target)) from None
-    return sock
-
-
-def still_connecting(sock: socket.socket) -> bool:
-    """True while a TCP socket is in SYN_SENT (used by the connect timeout)."""
-    try:
-        info = sock.getsockopt(socket.IPPROTO_TCP, TCP_INFO, 8)
-    except OSError:
-        return False
-    return bool(struct.unpack_from("B", info)[0] == TCP_SYN_SENT)
+        raise UpstreamError(*_describe(exc, source, target)) from None
+    return sock, err == 0
 
 
 def _strerror(err: int) -> str:
@@ -114,12 +114,16 @@ def _strerror(err: int) -> str:
     return os.strerror(err)
 
 
-def _describe(exc: OSError, source: tuple[str, int] | None, target: tuple[str, int]) -> str:
+def _describe(
+    exc: OSError, source: tuple[str, int] | None, target: tuple[str, int]
+) -> tuple[str, str]:
+    """A one-line message and a stable reason for a failed upstream set-up."""
     if exc.errno == errno.EPERM and source is not None:
         return (
             f"cannot spoof {source[0]}: {exc.strerror} "
             "(need CAP_NET_ADMIN for IP_TRANSPARENT/SO_MARK, or root)"
-        )
+        ), "spoof_denied"
     if exc.errno in {errno.EADDRNOTAVAIL, errno.EINVAL} and source is not None:
-        return f"cannot bind {source[0]}:{source[1]}: {exc.strerror}"
-    return f"connect to {target[0]}:{target[1]} failed: {exc.strerror or exc}"
+        return f"cannot bind {source[0]}:{source[1]}: {exc.strerror}", "bind_failed"
+    reason = "target_refused" if exc.errno == errno.ECONNREFUSED else "upstream_error"
+    return f"connect to {target[0]}:{target[1]} failed: {exc.strerror or exc}", reason

@@ -7,23 +7,23 @@ original destination). For instance ``web`` with ``listen_addr [::]:7999`` and
 
     table inet pymmproxy {
         chain tproxy { type filter hook prerouting priority mangle; policy accept;
-            meta nfproto ipv4 fib daddr type local tcp dport 8000-8099 \
-                tproxy ip to :7999 accept comment "pymmproxy tproxy web 6f0c31aa"
-            meta nfproto ipv6 fib daddr type local tcp dport 8000-8099 \
-                tproxy ip6 to :7999 accept comment "pymmproxy tproxy web 0b9e7d12"
+            meta nfproto ipv4 fib daddr type local tcp dport 8000-8099 \\
+                tproxy ip to :7999 accept comment "pymmproxy tproxy web a4e5487c"
+            meta nfproto ipv6 fib daddr type local tcp dport 8000-8099 \\
+                tproxy ip6 to :7999 accept comment "pymmproxy tproxy web ddb86046"
         }
     }
 
-and the legacy backend (mangle table, ``ip6tables`` for v6)::
+and the legacy backend (mangle PREROUTING; the same with ``ip6tables`` for v6)::
 
     iptables -t mangle -A PREROUTING -p tcp -m addrtype --dst-type LOCAL --dport 8000:8099 \\
-        -m comment --comment "pymmproxy tproxy web 1a2b3c4d" -j TPROXY --on-port 7999
+        -m comment --comment "pymmproxy tproxy web a4e5487c" -j TPROXY --on-port 7999
 
-A specific listen host ``H`` (instead of ``0.0.0.0`` / ``::``) matches ``ip daddr H`` /
-``-d H`` and redirects to ``H:PORT`` (``--on-ip H``); ``0.0.0.0`` makes only the v4 rule.
-``fib daddr type local`` keeps forwarded traffic alone. The comment names the instance and
-a fingerprint of the rule: :func:`apply` is idempotent (a rule with the same comment is
-left alone, a stale one replaced) and removes exactly one instance's rules.
+A specific listen host ``H`` matches ``ip daddr H`` / ``-d H`` and redirects to ``H:PORT``
+(``--on-ip H``); ``0.0.0.0`` makes only the v4 rule; ``fib daddr type local`` leaves
+forwarded traffic alone. The comment is the instance name plus a fingerprint of the rule:
+:func:`apply` is idempotent (same comment: left alone, stale: replaced) and removes
+exactly one instance's rules.
 """
 
 from __future__ import annotations
@@ -100,10 +100,8 @@ def _fingerprint(rule: TproxyRule) -> str:
 
 def rules_for(name: str, listen: Endpoint, ports: tuple[int, int]) -> list[TproxyRule]:
     """The rules of one instance (v4 and/or v6 by its listen host)."""
-    if listen.host == "::":
-        families = [Family.V4, Family.V6]
-    else:
-        families = [Family.V6 if listen.is_v6 else Family.V4]
+    both = listen.host == "::"
+    families = [Family.V4, Family.V6] if both else [Family.V6 if listen.is_v6 else Family.V4]
     return [TproxyRule(name, family, listen, ports) for family in families]
 
 
@@ -126,15 +124,12 @@ def apply(
 
 def present(name: str, *, backend: str = "auto") -> list[str]:
     """The comments of instance ``name``'s rules that are installed."""
-    found: list[str] = []
     with _reported():
         if resolve_backend_name(backend) == "nft":
             with Nftables() as nft:
-                found = [c for c, _ in _nft_rules(nft)[1] if _owned(c, name)]
-        else:
-            iptc = _Iptc()
-            found = [c for fam in Family for c, _ in _legacy_rules(iptc, fam) if _owned(c, name)]
-    return found
+                return [c for c, _ in _nft_rules(nft)[1] if _owned(c, name)]
+        iptc = _Iptc()
+        return [c for fam in Family for c, _ in _legacy_rules(iptc, fam) if _owned(c, name)]
 
 
 @contextmanager
@@ -228,11 +223,18 @@ def _nft_apply(install: Mapping[str, Sequence[TproxyRule]], remove: list[str]) -
             {"add": {"rule": {**where, "chain": CHAIN, "expr": _nft_expr(r), "comment": r.comment}}}
             for r in add
         ]
-        if not add and _only_ours(items, {h for c, h in ours if c in drop}):
+        doomed = {h for c, h in ours if c in drop}
+        if not add and _only_ours(items, doomed):
             batch = [{"delete": {"table": {"family": FAMILY, "name": TABLE}}}]
+        elif not add and _chain_handles(items) <= doomed:
+            batch.append({"delete": {"chain": {**where, "name": CHAIN}}})
         nft.run(batch)
     changes = [f"nft: deleted from inet {TABLE} {CHAIN}: rule {c!r}" for c in sorted(drop)]
     return changes + [f"nft add rule inet {TABLE} {CHAIN} {r.nft_text()}" for r in add]
+
+
+def _chain_handles(items: list[dict[str, Any]]) -> set[int]:
+    return {int(i["rule"]["handle"]) for i in items if i.get("rule", {}).get("chain") == CHAIN}
 
 
 def _only_ours(items: list[dict[str, Any]], doomed: set[int]) -> bool:

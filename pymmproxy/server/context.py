@@ -85,7 +85,6 @@ class InstanceContext:
             self.log.warning("daemon.unsafe", allow_any_source=True)
         else:
             self.sources = SourcePolicy(own_addresses(settings.listen.host))
-        self.probe: Any = None  # metrics.ConnectProbe while --metrics is on
         self.metrics: Any = None
         self._sweeper: asyncio.TimerHandle | None = None
         if self.idle_timeout > 0 and settings.transport is Transport.TCP:
@@ -96,12 +95,8 @@ class InstanceContext:
             self.metrics = attach(self, settings.metrics)
 
     def local_target(self, lb_is_v6: bool) -> tuple[socket.AddressFamily, tuple[str, int]] | None:
-        """Target for LOCAL / UNKNOWN headers: the LB's family if it has a target."""
-        order = (self.target6, self.target4) if lb_is_v6 else (self.target4, self.target6)
-        for target in order:
-            if target is not None:
-                return (socket.AF_INET6 if ":" in target[0] else socket.AF_INET), target
-        return None
+        """Target for LOCAL / UNKNOWN headers (see :func:`local_target`)."""
+        return local_target(self.target4, self.target6, lb_is_v6)
 
     def refresh_own_addresses(self) -> None:
         """Re-read this host's addresses for the source policy (e.g. on SIGHUP)."""
@@ -182,3 +177,14 @@ def _fmt(peer: Any) -> str | None:  # noqa: ANN401
         host, port = peer[0], peer[1]
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     return str(peer)
+
+
+def local_target(
+    target4: tuple[str, int] | None, target6: tuple[str, int] | None, lb_is_v6: bool
+) -> tuple[socket.AddressFamily, tuple[str, int]] | None:
+    """Target for LOCAL / UNKNOWN headers: the LB's own family first, else the other."""
+    order = (target6, target4) if lb_is_v6 else (target4, target6)
+    for target in order:
+        if target is not None:
+            return (socket.AF_INET6 if ":" in target[0] else socket.AF_INET), target
+    return None

@@ -2,8 +2,9 @@
 
 The client side is an ``asyncio.Protocol`` that parses the PROXY header from its first
 ``data_received`` calls (pure parser, no I/O), then builds the transparent upstream socket
-by hand and hands it, still connecting, to ``loop.create_connection(sock=...)``. After that
-the two protocols relay bytes directly (see :mod:`pymmproxy.net.relay`).
+by hand and drives it straight off the event loop (:class:`pymmproxy.net.upstream.Upstream`):
+no task and no second transport per connection. Bytes that arrive while the target is
+still connecting are buffered (reading pauses only past ``MAX_EARLY_BYTES``).
 """
 
 from __future__ import annotations
@@ -14,22 +15,29 @@ import time
 from typing import Any
 
 from pymmproxy.errors import ProtocolError, UpstreamError
-from pymmproxy.net.relay import UpstreamProtocol, endpoint, os_reason
-from pymmproxy.net.sockets import still_connecting, upstream_socket
+from pymmproxy.net.relay import endpoint, os_reason
+from pymmproxy.net.sockets import connect_upstream
+from pymmproxy.net.upstream import Upstream
 from pymmproxy.proxyproto import parse_header
-from pymmproxy.server.context import IDLE_CHECKS, LOCAL_KEYS, VERSION_KEYS, InstanceContext
+from pymmproxy.server.context import (
+    IDLE_CHECKS,
+    LOCAL_KEYS,
+    VERSION_KEYS,
+    InstanceContext,
+    local_target,
+)
 
 _HEADER, _CONNECTING, _RELAY, _CLOSED = range(4)
-MAX_HEADER_BYTES = 65535 + 16
+MAX_EARLY_BYTES = 256 * 1024  # buffered while connecting before the client is paused
 
 
 class ClientProtocol(asyncio.Protocol):
     """The load balancer's connection; owns the upstream for its whole life."""
 
     __slots__ = (
-        "ctx", "transport", "peer", "buf", "state", "timer", "upstream", "up_proto",
-        "client_eof", "up_eof", "bytes_up", "bytes_down", "started", "source", "target", "reason",
-        "idle_mark", "idle_checks",
+        "ctx", "transport", "peer", "buf", "state", "timer", "upstream", "pending", "paused",
+        "client_eof", "up_eof", "bytes_up", "bytes_down", "started", "connect_started",
+        "source", "target", "reason", "idle_mark", "idle_checks",
     )  # fmt: skip
 
     def __init__(self, ctx: InstanceContext) -> None:
@@ -37,8 +45,9 @@ class ClientProtocol(asyncio.Protocol):
         self.buf = b""
         self.state = _HEADER
         self.timer: asyncio.TimerHandle | None = None
-        self.upstream: asyncio.Transport | None = None
-        self.up_proto: UpstreamProtocol | None = None
+        self.upstream: Upstream | None = None  # set once connected
+        self.pending: Upstream | None = None  # while connecting
+        self.paused = False
         self.client_eof = False
         self.up_eof = False
         self.bytes_up = 0
@@ -84,8 +93,11 @@ class ClientProtocol(asyncio.Protocol):
             self.bytes_up += len(data)
             upstream.write(data)
             return
-        if self.state != _HEADER:  # connecting: reading is paused, keep what raced in
+        if self.state != _HEADER:  # connecting: keep what arrives, within reason
             self.buf += data
+            if len(self.buf) > MAX_EARLY_BYTES and not self.paused:
+                self.paused = True
+                self.transport.pause_reading()
             return
         buf = self.buf + data if self.buf else data
         try:
@@ -104,7 +116,7 @@ class ClientProtocol(asyncio.Protocol):
         except ProtocolError as exc:  # a UNIX-family PROXY header
             self._fail_header(exc)
         except UpstreamError as exc:
-            self._fail("upstream_error", str(exc))
+            self._fail(exc.reason, str(exc))
 
     def _connect(self, header: Any) -> None:  # noqa: ANN401 - proxyproto.Header
         ctx = self.ctx
@@ -112,19 +124,20 @@ class ClientProtocol(asyncio.Protocol):
         if stats.header_wait is not None:
             stats.header_wait.observe(time.monotonic() - self.started)
         source = header.relayable_source
+        target4, target6 = self.targets(header)
         if source is None:
             stats.versions[LOCAL_KEYS[header.version, header.command]] += 1
             lb = self.peer[0]
-            chosen = ctx.local_target(":" in lb and not lb.startswith("::ffff:"))
+            chosen = local_target(target4, target6, ":" in lb and not lb.startswith("::ffff:"))
             if chosen is None:
                 raise UpstreamError("no target configured")
             family, target = chosen
         elif ":" in source[0]:
-            family, target = socket.AF_INET6, ctx.target6  # type: ignore[assignment]
+            family, target = socket.AF_INET6, target6  # type: ignore[assignment]
             if target is None:
                 raise UpstreamError(f"IPv6 client {source[0]} but no -6 target configured")
         else:
-            family, target = socket.AF_INET, ctx.target4  # type: ignore[assignment]
+            family, target = socket.AF_INET, target4  # type: ignore[assignment]
             if target is None:
                 raise UpstreamError(f"IPv4 client {source[0]} but no -4 target configured")
         self.source = source
@@ -134,49 +147,58 @@ class ClientProtocol(asyncio.Protocol):
             if ctx.sources is not None and (kind := ctx.sources.refuses(source[0])):
                 self._refuse_source(kind)
                 return
-        sock = upstream_socket(family, target, source, ctx.mark)
-        if ctx.probe is not None:
-            ctx.probe.watch(sock)
+        if stats.connect_time is not None:
+            self.connect_started = time.monotonic()
+        sock, connected = connect_upstream(family, target, source, ctx.mark)
         self.state = _CONNECTING
-        self.transport.pause_reading()
-        ctx.loop.create_task(self._hand_over(sock))
+        upstream = self.pending = Upstream(self, sock, ctx.loop)
+        if not connected:
+            self.timer = ctx.loop.call_later(ctx.connect_timeout, self._connect_timeout)
+        upstream.start(connected=connected)
 
-    async def _hand_over(self, sock: socket.socket) -> None:
-        try:
-            await self.ctx.loop.create_connection(lambda: UpstreamProtocol(self), sock=sock)
-        except OSError as exc:
-            sock.close()
-            self._fail("target_error", exc.strerror or str(exc))
+    def targets(self, header: Any) -> tuple[tuple[str, int] | None, tuple[str, int] | None]:  # noqa: ANN401
+        """The (IPv4, IPv6) targets for ``header``; TPROXY instances map them per port."""
+        del header
+        return self.ctx.target4, self.ctx.target6
 
     @property
     def state_name(self) -> str:
         """Where the connection is: header, connecting, relay or closed."""
         return ("header", "connecting", "relay", "closed")[self.state]
 
-    # -- called by UpstreamProtocol ------------------------------------------------------
-    def upstream_made(self, transport: asyncio.Transport) -> None:
+    # -- called by Upstream -------------------------------------------------------------
+    def upstream_made(self, upstream: Upstream) -> None:
+        """The target accepted: flush what arrived meanwhile and start relaying."""
+        ctx = self.ctx
+        self.pending = None
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         if self.state == _CLOSED:
-            transport.abort()
+            upstream.abort()
             return
-        self.upstream = transport
+        hist = ctx.stats.connect_time
+        if hist is not None:
+            hist.observe(time.monotonic() - self.connect_started)
+        self.upstream = upstream
         self.state = _RELAY
-        self.ctx.stats.relayed += 1
+        ctx.stats.relayed += 1
         if self.buf:
             self.bytes_up += len(self.buf)
-            transport.write(self.buf)
+            upstream.write(self.buf)
             self.buf = b""
         if self.client_eof:
-            transport.write_eof()
-        else:
+            upstream.write_eof()
+        elif self.paused:
+            self.paused = False
             self.transport.resume_reading()
-        self.timer = self.ctx.loop.call_later(self.ctx.connect_timeout, self._connect_timeout)
 
     def upstream_eof(self) -> None:
         self.up_eof = True
-        if self.transport.can_write_eof():
-            self.transport.write_eof()
         if self.client_eof:
-            self._close()
+            self._close()  # both directions done: close() sends the FIN, no shutdown needed
+        else:
+            self.transport.write_eof()
 
     def upstream_lost(self, exc: Exception | None) -> None:
         if exc is not None and self.state != _CLOSED:
@@ -192,10 +214,10 @@ class ClientProtocol(asyncio.Protocol):
             return False
         upstream = self.upstream
         if upstream is not None:
-            if upstream.can_write_eof():
-                upstream.write_eof()
             if self.up_eof:
-                self._close()
+                self._close()  # both directions done
+            else:
+                upstream.write_eof()
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -248,11 +270,7 @@ class ClientProtocol(asyncio.Protocol):
 
     def _connect_timeout(self) -> None:
         self.timer = None
-        upstream = self.upstream
-        if upstream is None or upstream.is_closing():
-            return
-        sock = upstream.get_extra_info("socket")
-        if sock is not None and still_connecting(sock):
+        if self.state == _CONNECTING:
             detail = f"no answer from target within {self.ctx.connect_timeout}s"
             self._fail("connect_timeout", detail)
 
@@ -289,9 +307,19 @@ class ClientProtocol(asyncio.Protocol):
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-        for transport in (self.transport, self.upstream):
-            if transport is not None and not transport.is_closing():
-                if abort:
-                    transport.abort()
-                else:
-                    transport.close()
+        pending = self.pending
+        if pending is not None:
+            self.pending = None
+            pending.abort()
+        transport = self.transport
+        if not transport.is_closing():
+            if abort:
+                transport.abort()
+            else:
+                transport.close()
+        upstream = self.upstream
+        if upstream is not None and not upstream.is_closing():
+            if abort:
+                upstream.abort()
+            else:
+                upstream.close()

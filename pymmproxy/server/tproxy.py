@@ -21,27 +21,6 @@ from pymmproxy.server.context import InstanceContext
 from pymmproxy.server.tcp import ClientProtocol
 
 
-class PortContext(InstanceContext):
-    """A view of ``parent`` whose targets are shifted by ``shift`` ports.
-
-    Every other attribute is read from and written to ``parent``: counters, the set of
-    open connections, the allow list and the logger stay the instance's own.
-    """
-
-    def __init__(
-        self, parent: InstanceContext, shift: int
-    ) -> None:  # a view: no super().__init__()
-        object.__setattr__(self, "_parent", parent)
-        object.__setattr__(self, "target4", _shifted(parent.target4, shift))
-        object.__setattr__(self, "target6", _shifted(parent.target6, shift))
-
-    def __getattr__(self, name: str) -> Any:  # noqa: ANN401 - whatever the parent holds
-        return getattr(object.__getattribute__(self, "_parent"), name)
-
-    def __setattr__(self, name: str, value: object) -> None:
-        setattr(object.__getattribute__(self, "_parent"), name, value)
-
-
 def _shifted(target: tuple[str, int] | None, shift: int) -> tuple[str, int] | None:
     return None if target is None else (target[0], target[1] + shift)
 
@@ -60,15 +39,15 @@ def pick_port(header_port: int | None, local_port: int | None, ports: tuple[int,
 class TproxyProtocol(ClientProtocol):
     """A client connection of a TPROXY instance: targets follow the destination port."""
 
-    __slots__ = ("base", "ports")
+    __slots__ = ("ports",)
 
     def __init__(self, ctx: InstanceContext, ports: tuple[int, int]) -> None:
         super().__init__(ctx)
-        self.base = ctx
         self.ports = ports
 
-    def _connect(self, header: Any) -> None:  # noqa: ANN401 - proxyproto.Header
+    def targets(self, header: Any) -> tuple[tuple[str, int] | None, tuple[str, int] | None]:  # noqa: ANN401
+        """The instance's targets shifted to the connection's destination port."""
         local = self.transport.get_extra_info("sockname")
         port = pick_port(header.dst_port, local[1] if local else None, self.ports)
-        self.ctx = PortContext(self.base, port - self.ports[0])
-        super()._connect(header)
+        shift = port - self.ports[0]
+        return _shifted(self.ctx.target4, shift), _shifted(self.ctx.target6, shift)

@@ -10,6 +10,7 @@ capabilities it must refuse each connection with one clear line and keep running
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -35,6 +36,7 @@ UNIT = ROOT / "systemd" / "pymmproxy@.service"
 WHOAMI = 8090
 NOCAPS_PORT = 8444
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+SYSTEM_BIN = "/usr/local/bin:/usr/bin:/bin"
 CAP_BITS = {"net_bind_service": 10, "net_admin": 12, "net_raw": 13}
 
 
@@ -58,7 +60,8 @@ def setpriv_without_caps() -> list[str]:
     return [*NOBODY, "--inh-caps=-all", "--ambient-caps=-all", "--bounding-set=-all", "--"]
 
 
-def nobody_python() -> list[str]:
+@functools.cache
+def nobody_python() -> tuple[str, ...]:
     """An interpreter command that nobody can run with pymmproxy importable.
 
     The venv's own python if nobody can use it (checked); else the base interpreter with
@@ -66,10 +69,11 @@ def nobody_python() -> list[str]:
     """
     probe = ["-c", "import pymmproxy.cli, uvloop, structlog, pyroute2"]
     site = next(p for p in sys.path if p.endswith("site-packages"))
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"  # same ABI
     candidates = [
-        [sys.executable],
-        ["env", f"PYTHONPATH={ROOT}:{site}", sys._base_executable],  # noqa: SLF001
-        ["env", f"PYTHONPATH={ROOT}:{site}", shutil.which("python3") or "python3"],
+        (sys.executable,),
+        ("env", f"PYTHONPATH={ROOT}:{site}", sys._base_executable),
+        ("env", f"PYTHONPATH={ROOT}:{site}", shutil.which(version, path=SYSTEM_BIN) or version),
     ]
     for python in candidates:
         res = subprocess.run([*NOBODY, *python, *probe], cwd="/", capture_output=True, check=False)
@@ -80,11 +84,11 @@ def nobody_python() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def wl(workload: Workload) -> Iterator[Workload]:
+def wl(workload: Workload) -> Workload:
     """The shared workload namespace (pathway 123 installed as root) plus a whoami service."""
     require(shutil.which("setpriv") is not None, "needs setpriv")
     workload.service("whoami", WHOAMI)
-    yield workload
+    return workload
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ import pytest
 
 from pymmproxy import instancelock
 from tests.integration.conftest import PY, ns_socket
+from tests.integration.test_capabilities import nobody_python
 from tests.nsutil import Netns, netns, require_root_and_tools, unique
 
 pytestmark = pytest.mark.netns
@@ -31,8 +32,11 @@ PATHWAY_KEYS = {"rules", "routes", "connmark", "loopback"}
 Doc = dict[str, Any]
 
 
-def doctor(ns: Netns, *args: str, prefix: tuple[str, ...] = ()) -> tuple[int, Doc]:
-    res = ns.run([*prefix, PY, "-m", "pymmproxy", "doctor", "--json", *args], check=False)
+def doctor(
+    ns: Netns, *args: str, prefix: tuple[str, ...] = (), python: tuple[str, ...] = (PY,)
+) -> tuple[int, Doc]:
+    argv = [*prefix, *python, "-m", "pymmproxy", "doctor", "--json", *args]
+    res = ns.run(argv, check=False)
     assert res.returncode in (0, 1), res.stderr
     return res.returncode, json.loads(res.stdout)
 
@@ -173,7 +177,7 @@ def test_legacy_tables_on_an_nft_host_warn(fresh: tuple[Netns, Path]) -> None:
 
 def test_unprivileged_run_fails_the_privilege_check(fresh: tuple[Netns, Path]) -> None:
     ns, _ = fresh
-    code, doc = doctor(ns, "--mark", str(MARK), prefix=tuple(NOBODY))
+    code, doc = doctor(ns, "--mark", str(MARK), prefix=tuple(NOBODY), python=nobody_python())
     assert code == 1
     privileges = row(doc, "privileges")
     assert privileges["level"] == "FAIL"

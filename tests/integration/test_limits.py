@@ -1,0 +1,189 @@
+"""Per-daemon limits: connections, pending headers, idle timeout, slowloris, fd exhaustion."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import time
+
+import pytest
+
+from pymmproxy.proxyproto import encode_v2
+from tests.integration.conftest import LB_V4, MARK, PY, Workload, wait_port
+from tests.integration.test_daemon import header, open_conn, recv_all
+from tests.integration.test_faults import closed_soon, cpu_seconds, fds, in_ns
+
+pytestmark = [pytest.mark.netns]
+ECHO, WHOAMI = 8281, 8282
+PORT = 8201
+
+
+@pytest.fixture(scope="module")
+def wl(workload: Workload) -> Workload:
+    workload.service("echo", ECHO)
+    workload.service("whoami", WHOAMI)
+    return workload
+
+
+def relayed(wl: Workload, port: int, src: str, sport: int) -> socket.socket:
+    s = open_conn(wl, port)
+    s.sendall(encode_v2(header(src, sport)) + b"hi")
+    assert s.recv(2) == b"hi"
+    return s
+
+
+def echoes(s: socket.socket, data: bytes = b"still here") -> bool:
+    s.sendall(data)
+    got = b""
+    while len(got) < len(data) and (chunk := s.recv(64)):
+        got += chunk
+    return got == data
+
+
+def test_max_connections_refuses_new_keeps_existing(wl: Workload) -> None:
+    wl.daemon("-4", f"127.0.0.1:{ECHO}", "--max-connections", "5", port=PORT)
+    kept = [relayed(wl, PORT, "192.0.2.90", 42000 + i) for i in range(5)]
+    try:
+        for _ in range(3):
+            with open_conn(wl, PORT) as extra:
+                extra.sendall(encode_v2(header("192.0.2.90", 42010)) + b"hi")
+                start = time.monotonic()
+                assert closed_soon(extra)
+                assert time.monotonic() - start < 0.5
+        assert all(echoes(s) for s in kept)  # existing connections untouched
+        assert wl.log(f"daemon-{PORT}.log").count('"reason": "over_limit"') == 3
+    finally:
+        kept.pop().close()
+    time.sleep(0.2)
+    with relayed(wl, PORT, "192.0.2.90", 42011) as again:  # a slot is free again
+        assert echoes(again)
+    for s in kept:
+        s.close()
+
+
+def test_max_pending_headers_refuses_new_keeps_pending(wl: Workload) -> None:
+    wl.daemon("-4", f"127.0.0.1:{ECHO}", "--max-pending-headers", "10", port=PORT + 1)
+    raw = [encode_v2(header("192.0.2.91", 42100 + i)) for i in range(10)]
+    pending = [open_conn(wl, PORT + 1) for _ in range(10)]
+    for s, h in zip(pending, raw, strict=True):
+        s.sendall(h[:7])  # half a header
+    time.sleep(0.2)
+    with open_conn(wl, PORT + 1) as extra:
+        extra.sendall(encode_v2(header("192.0.2.91", 42199)))
+        assert closed_soon(extra)
+    for s, h in zip(pending, raw, strict=True):  # the pending ones finish and are relayed
+        s.sendall(h[7:] + b"hi")
+        assert s.recv(2) == b"hi"
+        s.close()
+    assert '"reason": "pending_limit"' in wl.log(f"daemon-{PORT + 1}.log")
+
+
+def test_idle_timeout_closes_silent_keeps_busy(wl: Workload) -> None:
+    wl.daemon("-4", f"127.0.0.1:{ECHO}", "--idle-timeout", "1", port=PORT + 2)
+    silent = relayed(wl, PORT + 2, "192.0.2.92", 42200)
+    busy = relayed(wl, PORT + 2, "192.0.2.92", 42201)
+    start = time.monotonic()
+    silent.settimeout(3)
+    while time.monotonic() - start < 2.0:  # busy talks every 0.3 s for 2 s
+        assert echoes(busy, b"tick")
+        time.sleep(0.3)
+    assert closed_soon(silent)
+    assert echoes(busy)
+    busy.close()
+    silent.close()
+    assert '"reason": "idle_timeout"' in wl.log(f"daemon-{PORT + 2}.log")
+
+
+def test_idle_timeout_is_off_by_default(wl: Workload) -> None:
+    wl.daemon("-4", f"127.0.0.1:{ECHO}", port=PORT + 3)
+    with relayed(wl, PORT + 3, "192.0.2.93", 42300) as s:
+        time.sleep(1.5)
+        assert echoes(s)
+
+
+def test_slowloris_does_not_delay_normal_clients(wl: Workload) -> None:
+    wl.daemon("-4", f"127.0.0.1:{WHOAMI}", "-v", "0", "--header-timeout", "30", port=PORT + 4)
+
+    def attack_and_serve() -> tuple[int, float]:
+        loris = []
+        for _ in range(500):
+            s = socket.socket()
+            s.connect((LB_V4, PORT + 4))
+            s.sendall(b"PROXY TCP4 192.0.2.94 ")  # and never the rest
+            loris.append(s)
+        worst = 0.0
+        for i in range(50):
+            start = time.monotonic()
+            with socket.create_connection((LB_V4, PORT + 4), timeout=5) as s:
+                s.sendall(encode_v2(header("192.0.2.95", 42400 + i)) + b"GET / HTTP/1.0\r\n\r\n")
+                assert recv_all(s).endswith(f"192.0.2.95 {42400 + i}\n".encode())
+            worst = max(worst, time.monotonic() - start)
+        alive = sum(1 for s in loris if _still_open(s))
+        for s in loris:
+            s.close()
+        return alive, worst
+
+    alive, worst = in_ns(wl, attack_and_serve)
+    print(f"\nslowloris: 500 half headers held ({alive} still open), worst normal {worst:.3f}s")
+    assert alive == 500
+    assert worst < 0.5
+
+
+def _still_open(s: socket.socket) -> bool:
+    s.setblocking(False)
+    try:
+        return s.recv(1) != b""
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+
+
+def test_fd_exhaustion_backs_off_and_recovers(wl: Workload) -> None:
+    """RLIMIT_NOFILE 64 and a flood of 400 connections: no spin, no crash, serves after."""
+    port = PORT + 5
+    allow = wl.tmp / f"allow-{port}.txt"
+    allow.write_text("198.51.100.0/24\n")
+    argv = ["prlimit", "--nofile=64:64", PY, "-m", "pymmproxy", "-l", f"[::]:{port}",
+            "-4", f"127.0.0.1:{WHOAMI}", "-mark", str(MARK), "-allowed-subnets", str(allow),
+            "--header-timeout", "30"]  # fmt: skip
+    proc = wl.spawn(argv, f"daemon-{port}.log")
+    wait_port(wl.ns, LB_V4, port)
+    pid = proc.pid  # ip netns exec and prlimit both exec in place
+
+    def flood() -> tuple[float, float, int, int]:
+        held = []
+        for _ in range(400):
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex((LB_V4, port))
+            held.append(s)
+        time.sleep(0.5)
+        cpu0, t0 = cpu_seconds(pid), time.monotonic()
+        time.sleep(2.0)
+        busy = (cpu_seconds(pid) - cpu0) / (time.monotonic() - t0)
+        at_limit = fds(pid)
+        for s in held:
+            s.close()
+        time.sleep(0.5)
+        served, worst = 0, 0.0
+        deadline = time.monotonic() + 10
+        while served < 20 and time.monotonic() < deadline:
+            start = time.monotonic()
+            with contextlib.suppress(OSError), socket.create_connection((LB_V4, port), 2) as s:
+                s.sendall(encode_v2(header("192.0.2.96", 42500 + served)) + b"GET /\r\n\r\n")
+                if recv_all(s).endswith(b"\n"):
+                    served += 1
+                    worst = max(worst, time.monotonic() - start)
+        return busy, worst, at_limit, served
+
+    busy, worst, at_limit, served = in_ns(wl, flood)
+    assert worst < 2.0
+    print(f"\nEMFILE: fds at limit {at_limit}, CPU {busy:.1%} of a core, served {served}/20")
+    assert at_limit >= 60  # the flood did reach the limit
+    assert busy < 0.5
+    assert served == 20
+    assert proc.poll() is None
+    proc.terminate()
+    assert proc.wait(10) == 0
+    assert "Traceback" not in wl.log(f"daemon-{port}.log")

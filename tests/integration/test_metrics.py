@@ -1,0 +1,176 @@
+"""``--metrics``: what a scrape shows after real traffic; -listeners 2 reload and drain."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from pymmproxy.proxyproto import encode_v1, encode_v2
+from tests.integration.conftest import LB_V4, Workload, ns_socket, wait_port
+from tests.integration.test_daemon import header, local_header, open_conn, recv_all, whoami
+from tests.integration.test_faults import closed_soon
+
+pytestmark = [pytest.mark.netns]
+WHOAMI, ECHO = 8481, 8482
+PORT, METRICS = 8401, 9401
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def http_get(wl: Workload, port: int, path: str = "/metrics") -> tuple[str, str]:
+    s = ns_socket(wl.ns)
+    s.settimeout(5)
+    with s:
+        s.connect(("127.0.0.1", port))
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        head, _, body = recv_all(s).decode().partition("\r\n\r\n")
+    return head.split("\r\n")[0], body
+
+
+def scrape(wl: Workload, port: int) -> Samples:
+    status, body = http_get(wl, port)
+    assert status == "HTTP/1.1 200 OK"
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for fam in text_string_to_metric_families(body)
+        for s in fam.samples
+    }
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    want = set(labels.items())
+    return sum(v for (n, lbl), v in samples.items() if n == name and want <= lbl)
+
+
+@pytest.fixture(scope="module")
+def wl(workload: Workload) -> Workload:
+    workload.service("whoami", WHOAMI)
+    workload.service("echo", ECHO)
+    return workload
+
+
+def test_scrape_after_traffic(wl: Workload) -> None:
+    wl.daemon("-4", f"127.0.0.1:{WHOAMI}", "-6", f"[::1]:{WHOAMI}",
+              "--metrics", f"127.0.0.1:{METRICS}", port=PORT)  # fmt: skip
+    wait_port(wl.ns, "127.0.0.1", METRICS)
+    for i in range(3):
+        assert whoami(wl, encode_v2(header("192.0.2.110", 44000 + i)), PORT).endswith(
+            str(44000 + i)
+        )
+    assert whoami(wl, encode_v1(header("192.0.2.110", 44010)), PORT).endswith("44010")
+    assert whoami(wl, encode_v2(local_header()), PORT).startswith("127.0.0.1")
+    for raw in (b"GET / HTTP/1.1\r\n\r\n", encode_v2(header("127.0.0.1", 44020))):
+        with open_conn(wl, PORT) as s:
+            s.sendall(raw)
+            assert closed_soon(s)
+    stranger = ns_socket(wl.ns)
+    stranger.bind(("127.0.0.1", 0))  # a peer outside the allow list
+    stranger.settimeout(5)
+    with stranger:
+        stranger.connect((LB_V4, PORT))
+        assert closed_soon(stranger)
+    time.sleep(0.2)
+    m = scrape(wl, METRICS)
+    assert value(m, "pymmproxy_connections_accepted_total") == 9  # with wait_port's probe
+    assert value(m, "pymmproxy_connections_failed_total", reason="eof_before_header") == 1
+    assert value(m, "pymmproxy_connections_relayed_total") == 5
+    assert value(m, "pymmproxy_connections_active") == 0
+    assert value(m, "pymmproxy_connections_rejected_total", reason="not_allowed") == 1
+    assert value(m, "pymmproxy_header_errors_total", kind="bad_signature") == 1
+    assert value(m, "pymmproxy_sources_refused_total", kind="loopback") == 1
+    assert value(m, "pymmproxy_headers_total", version="2", command="proxy") == 4
+    assert value(m, "pymmproxy_headers_total", version="1", command="proxy") == 1
+    assert value(m, "pymmproxy_headers_total", version="2", command="local") == 1
+    assert value(m, "pymmproxy_relayed_bytes_total", direction="client_to_target") > 0
+    assert value(m, "pymmproxy_relayed_bytes_total", direction="target_to_client") > 0
+    assert value(m, "pymmproxy_header_wait_seconds_count") == 6
+    assert value(m, "pymmproxy_target_connect_seconds_count") == 5
+    assert value(m, "pymmproxy_target_connect_seconds_bucket", le="+Inf") == 5
+    assert value(m, "process_open_fds") > 0
+    assert http_get(wl, METRICS, "/nope")[0] == "HTTP/1.1 404 Not Found"
+
+
+def test_two_workers_reload_and_drain_together(wl: Workload) -> None:
+    port, mports = PORT + 1, (METRICS + 1, METRICS + 2)
+    proc = wl.daemon("-4", f"127.0.0.1:{ECHO}", "-listeners", "2", "-v", "0",
+                     "--metrics", f"127.0.0.1:{mports[0]}", port=port)  # fmt: skip
+    for mport in mports:
+        wait_port(wl.ns, "127.0.0.1", mport)
+
+    def echo_once(i: int) -> bool:
+        with open_conn(wl, port) as s:
+            try:
+                s.sendall(encode_v2(header("192.0.2.111", 44100 + i)) + b"x")
+                s.shutdown(socket.SHUT_WR)
+                return recv_all(s) == b"x"
+            except OSError:  # reset by the proxy: refused
+                return False
+
+    assert all(echo_once(i) for i in range(40))
+    per_worker = [value(scrape(wl, p), "pymmproxy_connections_relayed_total") for p in mports]
+    assert all(n > 0 for n in per_worker), per_worker  # both workers got some
+    assert sum(per_worker) == 40
+
+    allow = wl.tmp / f"allow-{port}.txt"
+    allow.write_text("203.0.113.0/24\n")
+    proc.send_signal(signal.SIGHUP)
+    _wait_for(lambda: wl.log(f"daemon-{port}.log").count('"daemon.reload"') == 2)
+    assert not any(echo_once(100 + i) for i in range(40))
+    refused = [value(scrape(wl, p), "pymmproxy_connections_rejected_total") for p in mports]
+    assert all(n > 0 for n in refused), refused
+    assert sum(refused) == 40
+
+    allow.write_text("198.51.100.0/24\n")
+    proc.send_signal(signal.SIGHUP)
+    _wait_for(lambda: wl.log(f"daemon-{port}.log").count('"daemon.reload"') == 4)
+    kept: list[socket.socket] = []
+    while len(kept) < 40 and not all(
+        value(scrape(wl, p), "pymmproxy_connections_active") > 0 for p in mports
+    ):
+        s = open_conn(wl, port, timeout=20)
+        s.sendall(encode_v2(header("192.0.2.112", 44300 + len(kept))) + b"x")
+        assert s.recv(1) == b"x"
+        kept.append(s)
+    assert all(value(scrape(wl, p), "pymmproxy_connections_active") > 0 for p in mports)
+
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    with pytest.raises(ConnectionRefusedError):
+        open_conn(wl, port).close()
+    payload = os.urandom(256 * 1024)
+    results: list[bool] = []
+
+    def finish(s: socket.socket) -> None:
+        got = hashlib.sha256()
+        reader = threading.Thread(
+            target=lambda: [got.update(c) for c in iter(lambda: s.recv(65536), b"")]
+        )
+        reader.start()
+        s.sendall(payload)
+        s.shutdown(socket.SHUT_WR)
+        reader.join(20)
+        results.append(got.digest() == hashlib.sha256(payload).digest())
+        s.close()
+
+    threads = [threading.Thread(target=finish, args=(s,)) for s in kept]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert results == [True] * len(kept)
+    assert proc.wait(20) == 0
+    assert wl.log(f"daemon-{port}.log").count('"daemon.stopped"') == 2
+
+
+def _wait_for(cond: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)

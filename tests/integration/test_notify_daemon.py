@@ -1,0 +1,163 @@
+"""sd_notify from the real daemon, received on a real ``AF_UNIX`` datagram socket.
+
+The daemon runs in the host namespace on 127.0.0.1 and an ephemeral port with no spoofing
+(``--allow-any``, a target nobody connects to), which needs no privileges. What systemd
+relies on: READY=1 only once the port accepts connections (and, with ``-listeners N``, once
+every worker listens), STATUS= lines while running, STOPPING=1 on SIGTERM, exit 0.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+PY = sys.executable
+STATUS_WAIT = 7.0  # the daemon reports every 5 s
+
+
+class Manager:
+    """Plays the service manager: owns NOTIFY_SOCKET and collects what arrives."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.messages: list[dict[str, str]] = []
+
+    def wait_for(self, key: str, timeout: float) -> dict[str, str]:
+        """The next message carrying ``key`` (all messages are kept in ``messages``)."""
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            self.sock.settimeout(left)
+            try:
+                data = self.sock.recv(4096)
+            except TimeoutError:
+                break
+            fields = dict(line.split("=", 1) for line in data.decode().splitlines())
+            self.messages.append(fields)
+            if key in fields:
+                return fields
+        raise AssertionError(f"no {key} within {timeout} s; got {self.messages}")
+
+    def count(self, key: str) -> int:
+        return sum(key in m for m in self.messages)
+
+
+@pytest.fixture
+def manager(tmp_path: Path) -> Iterator[Manager]:
+    m = Manager(tmp_path / "notify.sock")
+    try:
+        yield m
+    finally:
+        m.sock.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def daemon(manager: Manager, port: int, *extra: str) -> Iterator[subprocess.Popen[bytes]]:
+    """The daemon with ``NOTIFY_SOCKET`` set; killed if a test leaves it running."""
+    env = {**os.environ, "NOTIFY_SOCKET": str(manager.path)}
+    argv = [PY, "-m", "pymmproxy", "-l", f"127.0.0.1:{port}", "-4", "127.0.0.1:9",
+            "-6", "none", "--allow-any", "--drain-timeout", "2", *extra]  # fmt: skip
+    log = manager.path.with_name("daemon.log")
+    with log.open("wb") as out:
+        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=10)
+
+
+def connects(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(1)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def stop(proc: subprocess.Popen[bytes], manager: Manager) -> None:
+    """SIGTERM: STOPPING=1 arrives, then the daemon exits 0."""
+    proc.send_signal(signal.SIGTERM)
+    manager.wait_for("STOPPING", 5)
+    code = proc.wait(timeout=10)
+    assert code == 0, manager.path.with_name("daemon.log").read_text()
+
+
+def listening_inodes(port: int) -> set[str]:
+    """Socket inodes in LISTEN on 127.0.0.1:port (from /proc/net/tcp)."""
+    local = f"0100007F:{port:04X}"
+    found = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        cols = line.split()
+        if cols[1] == local and cols[3] == "0A":
+            found.add(cols[9])
+    return found
+
+
+def socket_inodes(pid: int) -> set[str]:
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:[") : -1])
+    return inodes
+
+
+def children(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def test_ready_after_listening_then_status_then_stopping(manager: Manager) -> None:
+    port = free_port()
+    with daemon(manager, port) as proc:
+        manager.wait_for("READY", 10)
+        assert connects(port), "READY=1 was sent before the port accepted connections"
+        status = manager.wait_for("STATUS", STATUS_WAIT)
+        assert re.fullmatch(r"0 active, 1 accepted, \d+ rejected, \d+ failed", status["STATUS"])
+        stop(proc, manager)
+    assert manager.count("READY") == 1
+    ready_at = next(i for i, m in enumerate(manager.messages) if "READY" in m)
+    stopping_at = next(i for i, m in enumerate(manager.messages) if "STOPPING" in m)
+    assert ready_at < stopping_at
+
+
+def test_ready_once_after_every_worker_listens(manager: Manager) -> None:
+    port = free_port()
+    with daemon(manager, port, "-listeners", "2") as proc:
+        manager.wait_for("READY", 10)
+        workers = children(proc.pid)
+        listeners = listening_inodes(port)
+        assert len(workers) == 2
+        assert len(listeners) == 2
+        for worker in workers:
+            assert socket_inodes(worker) & listeners, f"worker {worker} not listening at READY"
+        assert connects(port)
+        stop(proc, manager)
+    assert manager.count("READY") == 1

@@ -1,0 +1,113 @@
+"""Security: default deny, dual-stack allow lists, sources that are never spoofed."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+
+import pytest
+
+from pymmproxy.proxyproto import Command, Family, Header, Transport, encode_v1, encode_v2
+from tests.integration.conftest import LB_V4, LB_V6, PY, Workload, ns_socket
+from tests.integration.test_daemon import header, open_conn, whoami
+from tests.integration.test_faults import closed_soon, service_events
+
+pytestmark = [pytest.mark.netns]
+WHOAMI = 8381
+PORT = 8301
+
+
+@pytest.fixture(scope="module")
+def wl(workload: Workload) -> Workload:
+    workload.service("whoami", WHOAMI)
+    workload.daemon("-4", f"127.0.0.1:{WHOAMI}", "-6", f"[::1]:{WHOAMI}", port=PORT)
+    return workload
+
+
+def open_v6(wl: Workload, port: int) -> socket.socket:
+    s = ns_socket(wl.ns, socket.AF_INET6)
+    s.settimeout(5)
+    s.connect((LB_V6, port))
+    return s
+
+
+def served(s: socket.socket, src: str, sport: int) -> bool:
+    with s:
+        s.sendall(encode_v2(header(src, sport)) + b"GET / HTTP/1.0\r\n\r\n")
+        try:
+            reply = b"".join(iter(lambda: s.recv(4096), b""))
+        except ConnectionResetError:
+            return False
+    return reply.decode().endswith(f"{src} {sport}\n")
+
+
+def test_no_allow_list_refuses_to_start(wl: Workload) -> None:
+    out = wl.ns.run([PY, "-m", "pymmproxy", "-l", f"{LB_V4}:{PORT + 9}"], check=False)
+    assert out.returncode == 2
+    assert "no allow list" in out.stderr
+    assert out.stderr.count("\n") == 1
+
+
+DUAL_STACK = [("198.51.100.0/24\n", True, False), ("2001:db8:2::/64\n", False, True),
+              ("::ffff:198.51.100.0/120\n", True, False)]  # fmt: skip
+
+
+@pytest.mark.parametrize(("allow", "v4_ok", "v6_ok"), DUAL_STACK)
+def test_dual_stack_listener_matches_mapped_peers_by_address(
+    wl: Workload, allow: str, v4_ok: bool, v6_ok: bool
+) -> None:
+    port = PORT + 1 + DUAL_STACK.index((allow, v4_ok, v6_ok))
+    proc = wl.daemon("-4", f"127.0.0.1:{WHOAMI}", "-6", f"[::1]:{WHOAMI}", port=port, allow=allow)
+    assert served(open_conn(wl, port), "192.0.2.100", 43000) is v4_ok  # peer ::ffff:198.51.100.2
+    assert served(open_v6(wl, port), "192.0.2.100", 43001) is v6_ok  # peer 2001:db8:2::2
+    proc.terminate()
+    assert proc.wait(10) == 0
+
+
+UNSAFE = [
+    ("127.0.0.1", "loopback"), ("127.1.2.3", "loopback"), ("::1", "loopback"),
+    ("::ffff:127.0.0.1", "loopback"), ("0.0.0.0", "unspecified"), ("::", "unspecified"),
+    ("224.0.0.1", "multicast"), ("239.255.255.250", "multicast"), ("ff02::1", "multicast"),
+    ("169.254.169.254", "link_local"), ("fe80::1", "link_local"),
+    ("255.255.255.255", "broadcast"), (LB_V4, "own_address"), (LB_V6, "own_address"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("src", "kind"), UNSAFE)
+def test_unsafe_sources_are_not_spoofed(wl: Workload, src: str, kind: str) -> None:
+    sport = 43100 + UNSAFE.index((src, kind))
+    fam = Family.INET6 if ":" in src else Family.INET
+    dst = "2001:db8::1" if ":" in src else "192.0.2.1"
+    raw = Header(2, Command.PROXY, fam, Transport.STREAM, src, sport, dst, 443)
+    for encoded in (encode_v2(raw), encode_v1(raw)):
+        with open_conn(wl, PORT) as s:
+            s.sendall(encoded + b"GET / HTTP/1.0\r\n\r\n")
+            assert closed_soon(s)
+    assert not [e for e in service_events(wl, f"service-whoami-{WHOAMI}.log", "conn")
+                if e["port"] == sport]  # fmt: skip
+    log = wl.log(f"daemon-{PORT}.log")
+    assert f'"kind": "{kind}"' in log
+    assert '"reason": "source_refused"' in log
+
+
+def test_normal_sources_still_spoofed(wl: Workload) -> None:
+    assert whoami(wl, encode_v2(header("192.0.2.101", 43200)), PORT) == "192.0.2.101 43200"
+    assert whoami(wl, encode_v2(header("2001:db8:1::101", 43201)), PORT) == "2001:db8:1::101 43201"
+
+
+def test_allow_any_source_lifts_the_check(wl: Workload) -> None:
+    port = PORT + 5
+    proc = wl.daemon("-4", f"127.0.0.1:{WHOAMI}", "--allow-any-source", port=port)
+    assert whoami(wl, encode_v2(header("127.0.0.5", 43300)), port) == "127.0.0.5 43300"
+    assert whoami(wl, encode_v2(header(LB_V4, 43301)), port) == f"{LB_V4} 43301"
+    assert '"allow_any_source": true' in wl.log(f"daemon-{port}.log")
+    proc.terminate()
+    assert proc.wait(10) == 0
+
+
+def test_flags_documented_in_help() -> None:
+    helptext = subprocess.run(
+        [PY, "-m", "pymmproxy", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    for flag in ("--allow-any-source", "--max-pending-headers", "--idle-timeout", "--metrics"):
+        assert flag in helptext

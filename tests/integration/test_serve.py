@@ -1,0 +1,250 @@
+"""``pymmproxy serve``: several instances in one process, each with its own mark and allow list.
+
+Driven with hand-made PROXY headers in the workload namespace (see test_daemon.py); the
+fwmarks each instance uses are counted by an nft ``output`` table of the test namespace.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from pymmproxy.lab import CLIENT_V4, CLIENT_V6, LB_FRONT_V4, LB_FRONT_V6, Frontend, Lab
+from pymmproxy.proxyproto import Command, Family, Header, Transport, encode_v2
+from tests.e2e.helpers import body, next_sport, require_lab
+from tests.integration.conftest import LB_V4, LB_V6, PY, Workload, ns_socket, wait_port
+
+pytestmark = [pytest.mark.netns]
+
+WHOAMI, ECHO = 8280, 8281
+MARKS = (123, 124, 125)
+SFX = secrets.token_hex(3)  # instance names are also lock names: unique per run
+# name, mark, port, allow list: all allow the v4 LB; only "b" allows the v6 one
+INSTANCES = (
+    (f"a{SFX}", 123, 8201, f"{LB_V4}/32\n"),
+    (f"b{SFX}", 124, 8202, "198.51.100.0/24\n2001:db8:2::/64\n"),
+    (f"c{SFX}", 125, 8203, "198.51.100.0/25\n"),
+)
+ADDED = (f"d{SFX}", 124, 8204, "198.51.100.0/24\n")
+
+
+def line(name: str, mark: int, port: int, target: int = WHOAMI) -> str:
+    return f"{name} {mark} [::]:{port} 127.0.0.1 {target} ::1 allow=allow-{name}.txt\n"
+
+
+def write_config(cfg: Path, instances: tuple[tuple[str, int, int, str], ...]) -> None:
+    cfg.mkdir(exist_ok=True)
+    (cfg / "pathways.conf").write_text("".join(f"{m}\n" for m in MARKS))
+    text = ""
+    for name, mark, port, allow in instances:
+        (cfg / f"allow-{name}.txt").write_text(allow)
+        text += line(name, mark, port, ECHO if name.startswith("a") else WHOAMI)
+    (cfg / "instances.tsv").write_text(text)
+
+
+def header(src: str, sport: int) -> bytes:
+    fam, dst = (Family.INET6, LB_V6) if ":" in src else (Family.INET, LB_V4)
+    return encode_v2(Header(2, Command.PROXY, fam, Transport.STREAM, src, sport, dst, 443))
+
+
+def connect(wl: Workload, port: int, lb: str = LB_V4, timeout: float = 5.0) -> socket.socket:
+    s = ns_socket(wl.ns, socket.AF_INET6 if ":" in lb else socket.AF_INET)
+    s.settimeout(timeout)
+    try:
+        s.connect((lb, port))
+    except OSError:
+        s.close()
+        raise
+    return s
+
+
+def recv_all(s: socket.socket) -> bytes:
+    chunks = []
+    try:
+        while chunk := s.recv(65536):
+            chunks.append(chunk)
+    except ConnectionResetError:
+        pass
+    return b"".join(chunks)
+
+
+def whoami(wl: Workload, port: int, src: str, sport: int, lb: str = LB_V4) -> str:
+    with connect(wl, port, lb) as s:
+        s.sendall(header(src, sport) + b"GET / HTTP/1.0\r\n\r\n")
+        return recv_all(s).decode().rpartition("\r\n\r\n")[2].strip()
+
+
+def mark_counters(wl: Workload) -> dict[int, int]:
+    out = wl.ns.run(["nft", "-j", "list", "table", "inet", "pmtest"]).stdout
+    counts = {}
+    for item in json.loads(out)["nftables"]:
+        rule = item.get("rule")
+        if rule:
+            mark = rule["expr"][0]["match"]["right"]
+            counts[mark] = rule["expr"][1]["counter"]["packets"]
+    return counts
+
+
+@dataclass
+class Served:
+    wl: Workload
+    cfg: Path
+    proc: subprocess.Popen[bytes]
+    log: str = "daemon-serve.log"
+
+    def text(self) -> str:
+        return self.wl.log(self.log)
+
+    def events(self, name: str) -> list[dict[str, object]]:
+        found = []
+        for raw in self.text().splitlines():
+            if raw.startswith("{") and f'"{name}"' in raw:
+                found.append(json.loads(raw))
+        return [e for e in found if e.get("event") == name]
+
+    def wait_event(self, name: str, count: int, timeout: float = 5.0) -> list[dict[str, object]]:
+        deadline = time.monotonic() + timeout
+        while len(got := self.events(name)) < count and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(got) >= count, self.text()[-3000:]
+        return got
+
+
+@pytest.fixture(scope="module")
+def served(workload: Workload) -> Iterator[Served]:
+    wl = workload
+    for mark in MARKS[1:]:
+        wl.ns.run([PY, "-m", "pymmproxy", "pathway", "add", str(mark)])
+    rules = "".join(f"meta mark {m} counter\n" for m in MARKS)
+    chain = f"chain out {{\ntype filter hook output priority 0; policy accept;\n{rules}}}\n"
+    wl.ns.run(["nft", "-f", "-"], input=f"table inet pmtest {{\n{chain}}}\n")
+    wl.service("whoami", WHOAMI)
+    wl.service("echo", ECHO)
+    cfg = wl.tmp / "serve-config"
+    write_config(cfg, INSTANCES)
+    argv = [PY, "-m", "pymmproxy", "serve", "--config-dir", str(cfg), "-v", "2"]
+    proc = wl.spawn([*argv, "--log-format", "json", "--drain-timeout", "20"], "daemon-serve.log")
+    for _, _, port, _ in INSTANCES:
+        wait_port(wl.ns, LB_V4, port)
+    yield Served(wl, cfg, proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(25) == 0
+
+
+def test_three_instances_each_with_its_mark(served: Served) -> None:
+    for i, (name, mark, port, _) in enumerate(INSTANCES):
+        before = mark_counters(served.wl)
+        if name.startswith("a"):  # "a" targets the echo service
+            with connect(served.wl, port) as s:
+                s.sendall(header(f"192.0.2.{20 + i}", 41000 + i) + b"ping")
+                s.shutdown(socket.SHUT_WR)
+                assert recv_all(s) == b"ping"
+        else:
+            assert whoami(served.wl, port, f"192.0.2.{20 + i}", 41000 + i) == (
+                f"192.0.2.{20 + i} {41000 + i}"
+            )
+        after = mark_counters(served.wl)
+        grew = {m for m in MARKS if after[m] > before[m]}
+        assert grew == {mark}, (name, before, after)
+    listening = {str(e["instance"]): e["mark"] for e in served.events("daemon.listening")}
+    assert {n: listening[n] for n, *_ in INSTANCES} == {n: m for n, m, *_ in INSTANCES}
+    for raw in served.text().splitlines():
+        event = json.loads(raw)
+        if (
+            str(event["event"]).startswith(("conn.", "daemon."))
+            and event["event"] != "daemon.signal"
+        ):
+            assert event.get("instance"), raw
+
+
+def test_allow_lists_are_per_instance(served: Served) -> None:
+    b_port, c_port = INSTANCES[1][2], INSTANCES[2][2]
+    assert whoami(served.wl, b_port, "2001:db8:1::7", 41100, lb=LB_V6) == "2001:db8:1::7 41100"
+    assert whoami(served.wl, c_port, "2001:db8:1::7", 41101, lb=LB_V6) == ""
+    refused = [e for e in served.events("conn.rejected") if e["reason"] == "not_allowed"]
+    assert refused
+    assert {e["instance"] for e in refused} == {INSTANCES[2][0]}
+
+
+def test_sighup_adds_and_removes_while_a_transfer_runs(served: Served) -> None:
+    wl, (a_name, _, a_port, _) = served.wl, INSTANCES[0]
+    payload = os.urandom(24 * 1024 * 1024)
+    received = bytearray()
+    with connect(wl, a_port, timeout=30) as s:
+        s.sendall(header("192.0.2.40", 41200))
+
+        def reader() -> None:
+            while chunk := s.recv(1 << 20):
+                received.extend(chunk)
+
+        thread = threading.Thread(target=reader)
+        thread.start()
+        s.sendall(payload[: 8 << 20])
+        # 1: a broken config is rejected as a whole, with file:line
+        (served.cfg / "instances.tsv").write_text(
+            line(*INSTANCES[0][:3]) + line(*ADDED[:3]) + "broken 124 [::]:1 127.0.0.1\n"
+        )
+        served.proc.send_signal(signal.SIGHUP)
+        failed = served.wait_event("serve.reload_failed", 1)[-1]
+        assert "instances.tsv:3: expected <name>" in str(failed["error"])
+        s.sendall(payload[8 << 20 : 16 << 20])
+        # 2: drop b and c, add d: a keeps its connection
+        write_config(served.cfg, (INSTANCES[0], ADDED))
+        served.proc.send_signal(signal.SIGHUP)
+        done = served.wait_event("serve.reload", 1)[-1]
+        assert done["added"] == [ADDED[0]]
+        assert sorted(done["removed"]) == [INSTANCES[1][0], INSTANCES[2][0]]  # type: ignore[call-overload]
+        assert done["restarted"] == []
+        s.sendall(payload[16 << 20 :])
+        s.shutdown(socket.SHUT_WR)
+        thread.join(30)
+    assert hashlib.sha256(received).digest() == hashlib.sha256(payload).digest()
+    assert whoami(wl, ADDED[2], "192.0.2.41", 41201) == "192.0.2.41 41201"
+    for _, _, port, _ in INSTANCES[1:]:
+        with pytest.raises(ConnectionRefusedError):
+            connect(wl, port).close()
+    stopped = {e["instance"] for e in served.events("daemon.stopped")}
+    assert stopped == {INSTANCES[1][0], INSTANCES[2][0]}
+    assert a_name not in stopped
+
+
+def test_three_instances_through_haproxy(tmp_path: Path) -> None:
+    """The real thing: client -> HAProxy (v2, v1, v2) -> serve with three instances."""
+    require_lab()
+    wk = "198.51.100.2"
+    specs = [(f"h{i}{SFX}", mark, 8300 + i, 90 + i, 2 - i % 2) for i, mark in enumerate(MARKS)]
+    with Lab([Frontend(fe, f"{wk}:{port}", version) for _, _, port, fe, version in specs]) as lab:
+        for mark in MARKS:
+            lab.install_pathway(mark)
+        lab.start_service("whoami", "127.0.0.1:8380", "[::1]:8380")
+        cfg = tmp_path / "cfg"
+        allows = ("198.51.100.1/32\n2001:db8:2::1/128\n", "198.51.100.0/24\n2001:db8:2::/64\n",
+                  "198.51.100.0/30\n2001:db8:2::/120\n")  # fmt: skip
+        write_config(
+            cfg, tuple((n, m, p, a) for (n, m, p, _, _), a in zip(specs, allows, strict=True))
+        )
+        tsv = (cfg / "instances.tsv").read_text().replace(f" {ECHO} ", " 8380 ")
+        (cfg / "instances.tsv").write_text(tsv.replace(f" {WHOAMI} ", " 8380 "))
+        argv = [PY, "-m", "pymmproxy", "serve", "--config-dir", str(cfg), "-v", "1"]
+        proc = lab.spawn(lab.workload, "serve", argv, port=specs[-1][2])
+        for _, _, port, _, _ in specs:
+            proc.wait_listening(port)
+        for i, (name, _, _, fe, _) in enumerate(specs):
+            for src, dst in ((CLIENT_V4[i], LB_FRONT_V4), (CLIENT_V6[i], LB_FRONT_V6)):
+                sport = next_sport()
+                res = lab.connect_from_client(src, dst, fe, sport=sport, timeout=5)
+                assert res["error"] is None, (name, res)
+                assert body(res) == f"{src} {sport}", (name, res)
+        assert "Traceback" not in proc.log()

@@ -1,0 +1,145 @@
+"""``pymmproxy serve`` without sockets: arguments, config to specs, ports=, TPROXY rule text."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from pymmproxy.conffiles import load_instances
+from pymmproxy.errors import ConfigError, UpstreamError, UsageError
+from pymmproxy.pathway import tproxy
+from pymmproxy.pathway.plan import Family
+from pymmproxy.serve import load_specs, parse_args, selected
+from pymmproxy.server.registry import Spec
+from pymmproxy.server.tproxy import pick_port
+from pymmproxy.settings import Endpoint, Limits
+
+ROWS = (
+    "web 123 [::]:7999 127.0.0.1 9000 ::1 ports=8000-8099\n"
+    "ssh 124 0.0.0.0:2222 127.0.0.1 22 - allow=ssh.txt\n"
+)
+
+
+def config(tmp_path: Path, rows: str = ROWS) -> Path:
+    (tmp_path / "pathways.conf").write_text("123\n124\n")
+    (tmp_path / "allow.txt").write_text("198.51.100.0/24\n")
+    (tmp_path / "ssh.txt").write_text("203.0.113.7\n")
+    (tmp_path / "instances.tsv").write_text(rows)
+    return tmp_path
+
+
+def test_parse_args_keeps_limits_and_refuses_single_proxy_flags() -> None:
+    args = parse_args(["--instances", "a,b", "--drain-timeout", "3", "-listeners", "2"])
+    assert (args.instances, args.drain_timeout, args.listeners) == ("a,b", 3.0, 2)
+    for flag in (["-l", "0.0.0.0:1"], ["-mark", "5"], ["--instance", "x"], ["--allow-any"]):
+        with pytest.raises(UsageError, match=f"{flag[0]} is not allowed"):
+            parse_args(flag)
+
+
+def test_selected() -> None:
+    assert selected(None) is None
+    assert selected("a, b,a,") == ["a", "b"]
+    with pytest.raises(UsageError):
+        selected(" , ")
+
+
+def test_load_specs(tmp_path: Path) -> None:
+    specs = load_specs(config(tmp_path), None, Limits(drain_timeout=3), 2)
+    assert list(specs) == ["web", "ssh"]
+    web, ssh = specs["web"], specs["ssh"]
+    assert web.ports == (8000, 8099)
+    assert ssh.ports is None
+    assert (web.settings.mark, ssh.settings.mark) == (123, 124)
+    assert [str(n) for n in ssh.settings.allowed or ()] == ["203.0.113.7/32"]
+    assert web.settings.listeners == 2
+    assert web.settings.limits.drain_timeout == 3
+    assert list(load_specs(tmp_path, ["ssh"], Limits(), 1)) == ["ssh"]
+    with pytest.raises(UsageError, match="no instance 'nope'"):
+        load_specs(tmp_path, ["nope"], Limits(), 1)
+
+
+def test_spec_change_kinds(tmp_path: Path) -> None:
+    spec = load_specs(config(tmp_path), None, Limits(), 1)["ssh"]
+    allow_only = Spec(dataclasses.replace(spec.settings, allowed=()))
+    assert allow_only.same_but_allow(spec)
+    assert allow_only != spec
+    moved = Spec(dataclasses.replace(spec.settings, mark=123))
+    assert not moved.same_but_allow(spec)
+    assert not Spec(spec.settings, (1, 2)).same_but_allow(spec)
+
+
+@pytest.mark.parametrize(
+    ("row", "fragment"),
+    [
+        ("ports=9-8", "need 1 <= FIRST <= LAST <= 65535"),
+        ("ports=a-b", "bad ports 'a-b'"),
+        ("ports=0-5", "need 1 <= FIRST"),
+        ("ports=1-2 proto=udp", "TCP only"),
+        ("ports=1000-65535", "exceeds 65535"),
+    ],
+)
+def test_ports_errors(tmp_path: Path, row: str, fragment: str) -> None:
+    path = tmp_path / "instances.tsv"
+    path.write_text(f"# x\nt 123 [::]:7999 127.0.0.1 9000 - {row}\n")
+    with pytest.raises(ConfigError, match=rf"instances.tsv:2: .*{fragment}"):
+        load_instances(path, None)
+
+
+@pytest.mark.parametrize(
+    ("second", "fragment"),
+    [
+        ("u 123 127.0.0.1:8050 127.0.0.1 1 -", "listen_addr 127.0.0.1:8050 is inside the ports"),
+        (
+            "u 123 [::]:7000 127.0.0.1 1 - ports=8099-8100",
+            "ports=8099-8100 overlaps the ports of instance 't'",
+        ),
+        (
+            "u 123 [::]:7000 127.0.0.1 1 - ports=7999-7999",
+            "ports=7999-7999 covers the listen_addr of instance",
+        ),
+    ],
+)
+def test_ports_clashes(tmp_path: Path, second: str, fragment: str) -> None:
+    path = tmp_path / "instances.tsv"
+    path.write_text(f"t 123 [::]:7999 127.0.0.1 9000 - ports=8000-8099\n{second}\n")
+    with pytest.raises(ConfigError, match=rf"instances.tsv:2: {fragment}"):
+        load_instances(path, None)
+
+
+def test_ports_without_clash(tmp_path: Path) -> None:
+    path = tmp_path / "instances.tsv"
+    path.write_text(
+        "t 123 198.51.100.2:7999 127.0.0.1 9000 - ports=8000-8099\n"
+        "u 123 198.51.100.3:8050 127.0.0.1 1 -\n"  # another host
+        "v 123 0.0.0.0:8050 127.0.0.1 1 - proto=udp\n"  # TPROXY is TCP only
+        "w 123 198.51.100.4:7000 127.0.0.1 9000 - ports=8000-8099\n"
+    )
+    assert load_instances(path, None)["w"].ports == (8000, 8099)
+
+
+def test_pick_port() -> None:
+    assert pick_port(8005, 8001, (8000, 8099)) == 8005
+    assert pick_port(443, 8001, (8000, 8099)) == 8001
+    assert pick_port(None, 8099, (8000, 8099)) == 8099
+    with pytest.raises(UpstreamError, match="443 is outside ports=8000-8099"):
+        pick_port(443, 7999, (8000, 8099))
+
+
+def test_tproxy_rule_text() -> None:
+    v4, v6 = tproxy.rules_for("web", Endpoint("::", 7999), (8000, 8099))
+    assert (v4.family, v6.family) == (Family.V4, Family.V6)
+    assert v4.nft_text().startswith(
+        "meta nfproto ipv4 fib daddr type local tcp dport 8000-8099 tproxy ip to :7999 accept"
+    )
+    assert "tproxy ip6 to :7999" in v6.nft_text()
+    assert v4.comment.startswith("pymmproxy tproxy web ")
+    assert v4.comment != v6.comment
+    (one,) = tproxy.rules_for("x", Endpoint("2001:db8::1", 7), (8, 9))
+    assert "ip6 daddr 2001:db8::1 tcp dport 8-9 tproxy ip6 to [2001:db8::1]:7" in one.nft_text()
+    assert one.iptables_text().startswith("ip6tables -t mangle -A PREROUTING -p tcp -d 2001:db8::1")
+    assert one.iptables_text().endswith("-j TPROXY --on-port 7 --on-ip 2001:db8::1")
+    (only4,) = tproxy.rules_for("y", Endpoint("0.0.0.0", 7), (8, 9))
+    assert "-m addrtype --dst-type LOCAL --dport 8:9" in only4.iptables_text()
+    assert len(tproxy.key("n" * 200)) < 128 - 9
