@@ -65,6 +65,8 @@ class Lifecycle(abc.ABC):
         self.log = log
         self.notifier = notifier or Notifier(environ={})
         self.on_ready = on_ready
+        #: set in forked workers: passes each STATUS line to the parent, which sums them up
+        self.report_status: Callable[[str], None] | None = None
         self._stop = asyncio.Event()
         self._signals = 0
 
@@ -127,7 +129,10 @@ class Lifecycle(abc.ABC):
     async def _tick(self) -> None:
         while True:
             await asyncio.sleep(STATUS_INTERVAL)
-            self.notifier.status(self.status())
+            line = self.status()
+            self.notifier.status(line)
+            if self.report_status is not None:
+                self.report_status(line)
 
 
 class Daemon(Lifecycle):
@@ -184,6 +189,7 @@ class Daemon(Lifecycle):
             )
             return
         ctx.allow = new.allow
+        ctx.refresh_own_addresses()
         self.log.info("daemon.reload", allow=new.allow.describe())
 
 
@@ -217,26 +223,27 @@ def run_app(factory: AppFactory, workers: int, log: BoundLogger) -> int:
 
 
 def _run_workers(factory: AppFactory, workers: int, log: BoundLogger, notifier: Notifier) -> int:
-    ready_r, ready_w = os.pipe()
+    """Fork the workers; relay signals to them; READY once all are bound; sum their STATUS.
+
+    Workers write one line per event into a shared pipe (``ready I`` / ``status I TEXT``;
+    each line is far below PIPE_BUF, so writes never interleave). The pipe closes when the
+    last worker exits.
+    """
+    pipe_r, pipe_w = os.pipe()
     pids: list[int] = []
     for index in range(workers):
         pid = os.fork()
         if pid == 0:  # worker
-            os.close(ready_r)
-
-            def ready(fd: int = ready_w) -> None:
-                os.write(fd, b"1")
-                os.close(fd)
-
+            os.close(pipe_r)
             code = 0
             try:
-                uvloop.run(factory(ready, index).run())
+                uvloop.run(_worker_app(factory, index, pipe_w).run())
             except PymmproxyError as exc:
                 sys.stderr.write(f"pymmproxy: {exc}\n")
                 code = exc.exit_code
             os._exit(code)
         pids.append(pid)
-    os.close(ready_w)
+    os.close(pipe_w)
 
     def forward(signum: int, _frame: object) -> None:
         if signum in _STOP_SIGNALS:
@@ -247,19 +254,35 @@ def _run_workers(factory: AppFactory, workers: int, log: BoundLogger, notifier: 
 
     for signum in (*_STOP_SIGNALS, signal.SIGHUP):
         signal.signal(signum, forward)
-    got = 0
-    while got < workers:
-        chunk = os.read(ready_r, workers)
-        if not chunk:
-            break
-        got += len(chunk)
-    os.close(ready_r)
-    if got == workers:
-        notifier.ready()
-        log.info("daemon.workers_ready", workers=workers)
+    ready: set[str] = set()
+    statuses: dict[str, str] = {}
+    with os.fdopen(pipe_r, "r", encoding="utf-8", errors="replace") as pipe:
+        for line in pipe:
+            kind, _, rest = line.rstrip("\n").partition(" ")
+            worker, _, text = rest.partition(" ")
+            if kind == "ready":
+                ready.add(worker)
+                if len(ready) == workers:
+                    notifier.ready()
+                    log.info("daemon.workers_ready", workers=workers)
+            elif kind == "status":
+                statuses[worker] = text
+                notifier.status("; ".join(f"w{i}: {t}" for i, t in sorted(statuses.items())))
     worst = 0
     for child in pids:
         _, status = os.waitpid(child, 0)
         code = os.waitstatus_to_exitcode(status)
         worst = max(worst, code if code >= 0 else 128 - code)
     return worst
+
+
+def _worker_app(factory: AppFactory, index: int, pipe: int) -> Lifecycle:
+    """The app of worker ``index``, reporting readiness and status lines into ``pipe``."""
+
+    def send(line: str) -> None:
+        with contextlib.suppress(OSError):
+            os.write(pipe, line.replace("\n", " ")[:1000].encode() + b"\n")
+
+    app = factory(lambda: send(f"ready {index}"), index)
+    app.report_status = lambda text: send(f"status {index} {text}")
+    return app

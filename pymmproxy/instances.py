@@ -9,20 +9,27 @@ from collections.abc import Sequence
 
 from pymmproxy import daemon, instancelock
 from pymmproxy.conffiles import Config, instance_settings, load_config, resolve_config_dir
-from pymmproxy.errors import PymmproxyError
+from pymmproxy.errors import PymmproxyError, UsageError
 from pymmproxy.logsetup import get_logger
 from pymmproxy.policy import AllowList
 
 
 def run_instance(args: argparse.Namespace) -> int:
     """Run one instance; a second start of a running instance exits 0 without starting."""
-    from pymmproxy.cli import limits_from_args  # noqa: PLC0415 - cli imports us lazily
+    from pymmproxy.cli import limits_from_args, metrics_from_args  # noqa: PLC0415 - cli imports us lazily
 
     config_dir = resolve_config_dir(args.config_dir)
     config = load_config(config_dir)
     inst = config.instance(args.instance)
+    if inst.ports is not None:
+        raise UsageError(
+            f"instance {inst.name} is a TPROXY port range (ports=); run it with "
+            f"`pymmproxy serve --instances {inst.name}`, which installs its TPROXY rule"
+        )
     settings = instance_settings(inst, config.allowed_for(inst), limits_from_args(args))
-    settings = dataclasses.replace(settings, listeners=args.listeners)
+    settings = dataclasses.replace(
+        settings, listeners=args.listeners, metrics=metrics_from_args(args)
+    )
     lock = instancelock.acquire(inst.name)
     if lock is None:
         pid = instancelock.holder_pid(inst.name)

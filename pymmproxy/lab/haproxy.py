@@ -17,7 +17,9 @@ class Frontend:
 
     ``version`` is the PROXY protocol version sent to the backend (1, 2, or None for
     plain TCP); ``check`` adds ``check check-send-proxy`` (PROXY v2 LOCAL health checks
-    when ``version`` is 2).
+    when ``version`` is 2) with ``option httpchk``: the server is UP only if the check's
+    HTTP request got an answer *through* the proxy (a plain TCP check would pass on connect
+    and reset the connection right after its header, before anything is relayed).
     """
 
     port: int
@@ -70,6 +72,7 @@ def render_config(frontends: tuple[Frontend, ...] | list[Frontend], stats_socket
             f"    bind [{LB_FRONT_V6}]:{fe.port}",
             f"    default_backend be_{fe.name}",
             f"backend be_{fe.name}",
+            *(["    option httpchk GET /"] if fe.check else []),
             f"    {fe.server_line()}",
         ]
     return "\n".join(lines) + "\n"

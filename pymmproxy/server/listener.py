@@ -107,6 +107,7 @@ class Listener:
         left = len(ctx.conns)
         self.abort()
         await asyncio.sleep(0)
+        ctx.close()
         self.log.info("daemon.stopped", aborted=left, accepted=ctx.stats.accepted)
 
     def abort(self) -> None:

@@ -122,6 +122,7 @@ class Registry:
             running.spec = desired[name]
             if running.listener.ctx is not None:
                 running.listener.ctx.allow = AllowList(desired[name].settings.allowed)
+                running.listener.ctx.refresh_own_addresses()
                 running.listener.log.info(
                     "daemon.reload", allow=running.listener.ctx.allow.describe()
                 )

@@ -166,6 +166,10 @@ class UdpListener(asyncio.DatagramProtocol):
         if source is None or target is None:
             ctx.failed("no_target", addr, client=_ep(source), error=f"no -{6 if v6 else 4}")
             return None, None, None
+        if ctx.sources is not None and (kind := ctx.sources.refuses(source[0])):
+            ctx.stats.sources_refused[kind] += 1
+            ctx.failed("source_refused", addr, kind=kind, client=_ep(source))
+            return None, None, None
         family = socket.AF_INET6 if v6 else socket.AF_INET
         key = socket.inet_pton(family, source[0]) + source[1].to_bytes(2, "big")
         return key, source, target

@@ -159,5 +159,8 @@ def test_ready_once_after_every_worker_listens(manager: Manager) -> None:
         for worker in workers:
             assert socket_inodes(worker) & listeners, f"worker {worker} not listening at READY"
         assert connects(port)
+        status = manager.wait_for("STATUS", STATUS_WAIT)["STATUS"]
+        worker_line = r"w[01]: \d+ active, \d+ accepted, \d+ rejected, \d+ failed"
+        assert re.fullmatch(f"{worker_line}(; {worker_line})?", status), status
         stop(proc, manager)
     assert manager.count("READY") == 1

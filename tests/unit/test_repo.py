@@ -54,3 +54,15 @@ def test_ruff_check_and_format() -> None:
 def test_mypy_strict() -> None:
     proc = subprocess.run([_tool("mypy")], check=False, cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_haproxy_example_config_is_valid() -> None:
+    haproxy = shutil.which("haproxy")
+    if haproxy is None:
+        pytest.fail("haproxy is not installed (apt-get install haproxy)")
+    example = ROOT / "config" / "haproxy.cfg.example"
+    proc = subprocess.run(
+        [haproxy, "-c", "-f", str(example)], check=False, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "send-proxy-v2" in example.read_text()
