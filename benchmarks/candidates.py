@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.topology import LB_FRONT, WORKLOAD_IP, BenchError, Netns, Topology
+from pymmproxy.lab.nsexec import listening_ports
 
 REPO = Path(__file__).resolve().parents[1]
 MARK = 123
@@ -111,21 +112,6 @@ class Proc:
                 return
             time.sleep(0.02)
         raise BenchError(f"{self.name} not listening on :{port} after {timeout}s: {self.tail()}")
-
-
-def listening_ports(pid: int) -> set[int]:
-    """TCP ports in LISTEN state in the network namespace of ``pid``."""
-    ports: set[int] = set()
-    for table in ("tcp", "tcp6"):
-        try:
-            rows = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for row in rows:
-            fields = row.split()
-            if len(fields) > 3 and fields[3] == "0A":
-                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
-    return ports
 
 
 def check_tools() -> None:

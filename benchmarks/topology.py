@@ -19,7 +19,6 @@ import functools
 import os
 import resource
 import secrets
-import signal
 import socket
 import subprocess
 import threading
@@ -27,6 +26,8 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
+
+from pymmproxy.lab.nsexec import kill_namespace_pids
 
 T = TypeVar("T")
 
@@ -261,24 +262,3 @@ def _refused(addr: str, port: int = 9) -> bool:
         except OSError:
             return False
     return True
-
-
-def kill_namespace_pids(ns: Netns) -> int:
-    """SIGKILL every process whose network namespace is ``ns``."""
-    try:
-        target = ns.path.stat()
-    except OSError:
-        return 0
-    killed = 0
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            st = (entry / "ns" / "net").stat()
-        except OSError:
-            continue
-        if (st.st_ino, st.st_dev) == (target.st_ino, target.st_dev):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(entry.name), signal.SIGKILL)
-                killed += 1
-    return killed

@@ -6,6 +6,8 @@ single line. Commands turn it into ``pymmproxy: <line>`` and a non-zero exit cod
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -66,3 +68,15 @@ class UpstreamError(PymmproxyError):
 
 class PathwayError(PymmproxyError):
     """Policy routing / firewall state could not be read or changed."""
+
+
+def one_line_errors(command: Callable[[], int]) -> int:
+    """Run a subcommand: a :class:`PymmproxyError` becomes ``pymmproxy: <line>`` on stderr
+    and its exit code; argparse's own exit (``--help``, usage errors) keeps its code."""
+    try:
+        return command()
+    except PymmproxyError as exc:
+        sys.stderr.write(f"pymmproxy: {exc}\n")
+        return exc.exit_code
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 0

@@ -19,7 +19,7 @@ from pymmproxy import conffiles
 from pymmproxy.doctor import probes
 from pymmproxy.doctor.checks import Check, Level, evaluate, exit_code
 from pymmproxy.doctor.facts import Facts
-from pymmproxy.errors import PymmproxyError, UsageError
+from pymmproxy.errors import UsageError, one_line_errors
 from pymmproxy.pathway.cli import parse_mark_arg
 from pymmproxy.pathway.firewall import BACKEND_CHOICES
 from pymmproxy.settings import Transport
@@ -144,12 +144,5 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; usage and config errors are one ``pymmproxy: ...`` line, exit 2."""
-    try:
-        return run(
-            build_parser().parse_args(list(sys.argv[1:] if argv is None else argv)), sys.stdout
-        )
-    except PymmproxyError as exc:
-        sys.stderr.write(f"pymmproxy: {exc}\n")
-        return exc.exit_code
-    except SystemExit as exc:  # --help
-        return exc.code if isinstance(exc.code, int) else 0
+    args = list(sys.argv[1:] if argv is None else argv)
+    return one_line_errors(lambda: run(build_parser().parse_args(args), sys.stdout))

@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 T = TypeVar("T")
 
@@ -241,15 +241,22 @@ def listening_ports(pid: int) -> set[int]:
     return ports
 
 
-def kill_namespace_pids(ns: Ns) -> int:
-    """SIGKILL every process whose network namespace is ``ns``; return how many."""
+class HasPath(Protocol):
+    """Anything naming a namespace file (the lab's ``Ns``, the benchmark's ``Netns``)."""
+
+    @property
+    def path(self) -> Path: ...
+
+
+def kill_namespace_pids(ns: HasPath) -> int:
+    """SIGKILL every process (but this one) in namespace ``ns``; return how many."""
     try:
         target = ns.path.stat()
     except OSError:
         return 0
     killed = 0
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
             st = (entry / "ns" / "net").stat()

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import NoReturn, TextIO
 
 from pymmproxy import conffiles
-from pymmproxy.errors import PymmproxyError, UsageError
+from pymmproxy.errors import UsageError, one_line_errors
 from pymmproxy.pathway import PathwayStatus, add, delete, status
 from pymmproxy.pathway.firewall import BACKEND_CHOICES
 from pymmproxy.settings import validate_mark
@@ -129,12 +129,5 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; every error is one ``pymmproxy: ...`` line on stderr."""
-    try:
-        return run(
-            build_parser().parse_args(list(sys.argv[1:] if argv is None else argv)), sys.stdout
-        )
-    except PymmproxyError as exc:
-        sys.stderr.write(f"pymmproxy: {exc}\n")
-        return exc.exit_code
-    except SystemExit as exc:  # --help
-        return exc.code if isinstance(exc.code, int) else 0
+    args = list(sys.argv[1:] if argv is None else argv)
+    return one_line_errors(lambda: run(build_parser().parse_args(args), sys.stdout))
