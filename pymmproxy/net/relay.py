@@ -10,11 +10,15 @@ the last FIN itself), or at once (abort) when either side fails.
 
 from __future__ import annotations
 
+from typing import Any
 
-def endpoint(addr: tuple[str, int] | None) -> str | None:
+
+def endpoint(addr: Any) -> str | None:  # noqa: ANN401 - a sockaddr tuple, or None
     """``host:port`` / ``[v6]:port`` for logs (``None`` stays ``None``)."""
     if not addr:
         return None
+    if not isinstance(addr, tuple) or len(addr) < 2:
+        return str(addr)
     host, port = addr[0], addr[1]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 

@@ -10,7 +10,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from pymmproxy.errors import UpstreamError
 from pymmproxy.logsetup import RateLimiter, get_logger
+from pymmproxy.net.relay import endpoint
 from pymmproxy.policy import AllowList, SourcePolicy, own_addresses
 from pymmproxy.settings import Endpoint, InstanceSettings, Transport
 
@@ -120,9 +122,9 @@ class InstanceContext:
         if self.verbosity >= 2:
             self.log.info(
                 "conn.closed",
-                lb=_fmt(conn.peer),
-                client=_fmt(conn.source),
-                target=_fmt(conn.target),
+                lb=endpoint(conn.peer),
+                client=endpoint(conn.source),
+                target=endpoint(conn.target),
                 mark=self.mark,
                 bytes_in=conn.bytes_up,
                 bytes_out=conn.bytes_down,
@@ -133,12 +135,12 @@ class InstanceContext:
     def reject(self, reason: str, peer: Any, **fields: Any) -> None:  # noqa: ANN401
         """Count a refused connection and log it (rate-limited below -v 1)."""
         self.stats.rejected[reason] += 1
-        self._warn("conn.rejected", reason=reason, lb=_fmt(peer), **fields)
+        self._warn("conn.rejected", reason=reason, lb=endpoint(peer), **fields)
 
     def failed(self, reason: str, peer: Any, **fields: Any) -> None:  # noqa: ANN401
         """Count a connection that failed after acceptance and log it."""
         self.stats.errors[reason] += 1
-        self._warn("conn.failed", reason=reason, lb=_fmt(peer), **fields)
+        self._warn("conn.failed", reason=reason, lb=endpoint(peer), **fields)
 
     def _warn(self, event: str, **fields: Any) -> None:  # noqa: ANN401
         if self.verbosity >= 1 or self._limiter.allow():
@@ -170,15 +172,6 @@ def _addr(endpoint: Endpoint | None) -> tuple[str, int] | None:
     return None if endpoint is None else (endpoint.host, endpoint.port)
 
 
-def _fmt(peer: Any) -> str | None:  # noqa: ANN401
-    if not peer:
-        return None
-    if isinstance(peer, tuple) and len(peer) >= 2:
-        host, port = peer[0], peer[1]
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    return str(peer)
-
-
 def local_target(
     target4: tuple[str, int] | None, target6: tuple[str, int] | None, lb_is_v6: bool
 ) -> tuple[socket.AddressFamily, tuple[str, int]] | None:
@@ -188,3 +181,30 @@ def local_target(
         if target is not None:
             return (socket.AF_INET6 if ":" in target[0] else socket.AF_INET), target
     return None
+
+
+def pick_target(
+    source: tuple[str, int] | None,
+    target4: tuple[str, int] | None,
+    target6: tuple[str, int] | None,
+    *,
+    lb_host: str,
+) -> tuple[socket.AddressFamily, tuple[str, int]]:
+    """Upstream family and target: the header's source family picks ``-4``/``-6`` (not the
+    load balancer's); LOCAL/UNKNOWN (``source`` None) try the LB's family first.
+
+    Raises :class:`UpstreamError` when that family has no target.
+    """
+    if source is None:
+        lb_is_v6 = ":" in lb_host and not lb_host.startswith("::ffff:")
+        chosen = local_target(target4, target6, lb_is_v6)
+        if chosen is None:
+            raise UpstreamError("no target configured")
+        return chosen
+    if ":" in source[0]:
+        if target6 is None:
+            raise UpstreamError(f"IPv6 client {source[0]} but no -6 target configured")
+        return socket.AF_INET6, target6
+    if target4 is None:
+        raise UpstreamError(f"IPv4 client {source[0]} but no -4 target configured")
+    return socket.AF_INET, target4

@@ -10,7 +10,6 @@ still connecting are buffered (reading pauses only past ``MAX_EARLY_BYTES``).
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 from typing import Any
 
@@ -24,7 +23,7 @@ from pymmproxy.server.context import (
     LOCAL_KEYS,
     VERSION_KEYS,
     InstanceContext,
-    local_target,
+    pick_target,
 )
 
 _HEADER, _CONNECTING, _RELAY, _CLOSED = range(4)
@@ -124,22 +123,9 @@ class ClientProtocol(asyncio.Protocol):
         if stats.header_wait is not None:
             stats.header_wait.observe(time.monotonic() - self.started)
         source = header.relayable_source
-        target4, target6 = self.targets(header)
         if source is None:
             stats.versions[LOCAL_KEYS[header.version, header.command]] += 1
-            lb = self.peer[0]
-            chosen = local_target(target4, target6, ":" in lb and not lb.startswith("::ffff:"))
-            if chosen is None:
-                raise UpstreamError("no target configured")
-            family, target = chosen
-        elif ":" in source[0]:
-            family, target = socket.AF_INET6, target6  # type: ignore[assignment]
-            if target is None:
-                raise UpstreamError(f"IPv6 client {source[0]} but no -6 target configured")
-        else:
-            family, target = socket.AF_INET, target4  # type: ignore[assignment]
-            if target is None:
-                raise UpstreamError(f"IPv4 client {source[0]} but no -4 target configured")
+        family, target = pick_target(source, *self.targets(header), lb_host=self.peer[0])
         self.source = source
         self.target = target
         if source is not None:

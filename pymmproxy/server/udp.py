@@ -38,6 +38,7 @@ from typing import Any
 
 from pymmproxy.errors import ProtocolError, UpstreamError
 from pymmproxy.logsetup import RateLimiter
+from pymmproxy.net.relay import endpoint
 from pymmproxy.net.sockets import upstream_socket
 from pymmproxy.proxyproto import SIGNATURE, Command, Family, Header, Transport, parse_header
 from pymmproxy.server.context import InstanceContext
@@ -144,7 +145,7 @@ class UdpListener(asyncio.DatagramProtocol):
         if header.command is Command.LOCAL:
             ctx.stats.versions["v2-local"] += 1
             if ctx.verbosity >= 1 or self._local_log.allow():
-                ctx.log.info("udp.local", lb=_ep(addr), note="relayed without spoofing")
+                ctx.log.info("udp.local", lb=endpoint(addr), note="relayed without spoofing")
             # Like go-mmproxy: a dotted LB address (also ::ffff:a.b.c.d) picks the v4 target.
             chosen = ctx.local_target("." not in addr[0])
             if chosen is None:
@@ -164,11 +165,11 @@ class UdpListener(asyncio.DatagramProtocol):
         v6 = header.family == Family.INET6
         target = ctx.target6 if v6 else ctx.target4
         if source is None or target is None:
-            ctx.failed("no_target", addr, client=_ep(source), error=f"no -{6 if v6 else 4}")
+            ctx.failed("no_target", addr, client=endpoint(source), error=f"no -{6 if v6 else 4}")
             return None, None, None
         if ctx.sources is not None and (kind := ctx.sources.refuses(source[0])):
             ctx.stats.sources_refused[kind] += 1
-            ctx.failed("source_refused", addr, kind=kind, client=_ep(source))
+            ctx.failed("source_refused", addr, kind=kind, client=endpoint(source))
             return None, None, None
         family = socket.AF_INET6 if v6 else socket.AF_INET
         key = socket.inet_pton(family, source[0]) + source[1].to_bytes(2, "big")
@@ -186,15 +187,19 @@ class UdpListener(asyncio.DatagramProtocol):
         try:
             sock = upstream_socket(family, target, source, ctx.mark, kind=socket.SOCK_DGRAM)
         except UpstreamError as exc:
-            ctx.failed("upstream_error", addr, client=_ep(source), error=str(exc))
+            ctx.failed("upstream_error", addr, client=endpoint(source), error=str(exc))
             return None
         flow, evicted = self.table.add(key, sock, addr, source, target)
         if evicted is not None:
-            ctx.reject("udp_evicted", evicted.lb, client=_ep(evicted.client), flows=len(self.table))
+            ctx.reject(
+                "udp_evicted", evicted.lb, client=endpoint(evicted.client), flows=len(self.table)
+            )
         ctx.stats.accepted += 1
         ctx.stats.versions["v2"] += 1
         if ctx.verbosity >= 2:
-            ctx.log.info("udp.flow", lb=_ep(addr), client=_ep(source), target=_ep(target))
+            ctx.log.info(
+                "udp.flow", lb=endpoint(addr), client=endpoint(source), target=endpoint(target)
+            )
         return flow
 
     def _send(self, flow: Flow, payload: bytes) -> None:
@@ -208,7 +213,7 @@ class UdpListener(asyncio.DatagramProtocol):
 
     def _send_failed(self, flow: Flow, exc: OSError) -> None:
         if isinstance(exc, BlockingIOError):  # socket buffer full: drop, like a busy link
-            self.ctx.failed("upstream_busy", flow.lb, client=_ep(flow.client))
+            self.ctx.failed("upstream_busy", flow.lb, client=endpoint(flow.client))
         else:
             self._flow_error(flow, exc)
 
@@ -223,7 +228,7 @@ class UdpListener(asyncio.DatagramProtocol):
 
     def _flow_error(self, flow: Flow, exc: OSError) -> None:
         reason = "target_refused" if exc.errno == errno.ECONNREFUSED else "upstream_io"
-        self.ctx.failed(reason, flow.lb, client=_ep(flow.client), error=str(exc))
+        self.ctx.failed(reason, flow.lb, client=endpoint(flow.client), error=str(exc))
 
     def pause_writing(self) -> None:
         self.congested = True  # the LB is not keeping up: drop replies rather than queue them
@@ -280,10 +285,3 @@ def _raise_nofile_limit() -> None:
     if soft < hard:
         with contextlib.suppress(ValueError, OSError):  # e.g. an unlimited hard limit
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
-def _ep(addr: Any) -> str | None:  # noqa: ANN401
-    if not addr:
-        return None
-    host, port = addr[0], addr[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
