@@ -8,7 +8,8 @@ spoof -- into a real :class:`ClientProtocol` with fake transports, split at rand
 sometimes followed by EOF. Checks: no exception escapes the protocol, every connection ends
 with the pending-header count and the open-connection set back to zero, and (for a sample)
 the outcome does not depend on how the bytes were split. The only sockets are fakes: the
-upstream connect is stubbed. Exit status 1 if anything failed.
+upstream socket and its driver are stubbed (no packet is ever sent). Exit status 1 if
+anything failed.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import random
 import sys
 import time
 from collections import Counter
-from typing import Any
 
 import structlog
 
@@ -40,7 +40,7 @@ class FakeTimer:
 
 
 class FakeLoop:
-    """Just what the header path touches: timers and the hand-over task."""
+    """Just what the header path touches: timers (and a count of upstream connects)."""
 
     def __init__(self) -> None:
         self.connects = 0
@@ -48,9 +48,24 @@ class FakeLoop:
     def call_later(self, _delay: float, _cb: object, *_args: object) -> FakeTimer:
         return FakeTimer()
 
-    def create_task(self, coro: Any) -> None:
-        self.connects += 1
-        coro.close()
+
+class FakeUpstream:
+    """Stands in for :class:`pymmproxy.net.upstream.Upstream`: stays "connecting"."""
+
+    def __init__(self, _client: object, _sock: object, loop: FakeLoop) -> None:
+        loop.connects += 1
+        self.closed = False
+
+    def start(self, *, connected: bool) -> None:
+        del connected
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def abort(self) -> None:
+        self.closed = True
+
+    close = abort
 
 
 class FakeTransport:
@@ -115,7 +130,8 @@ def main() -> int:
     count = int(sys.argv[1]) if len(sys.argv) > 1 else 1_000_000
     seed = int(sys.argv[2]) if len(sys.argv) > 2 else 20240607
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL))
-    tcp.upstream_socket = lambda *_a, **_k: object()  # type: ignore[assignment,return-value]
+    tcp.connect_upstream = lambda *_a, **_k: (object(), False)  # type: ignore[assignment]
+    tcp.Upstream = FakeUpstream  # type: ignore[assignment, misc]
     settings = InstanceSettings(Endpoint("192.0.2.9", 8443), Endpoint("127.0.0.1", 80),
                                 Endpoint("::1", 80), mark=1)  # fmt: skip
     loop = asyncio.new_event_loop()
