@@ -52,8 +52,11 @@ _V2_PROXY = 0x21  # version 2, command PROXY
 class UdpListener(asyncio.DatagramProtocol):
     """The listening socket's protocol: allow list -> header -> flow -> upstream send."""
 
-    def __init__(self, ctx: InstanceContext) -> None:
+    def __init__(self, ctx: InstanceContext, sock: socket.socket) -> None:
         self.ctx = ctx
+        #: Replies go straight out of the listening socket (non-blocking): a full send
+        #: buffer drops the reply, as a busy link would, instead of queueing it.
+        self._sendto = sock.sendto
         limits = ctx.settings.limits
         self.table = FlowTable(
             ctx.loop,
@@ -65,7 +68,6 @@ class UdpListener(asyncio.DatagramProtocol):
         self.flows = self.table.flows
         self.time = ctx.loop.time
         self.transport: asyncio.DatagramTransport | None = None
-        self.congested = False
         self.datagrams = 0
         self.payload_bytes = 0
         self.dropped_replies = 0
@@ -218,23 +220,17 @@ class UdpListener(asyncio.DatagramProtocol):
             self._flow_error(flow, exc)
 
     # -- target -> load balancer -----------------------------------------------------------
-    def _deliver(self, data: bytes, lb: Any) -> None:  # noqa: ANN401
-        if self.congested:
+    def _deliver(self, data: memoryview, lb: Any) -> None:  # noqa: ANN401
+        try:
+            self._sendto(data, lb)
+        except BlockingIOError:
             self.dropped_replies += 1
-            return
-        transport = self.transport
-        if transport is not None:
-            transport.sendto(data, lb)
+        except OSError as exc:
+            self.error_received(exc)
 
     def _flow_error(self, flow: Flow, exc: OSError) -> None:
         reason = "target_refused" if exc.errno == errno.ECONNREFUSED else "upstream_io"
         self.ctx.failed(reason, flow.lb, client=endpoint(flow.client), error=str(exc))
-
-    def pause_writing(self) -> None:
-        self.congested = True  # the LB is not keeping up: drop replies rather than queue them
-
-    def resume_writing(self) -> None:
-        self.congested = False
 
     def error_received(self, exc: Exception) -> None:
         self.ctx.failed("lb_unreachable", None, error=str(exc))
@@ -275,7 +271,7 @@ class UdpListener(asyncio.DatagramProtocol):
 async def serve_udp(ctx: InstanceContext, sock: socket.socket) -> UdpListener:
     """Start relaying datagrams arriving on the bound UDP socket ``sock``."""
     _raise_nofile_limit()
-    _, protocol = await ctx.loop.create_datagram_endpoint(lambda: UdpListener(ctx), sock=sock)
+    _, protocol = await ctx.loop.create_datagram_endpoint(lambda: UdpListener(ctx, sock), sock=sock)
     return protocol
 
 
