@@ -11,15 +11,13 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.topology import LB_FRONT, WORKLOAD_IP, BenchError, Netns, Topology
-from pymmproxy.lab.nsexec import listening_ports
+from pymmproxy.lab.nsexec import Proc as LabProc
 
 REPO = Path(__file__).resolve().parents[1]
 MARK = 123
@@ -69,49 +67,15 @@ CANDIDATES: tuple[Candidate, ...] = (
 NAMES = tuple(c.name for c in CANDIDATES)
 
 
-class Proc:
-    """A started program; ``stop()`` ends its whole process group."""
+class Proc(LabProc):
+    """A started program (the lab's process handle); ``stop()`` ends its process group."""
 
     def __init__(
         self, name: str, ns: Netns, argv: list[str], log: Path, env: dict[str, str] | None = None
     ) -> None:
-        self.name, self.log_path = name, log
+        self.name, self.ns, self.argv, self.log_path = name, ns, list(argv), log
         self.started = time.monotonic()
         self.popen = ns.popen(argv, log, env=env)
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    @property
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def tail(self, n: int = 6) -> str:
-        try:
-            lines = self.log_path.read_text(errors="replace").strip().splitlines()
-        except OSError:
-            return ""
-        return " | ".join(lines[-n:])
-
-    def stop(self, grace: float = 3.0) -> None:
-        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-            if self.popen.poll() is not None:
-                return
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.popen.pid, sig)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.popen.wait(wait)
-
-    def wait_listening(self, port: int, timeout: float = 15.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not self.alive:
-                raise BenchError(f"{self.name} exited ({self.popen.returncode}): {self.tail()}")
-            if port in listening_ports(self.pid):
-                return
-            time.sleep(0.02)
-        raise BenchError(f"{self.name} not listening on :{port} after {timeout}s: {self.tail()}")
 
 
 def check_tools() -> None:

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.topology import CLIENT_IP, LB_FRONT, WORKLOAD_IP, BenchError, Netns, enter_netns
+from benchmarks.topology import CLIENT_IP, LB_FRONT, WORKLOAD_IP, BenchError, Netns
+from pymmproxy.lab.nsexec import enter_netns
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 _UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}

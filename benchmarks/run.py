@@ -32,6 +32,7 @@ from benchmarks import measures as m
 from benchmarks.candidates import CANDIDATES, NAMES, Bench, Candidate, Proc, check_tools
 from benchmarks.report import write_reports
 from benchmarks.topology import BenchError, Topology
+from pymmproxy.lab.nsexec import LabError
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -134,7 +135,7 @@ class Runner:
             try:
                 fn(cand, *args)
                 break
-            except BenchError as exc:
+            except LabError as exc:  # BenchError, or the lab helpers' own
                 dead = [
                     p
                     for p in self.procs.get(cand.name, (None, None))
@@ -539,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         data = run(plan, names, args.out, udp=not args.no_udp, profile=args.profile)
-    except BenchError as exc:
+    except LabError as exc:  # BenchError, or the lab helpers' own
         sys.stderr.write(f"benchmark failed: {exc}\n")
         return 1
     except KeyboardInterrupt:

@@ -14,20 +14,17 @@ Only TEST-NET addresses and loopback; every sysctl is set inside one of these na
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import functools
-import os
 import resource
 import secrets
 import socket
 import subprocess
-import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from pymmproxy.lab.nsexec import kill_namespace_pids
+from pymmproxy.lab.nsexec import LabError, Ns, kill_namespace_pids
 
 T = TypeVar("T")
 
@@ -35,12 +32,10 @@ CLIENT_IP = "192.0.2.10"
 LB_FRONT = "192.0.2.1"
 LB_BACK = "198.51.100.1"
 WORKLOAD_IP = "198.51.100.2"
-NETNS_DIR = Path("/run/netns")
-CLONE_NEWNET = 0x40000000
 NOFILE = 65536
 
 
-class BenchError(RuntimeError):
+class BenchError(LabError):
     """A benchmark step failed; the message says which."""
 
 
@@ -52,15 +47,9 @@ def _raise_nofile() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, max(want, hard)))
 
 
-class Netns:
-    """One named network namespace."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.path = NETNS_DIR / name
-
-    def argv(self, argv: Sequence[str]) -> list[str]:
-        return ["nsenter", f"--net={self.path}", "--", *argv]
+class Netns(Ns):
+    """One named network namespace: the lab's handle, with programs started under a raised
+    fd limit and failures reported as :class:`BenchError`."""
 
     def run(
         self,
@@ -87,12 +76,12 @@ class Netns:
             )
         return res
 
-    def popen(
+    def popen(  # type: ignore[override]
         self,
         argv: Sequence[str],
         log: Path,
-        *,
         env: dict[str, str] | None = None,
+        *,
         stdin: int | None = subprocess.DEVNULL,
         stdout: int | None = None,
     ) -> subprocess.Popen[bytes]:
@@ -107,42 +96,6 @@ class Netns:
                 env=env,
                 preexec_fn=_raise_nofile,  # noqa: PLW1509 - only setrlimit
             )
-
-    def sysctl(self, key: str, value: str) -> None:
-        self.run(["sysctl", "-q", "-w", f"{key}={value}"])
-
-    def call(self, fn: Callable[[], T], timeout: float = 30.0) -> T:
-        """Run ``fn`` in a short-lived thread that has joined this namespace."""
-        box: list[T] = []
-        errors: list[BaseException] = []
-
-        def work() -> None:
-            try:
-                enter_netns(self.path)
-                box.append(fn())
-            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
-                errors.append(exc)
-
-        thread = threading.Thread(target=work, daemon=True)
-        thread.start()
-        thread.join(timeout)
-        if errors:
-            raise errors[0]
-        if not box:
-            raise BenchError(f"call in {self.name} did not finish within {timeout}s")
-        return box[0]
-
-
-def enter_netns(path: Path) -> None:
-    """setns() the calling thread into the namespace at ``path``."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.setns(fd, CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"setns {path}: {os.strerror(err)}")
-    finally:
-        os.close(fd)
 
 
 class Topology:

@@ -89,14 +89,7 @@ class Ns:
     def call(self, fn: Callable[[], T], timeout: float = 10.0) -> T:
         """Run ``fn`` in a short-lived thread that has joined this namespace."""
 
-        def enter() -> None:
-            fd = os.open(self.path, os.O_RDONLY)
-            try:
-                _check(_libc().setns(fd, CLONE_NEWNET), f"setns {self.name}")
-            finally:
-                os.close(fd)
-
-        return _in_thread(enter, fn, timeout, self.name)
+        return _in_thread(lambda: enter_netns(self.path), fn, timeout, self.name)
 
     @classmethod
     def create(cls, name: str) -> Ns:
@@ -138,6 +131,15 @@ class Ns:
         """Set a sysctl of *this namespace* (``net.ipv6.conf.all.accept_dad``...)."""
         path = Path("/proc/sys", *key.split("."))
         self.call(lambda: path.write_text(value))
+
+
+def enter_netns(path: Path) -> None:
+    """setns() the calling *thread* into the namespace at ``path``."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        _check(_libc().setns(fd, CLONE_NEWNET), f"setns {path}")
+    finally:
+        os.close(fd)
 
 
 def _libc() -> ctypes.CDLL:
