@@ -55,6 +55,18 @@ def ns_socket(
     return result
 
 
+def ns_connect(ns: Netns, host: str, port: int, timeout: float = 5.0) -> socket.socket:
+    """A TCP connection from inside ``ns`` (the socket is closed if the connect fails)."""
+    s = ns_socket(ns, socket.AF_INET6 if ":" in host else socket.AF_INET)
+    s.settimeout(timeout)
+    try:
+        s.connect((host, port))
+    except OSError:
+        s.close()
+        raise
+    return s
+
+
 def wait_port(ns: Netns, host: str, port: int, timeout: float = 10.0) -> None:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     deadline = time.monotonic() + timeout

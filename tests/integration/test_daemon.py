@@ -17,7 +17,7 @@ import time
 import pytest
 
 from pymmproxy.proxyproto import Command, Family, Header, Transport, encode_v1, encode_v2
-from tests.integration.conftest import LB_V4, LB_V6, Workload, ns_socket
+from tests.integration.conftest import LB_V4, LB_V6, Workload, ns_connect
 
 pytestmark = [pytest.mark.netns]
 
@@ -36,14 +36,7 @@ def local_header() -> Header:
 
 
 def open_conn(wl: Workload, port: int = PORT, timeout: float = 5.0) -> socket.socket:
-    s = ns_socket(wl.ns)
-    s.settimeout(timeout)
-    try:
-        s.connect((LB_V4, port))
-    except OSError:
-        s.close()
-        raise
-    return s
+    return ns_connect(wl.ns, LB_V4, port, timeout)
 
 
 def recv_all(s: socket.socket) -> bytes:

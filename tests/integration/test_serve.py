@@ -24,7 +24,7 @@ import pytest
 from pymmproxy.lab import CLIENT_V4, CLIENT_V6, LB_FRONT_V4, LB_FRONT_V6, Frontend, Lab
 from pymmproxy.proxyproto import Command, Family, Header, Transport, encode_v2
 from tests.e2e.helpers import body, next_sport, require_lab
-from tests.integration.conftest import LB_V4, LB_V6, PY, Workload, ns_socket, wait_port
+from tests.integration.conftest import LB_V4, LB_V6, PY, Workload, ns_connect, wait_port
 
 pytestmark = [pytest.mark.netns]
 
@@ -60,14 +60,7 @@ def header(src: str, sport: int) -> bytes:
 
 
 def connect(wl: Workload, port: int, lb: str = LB_V4, timeout: float = 5.0) -> socket.socket:
-    s = ns_socket(wl.ns, socket.AF_INET6 if ":" in lb else socket.AF_INET)
-    s.settimeout(timeout)
-    try:
-        s.connect((lb, port))
-    except OSError:
-        s.close()
-        raise
-    return s
+    return ns_connect(wl.ns, lb, port, timeout)
 
 
 def recv_all(s: socket.socket) -> bytes:
