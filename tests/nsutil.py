@@ -2,17 +2,30 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import functools
+import importlib.util
 import os
 import secrets
 import shutil
 import subprocess
+import sys
+import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+ROOT = Path(__file__).resolve().parents[1]
+#: setpriv prefix for running as nobody (callers add their capability options)
+NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+#: what a daemon or pathway command run as nobody imports
+NOBODY_IMPORTS = ("pymmproxy", "uvloop", "structlog", "pyroute2", "prometheus_client", "iptc",
+                  "libxtwrapper")  # fmt: skip
+SYSTEM_BIN = "/usr/local/bin:/usr/bin:/bin"
 
 
 def require(condition: bool, why: str) -> None:
@@ -75,3 +88,53 @@ def netns(prefix: str = "pmt") -> Iterator[Netns]:
             with contextlib.suppress(ProcessLookupError, ValueError):
                 os.kill(int(pid), 9)
         subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+@functools.cache
+def nobody_python() -> tuple[str, ...]:
+    """An interpreter command that uid 65534 can run with pymmproxy importable.
+
+    The venv's own python if nobody can use it (checked); else the base or system python of
+    the same version with the checkout and the venv's site-packages on PYTHONPATH; else (a
+    checkout nobody can read, e.g. under a 0700 temp dir) that python with a world-readable
+    copy of just the packages the daemon imports.
+    """
+    probe = ["-c", "import pymmproxy.cli, uvloop, structlog, pyroute2"]
+    site = next(p for p in sys.path if p.endswith("site-packages"))
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"  # same ABI
+    system = shutil.which(version, path=SYSTEM_BIN) or version
+    candidates = [
+        (sys.executable,),
+        ("env", f"PYTHONPATH={ROOT}:{site}", sys._base_executable),
+        ("env", f"PYTHONPATH={ROOT}:{site}", system),
+    ]
+    for python in candidates:
+        res = subprocess.run([*NOBODY, *python, *probe], cwd="/", capture_output=True, check=False)
+        if res.returncode == 0:
+            return python
+    staged = _stage_imports()
+    for base in (system, sys._base_executable):
+        python = ("env", f"PYTHONPATH={staged}", base)
+        res = subprocess.run([*NOBODY, *python, *probe], cwd="/", capture_output=True, check=False)
+        if res.returncode == 0:
+            return python
+    require(False, "no python that uid 65534 can run with pymmproxy importable")
+    raise AssertionError("unreachable")
+
+
+def _stage_imports() -> Path:
+    """Copy NOBODY_IMPORTS into a world-readable directory (removed at exit)."""
+    stage = Path(tempfile.mkdtemp(prefix="pymmproxy-nobody-"))
+    atexit.register(shutil.rmtree, stage, ignore_errors=True)
+    for name in NOBODY_IMPORTS:
+        spec = importlib.util.find_spec(name)
+        if spec is None:
+            continue
+        if spec.submodule_search_locations:
+            source = Path(next(iter(spec.submodule_search_locations)))
+            shutil.copytree(source, stage / name, ignore=shutil.ignore_patterns("__pycache__"))
+        elif spec.origin:
+            shutil.copy2(spec.origin, stage)
+    for path in (stage, *stage.rglob("*")):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    return stage

@@ -10,14 +10,11 @@ capabilities it must refuse each connection with one clear line and keep running
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import re
 import shutil
 import socket
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -27,7 +24,7 @@ import pytest
 
 from pymmproxy.proxyproto import Command, Family, Header, Transport, encode_v2
 from tests.integration.conftest import LB_V4, LB_V6, Workload, ns_socket, wait_port
-from tests.nsutil import require
+from tests.nsutil import NOBODY, nobody_python, require
 
 pytestmark = pytest.mark.netns
 
@@ -35,8 +32,6 @@ ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "systemd" / "pymmproxy@.service"
 WHOAMI = 8090
 NOCAPS_PORT = 8444
-NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
-SYSTEM_BIN = "/usr/local/bin:/usr/bin:/bin"
 CAP_BITS = {"net_bind_service": 10, "net_admin": 12, "net_raw": 13}
 
 
@@ -58,29 +53,6 @@ def setpriv_with_unit_caps() -> list[str]:
 
 def setpriv_without_caps() -> list[str]:
     return [*NOBODY, "--inh-caps=-all", "--ambient-caps=-all", "--bounding-set=-all", "--"]
-
-
-@functools.cache
-def nobody_python() -> tuple[str, ...]:
-    """An interpreter command that nobody can run with pymmproxy importable.
-
-    The venv's own python if nobody can use it (checked); else the base interpreter with
-    the repo and the venv's site-packages on PYTHONPATH, if those are readable.
-    """
-    probe = ["-c", "import pymmproxy.cli, uvloop, structlog, pyroute2"]
-    site = next(p for p in sys.path if p.endswith("site-packages"))
-    version = f"python{sys.version_info.major}.{sys.version_info.minor}"  # same ABI
-    candidates = [
-        (sys.executable,),
-        ("env", f"PYTHONPATH={ROOT}:{site}", sys._base_executable),
-        ("env", f"PYTHONPATH={ROOT}:{site}", shutil.which(version, path=SYSTEM_BIN) or version),
-    ]
-    for python in candidates:
-        res = subprocess.run([*NOBODY, *python, *probe], cwd="/", capture_output=True, check=False)
-        if res.returncode == 0:
-            return python
-    require(False, "no python that uid 65534 can run with pymmproxy importable")
-    raise AssertionError("unreachable")
 
 
 @pytest.fixture(scope="module")

@@ -19,8 +19,7 @@ import pytest
 
 from pymmproxy import instancelock
 from tests.integration.conftest import PY, ns_socket
-from tests.integration.test_capabilities import nobody_python
-from tests.nsutil import Netns, netns, require_root_and_tools, unique
+from tests.nsutil import Netns, netns, nobody_python, require_root_and_tools, unique
 
 pytestmark = pytest.mark.netns
 

@@ -15,7 +15,7 @@ import pytest
 
 from pymmproxy.pathway.firewall.detect import detect_backend
 from pymmproxy.pathway.plan import plan
-from tests.nsutil import Netns, netns, require_root_and_tools
+from tests.nsutil import Netns, netns, nobody_python, require_root_and_tools
 
 pytestmark = pytest.mark.netns
 
@@ -42,7 +42,8 @@ def ns() -> Iterator[Netns]:
 
 
 def cli(ns: Netns, *args: str, prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
-    return ns.run([*prefix, PY, "-m", "pymmproxy.pathway", *args], check=False, cwd=ROOT)
+    python = nobody_python() if prefix else (PY,)
+    return ns.run([*prefix, *python, "-m", "pymmproxy.pathway", *args], check=False, cwd="/")
 
 
 def ok(ns: Netns, *args: str) -> list[str]:
