@@ -20,7 +20,6 @@ from tests.nsutil import Netns, netns, nobody_python, require_root_and_tools
 pytestmark = pytest.mark.netns
 
 PY = sys.executable
-ROOT = Path(__file__).resolve().parents[2]
 BACKENDS = ["nft", "legacy"]
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"]
 DUMPS = {
