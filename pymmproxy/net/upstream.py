@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
     from pymmproxy.server.tcp import ClientProtocol
@@ -31,7 +31,7 @@ class Upstream:
     """A connected (or connecting) upstream socket relaying to and from ``client``."""
 
     __slots__ = (
-        "client", "sock", "fd", "loop", "out", "reading", "writing", "paused_client",
+        "client", "sock", "loop", "out", "reading", "writing", "paused_client",
         "eof", "eof_pending", "closing", "closed",
     )  # fmt: skip
 
@@ -43,9 +43,8 @@ class Upstream:
     ) -> None:
         self.client = client
         self.sock = sock
-        self.fd = sock.fileno()
         self.loop = loop
-        self.out = bytearray()
+        self.out: bytes | bytearray = b""  # a bytearray only while data is queued
         self.reading = False
         self.writing = False
         self.paused_client = False
@@ -61,7 +60,7 @@ class Upstream:
             self._established()
         else:
             self.writing = True
-            self.loop.add_writer(self.fd, self._on_connect)
+            self.loop.add_writer(self.sock.fileno(), self._on_connect)
 
     def _on_connect(self) -> None:
         err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
@@ -73,14 +72,14 @@ class Upstream:
         # (one epoll MOD) instead of a close and a new handle (DEL + ADD).
         self.reading = True
         loop = self.loop
-        loop.add_reader(self.fd, self._on_readable)
-        loop.remove_writer(self.fd)
+        loop.add_reader(self.sock.fileno(), self._on_readable)
+        loop.remove_writer(self.sock.fileno())
         self.writing = False
         self.client.upstream_made(self)
 
     def _established(self) -> None:
         self.reading = True
-        self.loop.add_reader(self.fd, self._on_readable)
+        self.loop.add_reader(self.sock.fileno(), self._on_readable)
         self.client.upstream_made(self)
 
     # -- target -> client ----------------------------------------------------------------
@@ -104,19 +103,20 @@ class Upstream:
     def pause_reading(self) -> None:
         if self.reading:
             self.reading = False
-            self.loop.remove_reader(self.fd)
+            self.loop.remove_reader(self.sock.fileno())
 
     def resume_reading(self) -> None:
         if not self.reading and not self.eof and not self.closing and not self.closed:
             self.reading = True
-            self.loop.add_reader(self.fd, self._on_readable)
+            self.loop.add_reader(self.sock.fileno(), self._on_readable)
 
     # -- client -> target ----------------------------------------------------------------
     def write(self, data: bytes) -> None:
         if self.closed or self.closing:
             return
-        if self.out:
-            self.out += data
+        out = self.out
+        if out:
+            out += data  # a bytearray: in place
         else:
             try:
                 sent = self.sock.send(data)
@@ -127,30 +127,32 @@ class Upstream:
                 return
             if sent == len(data):
                 return
-            self.out += memoryview(data)[sent:]
+            self.out = out = bytearray(memoryview(data)[sent:])
             self.writing = True
-            self.loop.add_writer(self.fd, self._on_writable)
-        if not self.paused_client and len(self.out) > HIGH_WATER:
+            self.loop.add_writer(self.sock.fileno(), self._on_writable)
+        if not self.paused_client and len(out) > HIGH_WATER:
             self.paused_client = True
             self.client.transport.pause_reading()
 
     def _on_writable(self) -> None:
+        out = cast("bytearray", self.out)  # only watched while data is queued
         try:
-            sent = self.sock.send(self.out)
+            sent = self.sock.send(out)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
             self._teardown(exc)
             return
-        del self.out[:sent]
-        if self.paused_client and len(self.out) <= LOW_WATER:
+        del out[:sent]
+        if self.paused_client and len(out) <= LOW_WATER:
             self.paused_client = False
             if not self.client.transport.is_closing():
                 self.client.transport.resume_reading()
-        if self.out:
+        if out:
             return
+        self.out = b""  # drop the buffer: idle connections keep none
         self.writing = False
-        self.loop.remove_writer(self.fd)
+        self.loop.remove_writer(self.sock.fileno())
         if self.closing:
             self._teardown(None)
         elif self.eof_pending:
@@ -200,11 +202,11 @@ class Upstream:
         self.closed = True
         if self.reading:
             self.reading = False
-            self.loop.remove_reader(self.fd)
+            self.loop.remove_reader(self.sock.fileno())
         if self.writing:
             self.writing = False
-            self.loop.remove_writer(self.fd)
-        self.out.clear()
+            self.loop.remove_writer(self.sock.fileno())
+        self.out = b""
         self.sock.close()
         self.client.upstream_lost(exc)
 

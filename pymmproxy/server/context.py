@@ -96,6 +96,11 @@ class InstanceContext:
 
             self.metrics = attach(self, settings.metrics)
 
+    @property
+    def timed(self) -> bool:
+        """Whether connections need their accept time (``-v 2`` logs or header histogram)."""
+        return self.verbosity >= 2 or self.stats.header_wait is not None
+
     def local_target(self, lb_is_v6: bool) -> tuple[socket.AddressFamily, tuple[str, int]] | None:
         """Target for LOCAL / UNKNOWN headers (see :func:`local_target`)."""
         return local_target(self.target4, self.target6, lb_is_v6)
@@ -123,7 +128,7 @@ class InstanceContext:
             self.log.info(
                 "conn.closed",
                 lb=endpoint(conn.peer),
-                client=endpoint(conn.source),
+                client=conn.source,
                 target=endpoint(conn.target),
                 mark=self.mark,
                 bytes_in=conn.bytes_up,

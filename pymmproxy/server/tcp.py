@@ -34,7 +34,7 @@ class ClientProtocol(asyncio.Protocol):
     """The load balancer's connection; owns the upstream for its whole life."""
 
     __slots__ = (
-        "ctx", "transport", "peer", "buf", "state", "timer", "upstream", "pending", "paused",
+        "ctx", "transport", "buf", "state", "timer", "upstream", "pending", "paused",
         "client_eof", "up_eof", "bytes_up", "bytes_down", "started", "connect_started",
         "source", "target", "reason", "idle_mark", "idle_checks",
     )  # fmt: skip
@@ -51,7 +51,7 @@ class ClientProtocol(asyncio.Protocol):
         self.up_eof = False
         self.bytes_up = 0
         self.bytes_down = 0
-        self.source: tuple[str, int] | None = None
+        self.source: str | None = None  # the spoofed client, "host:port" (a str is lighter)
         self.target: tuple[str, int] | None = None
         self.reason = "done"
         self.idle_mark = 0
@@ -61,15 +61,16 @@ class ClientProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         ctx = self.ctx
         self.transport: asyncio.Transport = transport  # type: ignore[assignment]
-        self.peer: Any = transport.get_extra_info("peername")
-        self.started = time.monotonic()
+        peer = transport.get_extra_info("peername")
+        # Only timed when something reads it (a float per idle connection otherwise).
+        self.started = time.monotonic() if ctx.timed else 0.0
         ctx.stats.accepted += 1
-        if self.peer is None:  # reset before we got to it: getpeername() failed
+        if peer is None:  # reset before we got to it: getpeername() failed
             self.state = _CLOSED
             ctx.stats.rejected["gone_before_accept"] += 1
             self.transport.abort()
             return
-        if not ctx.allow.allows(self.peer[0]):
+        if not ctx.allow.allows(peer[0]):
             refused = "not_allowed"
         elif ctx.max_connections and ctx.stats.active >= ctx.max_connections:
             refused = "over_limit"
@@ -79,7 +80,7 @@ class ClientProtocol(asyncio.Protocol):
             refused = ""
         if refused:
             self.state = _CLOSED
-            ctx.reject(refused, self.peer)
+            ctx.reject(refused, peer)
             self.transport.abort()
             return
         ctx.opened(self)
@@ -125,8 +126,9 @@ class ClientProtocol(asyncio.Protocol):
         source = header.relayable_source
         if source is None:
             stats.versions[LOCAL_KEYS[header.version, header.command]] += 1
-        family, target = pick_target(source, *self.targets(header), lb_host=self.peer[0])
-        self.source = source
+        lb_host = self.peer[0] if source is None else ""  # only LOCAL headers look at it
+        family, target = pick_target(source, *self.targets(header), lb_host=lb_host)
+        self.source = endpoint(source)
         self.target = target
         if source is not None:
             stats.versions[VERSION_KEYS[header.version]] += 1
@@ -141,6 +143,11 @@ class ClientProtocol(asyncio.Protocol):
         if not connected:
             self.timer = ctx.loop.call_later(ctx.connect_timeout, self._connect_timeout)
         upstream.start(connected=connected)
+
+    @property
+    def peer(self) -> Any:  # noqa: ANN401 - (host, port, ...) or None
+        """The load balancer's address (kept by the transport, not per connection here)."""
+        return self.transport.get_extra_info("peername")
 
     def targets(self, header: Any) -> tuple[tuple[str, int] | None, tuple[str, int] | None]:  # noqa: ANN401
         """The (IPv4, IPv6) targets for ``header``; TPROXY instances map them per port."""
@@ -275,7 +282,7 @@ class ClientProtocol(asyncio.Protocol):
         """The header asks to spoof an address we never spoof (see ``SourcePolicy``)."""
         self.reason = f"source_refused:{kind}"
         self.ctx.stats.sources_refused[kind] += 1
-        self.ctx.failed("source_refused", self.peer, kind=kind, client=endpoint(self.source))
+        self.ctx.failed("source_refused", self.peer, kind=kind, client=self.source)
         self._close(abort=True)
 
     def _fail(self, reason: str, detail: str) -> None:
@@ -283,7 +290,7 @@ class ClientProtocol(asyncio.Protocol):
             return
         self.reason = reason
         self.ctx.failed(
-            reason, self.peer, error=detail, client=endpoint(self.source),
+            reason, self.peer, error=detail, client=self.source,
             target=endpoint(self.target),
         )  # fmt: skip
         self._close(abort=True)
