@@ -220,6 +220,9 @@ class ClientProtocol(asyncio.Protocol):
         self._close(abort=exc is not None)
         if self in self.ctx.conns:  # else rejected before it was counted
             self.ctx.closed(self)
+        # Break the protocol <-> upstream cycle so both go by reference counting, not by
+        # the cyclic GC (an upstream still flushing keeps itself alive through the loop).
+        self.upstream = self.pending = None
 
     def pause_writing(self) -> None:
         if self.upstream is not None:
