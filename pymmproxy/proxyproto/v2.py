@@ -36,43 +36,33 @@ _TRANSPORTS = tuple(Transport)
 _INET = struct.Struct("!12sBBH4s4sHH")
 _INET6 = struct.Struct("!12sBBH16s16sHH")
 _ZERO_CRC = b"\x00\x00\x00\x00"
+# family/transport byte of PROXY over INET or INET6 (STREAM or DGRAM) -> how to read it:
+# (layout, family, socket family, length of the address block)
+_FAST_INET = (_INET, Family.INET, AF_INET, ADDRESS_LENGTHS[Family.INET])
+_FAST_INET6 = (_INET6, Family.INET6, AF_INET6, ADDRESS_LENGTHS[Family.INET6])
+_FAST = {0x11: _FAST_INET, 0x12: _FAST_INET, 0x21: _FAST_INET6, 0x22: _FAST_INET6}
 
 
 def parse_v2(data: bytes, max_length: int) -> tuple[Header, int] | int:
     """Parse a v2 header at the start of ``data`` (``data[0]`` is CR); see the module doc."""
     # Fast path: a complete PROXY over INET/INET6, one unpack and two inet_ntop.
     n = len(data)
-    if n >= 28 and data[12] == 0x21:
-        ft = data[13]
-        if ft in (0x11, 0x12):
-            sig, _, _, length, src, dst, sport, dport = _INET.unpack_from(data)
+    if n >= 28 and data[12] == 0x21 and (fast := _FAST.get(data[13])) is not None:
+        layout, family, af, addr_len = fast
+        if n >= 16 + addr_len:
+            sig, _, _, length, src, dst, sport, dport = layout.unpack_from(data)
             total = 16 + length
-            if sig == SIGNATURE and length >= 12 and total <= n and total <= max_length:
+            if sig == SIGNATURE and length >= addr_len and total <= n and total <= max_length:
                 return make_header(
                     2,
                     Command.PROXY,
-                    Family.INET,
-                    _TRANSPORTS[ft & 0x0F],
-                    inet_ntop(AF_INET, src),
+                    family,
+                    _TRANSPORTS[data[13] & 0x0F],
+                    inet_ntop(af, src),
                     sport,
-                    inet_ntop(AF_INET, dst),
+                    inet_ntop(af, dst),
                     dport,
-                    _tlvs(data, 28, total) if length > 12 else (),
-                ), total
-        elif ft in (0x21, 0x22) and n >= 52:
-            sig, _, _, length, src, dst, sport, dport = _INET6.unpack_from(data)
-            total = 16 + length
-            if sig == SIGNATURE and length >= 36 and total <= n and total <= max_length:
-                return make_header(
-                    2,
-                    Command.PROXY,
-                    Family.INET6,
-                    _TRANSPORTS[ft & 0x0F],
-                    inet_ntop(AF_INET6, src),
-                    sport,
-                    inet_ntop(AF_INET6, dst),
-                    dport,
-                    _tlvs(data, 52, total) if length > 36 else (),
+                    _tlvs(data, 16 + addr_len, total) if length > addr_len else (),
                 ), total
     return _parse_slow(data, max_length)
 
