@@ -14,10 +14,8 @@ Only TEST-NET addresses and loopback; every sysctl is set inside one of these na
 from __future__ import annotations
 
 import contextlib
-import functools
 import resource
 import secrets
-import socket
 import subprocess
 import time
 from collections.abc import Sequence
@@ -25,6 +23,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from pymmproxy.lab.nsexec import LabError, Ns, kill_namespace_pids
+from pymmproxy.lab.topology import port_refused
 
 T = TypeVar("T")
 
@@ -183,7 +182,7 @@ class Topology:
     def _wait_links(self, timeout: float = 5.0) -> None:
         deadline = time.monotonic() + timeout
         for ns, addr in ((self.client, LB_FRONT), (self.lb, WORKLOAD_IP)):
-            while not ns.call(functools.partial(_refused, addr)):
+            while not port_refused(ns, addr, timeout=0.2):
                 if time.monotonic() > deadline:
                     raise BenchError(f"link {ns.name} -> {addr} not up after {timeout}s")
                 time.sleep(0.05)
@@ -203,15 +202,3 @@ def _ip(*args: str) -> None:
     res = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=10, check=False)
     if res.returncode != 0:
         raise BenchError(f"ip {' '.join(args)}: {res.stderr.strip()}")
-
-
-def _refused(addr: str, port: int = 9) -> bool:
-    with socket.socket() as sock:
-        sock.settimeout(0.2)
-        try:
-            sock.connect((addr, port))
-        except ConnectionRefusedError:
-            return True
-        except OSError:
-            return False
-    return True

@@ -86,7 +86,7 @@ class Topology:
             (self.lb, WORKLOAD_V4),
             (self.lb, WORKLOAD_V6),
         ):
-            while not _refused(ns, addr):
+            while not port_refused(ns, addr):
                 if time.monotonic() > deadline:
                     raise LabError(f"lab link {ns.name} -> {addr} not up after {timeout}s")
 
@@ -99,10 +99,12 @@ class Topology:
                 Ns(name).remove()
 
 
-def _refused(ns: Ns, addr: str, port: int = 9) -> bool:
+def port_refused(ns: Ns, addr: str, port: int = 9, timeout: float = 0.1) -> bool:
+    """Whether a connect from ``ns`` to a closed ``addr:port`` is answered with a reset
+    (the link carries traffic); a timeout or unreachable route is False."""
     family = socket.AF_INET6 if ":" in addr else socket.AF_INET
     with ns.socket(family) as sock:
-        sock.settimeout(0.1)
+        sock.settimeout(timeout)
         try:
             sock.connect((addr, port))
         except ConnectionRefusedError:
