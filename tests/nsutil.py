@@ -9,6 +9,7 @@ import importlib.util
 import os
 import secrets
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -138,3 +139,15 @@ def _stage_imports() -> Path:
     for path in (stage, *stage.rglob("*")):
         path.chmod(0o755 if path.is_dir() else 0o644)
     return stage
+
+
+def recv_all(s: socket.socket, *, reset_is_eof: bool = False) -> bytes:
+    """Everything ``s`` receives until EOF (or, with ``reset_is_eof``, until a reset)."""
+    chunks = []
+    try:
+        while chunk := s.recv(65536):
+            chunks.append(chunk)
+    except ConnectionResetError:
+        if not reset_is_eof:
+            raise
+    return b"".join(chunks)

@@ -15,6 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from pymmproxy.lab import (
     GO_MMPROXY,
     PYMMPROXY,
@@ -68,6 +70,18 @@ def program(impl: str) -> tuple[str, ...]:
     missing = _pymmproxy_missing()
     require(missing is None, f"pymmproxy daemon not importable: {missing}")
     return PYMMPROXY
+
+
+def available() -> list[str]:
+    """The implementations installed here (a missing one is reported by :func:`need`)."""
+    found = []
+    for impl in IMPLS:
+        try:
+            program(impl)
+        except pytest.skip.Exception:
+            continue
+        found.append(impl)
+    return found
 
 
 @contextmanager

@@ -15,7 +15,7 @@ from pymmproxy.lab import (
     Frontend,
     Lab,
 )
-from tests.e2e.helpers import IMPLS, body, module_lab, need, next_sport, program, start_proxy
+from tests.e2e.helpers import available, body, module_lab, need, next_sport, start_proxy
 
 pytestmark = [pytest.mark.e2e, pytest.mark.netns]
 
@@ -36,11 +36,7 @@ def lab() -> Iterator[Lab]:
 def proxies(lab: Lab) -> dict[str, bool]:
     """Start every available implementation once per module (missing ones stay absent)."""
     started = {}
-    for impl in IMPLS:
-        try:
-            program(impl)
-        except pytest.skip.Exception:
-            continue
+    for impl in available():
         for (i, _), port in PORTS.items():
             if i == impl:
                 start_proxy(lab, impl, f"{WK}:{8000 + port}", 8080)

@@ -12,15 +12,16 @@ import pytest
 from pymmproxy.lab import CLIENT_V4, CLIENT_V6, LB_FRONT_V4, LB_FRONT_V6, Frontend, Lab, Proc
 from tests.e2e.helpers import (
     IMPLS,
+    available,
     body,
     events,
     module_lab,
     need,
     next_sport,
-    program,
     start_proxy,
     wait_for,
 )
+from tests.nsutil import recv_all
 
 pytestmark = [pytest.mark.e2e, pytest.mark.netns]
 
@@ -56,11 +57,7 @@ def lab() -> Iterator[Lab]:
 @pytest.fixture(scope="module")
 def proxies(lab: Lab) -> set[str]:
     started = set()
-    for impl in IMPLS:
-        try:
-            program(impl)
-        except pytest.skip.Exception:
-            continue
+    for impl in available():
         for (sc, i), port in PORTS.items():
             if i == impl:
                 allowed = ("203.0.113.0/24",) if sc == "deny" else ("198.51.100.1/32",)
@@ -91,12 +88,7 @@ def lb_raw(lab: Lab, port: int, payload: bytes, timeout: float = 5) -> tuple[byt
         sock.connect((WK, port))
         start = time.monotonic()
         sock.sendall(payload)
-        data = b""
-        try:
-            while chunk := sock.recv(4096):
-                data += chunk
-        except ConnectionResetError:
-            pass
+        data = recv_all(sock, reset_is_eof=True)
         return data, time.monotonic() - start
 
 

@@ -15,11 +15,11 @@ import pytest
 from pymmproxy.lab import CLIENT_V4, CLIENT_V6, LB_FRONT_V4, LB_FRONT_V6, Frontend, Lab, pattern
 from tests.e2e.helpers import (
     IMPLS,
+    available,
     events,
     module_lab,
     need,
     next_sport,
-    program,
     start_proxy,
     wait_for,
 )
@@ -57,11 +57,7 @@ def lab() -> Iterator[Lab]:
 @pytest.fixture(scope="module")
 def proxies(lab: Lab) -> set[str]:
     started = set()
-    for impl in IMPLS:
-        try:
-            program(impl)
-        except pytest.skip.Exception:
-            continue
+    for impl in available():
         for (i, svc), port in PORTS.items():
             if i == impl:
                 start_proxy(lab, impl, f"{WK}:{8000 + port}", TARGET[svc])

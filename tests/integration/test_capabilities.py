@@ -24,7 +24,7 @@ import pytest
 
 from pymmproxy.proxyproto import Command, Family, Header, Transport, encode_v2
 from tests.integration.conftest import LB_V4, LB_V6, Workload, ns_socket, wait_port
-from tests.nsutil import NOBODY, nobody_python, require
+from tests.nsutil import NOBODY, nobody_python, recv_all, require
 
 pytestmark = pytest.mark.netns
 
@@ -92,13 +92,7 @@ def ask(wl: Workload, client: str, sport: int, port: int) -> bytes:
         s.settimeout(5)
         s.connect((lb, port))
         s.sendall(raw + b"GET / HTTP/1.0\r\n\r\n")
-        chunks = []
-        try:
-            while chunk := s.recv(65536):
-                chunks.append(chunk)
-        except ConnectionResetError:
-            pass
-    return b"".join(chunks)
+        return recv_all(s, reset_is_eof=True)
 
 
 def proc_status(pid: int) -> dict[str, str]:

@@ -18,6 +18,7 @@ import pytest
 
 from pymmproxy.proxyproto import Command, Family, Header, Transport, encode_v1, encode_v2
 from tests.integration.conftest import LB_V4, LB_V6, Workload, ns_connect
+from tests.nsutil import recv_all
 
 pytestmark = [pytest.mark.netns]
 
@@ -37,13 +38,6 @@ def local_header() -> Header:
 
 def open_conn(wl: Workload, port: int = PORT, timeout: float = 5.0) -> socket.socket:
     return ns_connect(wl.ns, LB_V4, port, timeout)
-
-
-def recv_all(s: socket.socket) -> bytes:
-    chunks = []
-    while chunk := s.recv(65536):
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def whoami(wl: Workload, raw_header: bytes, port: int = PORT) -> str:

@@ -22,7 +22,8 @@ import pytest
 
 from pymmproxy.proxyproto import encode_v2
 from tests.integration.conftest import CLONE_NEWNET, LB_V4, Workload, ns_socket
-from tests.integration.test_daemon import header, open_conn, recv_all
+from tests.integration.test_daemon import header, open_conn
+from tests.nsutil import recv_all
 
 pytestmark = [pytest.mark.netns]
 T = TypeVar("T")

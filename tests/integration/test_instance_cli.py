@@ -19,7 +19,7 @@ import pytest
 from pymmproxy import instancelock
 from pymmproxy.proxyproto import Command, Family, Header, Transport, encode_v2
 from tests.integration.conftest import LB_V4, LB_V6, PY, ns_socket, wait_port
-from tests.nsutil import Netns, netns, require_root_and_tools
+from tests.nsutil import Netns, netns, recv_all, require_root_and_tools
 
 pytestmark = pytest.mark.netns
 
@@ -100,9 +100,7 @@ def whoami(site: Site, client: str, sport: int) -> str:
         s.settimeout(5)
         s.connect((LB_V4, SSH_PORT))
         s.sendall(raw + b"GET / HTTP/1.0\r\n\r\n")
-        reply = b""
-        while chunk := s.recv(65536):
-            reply += chunk
+        reply = recv_all(s)
     return reply.decode().rsplit("\r\n\r\n", 1)[-1].strip()
 
 

@@ -10,8 +10,9 @@ import pytest
 
 from pymmproxy.proxyproto import encode_v2
 from tests.integration.conftest import LB_V4, MARK, PY, Workload, wait_port
-from tests.integration.test_daemon import header, open_conn, recv_all
+from tests.integration.test_daemon import header, open_conn
 from tests.integration.test_faults import closed_soon, cpu_seconds, fds, in_ns
+from tests.nsutil import recv_all
 
 pytestmark = [pytest.mark.netns]
 ECHO, WHOAMI = 8281, 8282

@@ -15,8 +15,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pymmproxy.proxyproto import encode_v1, encode_v2
 from tests.integration.conftest import LB_V4, Workload, ns_socket, wait_port
-from tests.integration.test_daemon import header, local_header, open_conn, recv_all, whoami
+from tests.integration.test_daemon import header, local_header, open_conn, whoami
 from tests.integration.test_faults import closed_soon
+from tests.nsutil import recv_all
 
 pytestmark = [pytest.mark.netns]
 WHOAMI, ECHO = 8481, 8482

@@ -24,7 +24,15 @@ import pytest
 from pymmproxy.lab import CLIENT_V4, CLIENT_V6, LB_FRONT_V4, LB_FRONT_V6, Frontend, Lab
 from pymmproxy.proxyproto import Command, Family, Header, Transport, encode_v2
 from tests.e2e.helpers import body, next_sport, require_lab
-from tests.integration.conftest import LB_V4, LB_V6, PY, Workload, ns_connect, wait_port
+from tests.integration.conftest import (
+    LB_V4,
+    LB_V6,
+    PY,
+    Workload,
+    ns_connect,
+    wait_port,
+)
+from tests.nsutil import recv_all
 
 pytestmark = [pytest.mark.netns]
 
@@ -63,20 +71,10 @@ def connect(wl: Workload, port: int, lb: str = LB_V4, timeout: float = 5.0) -> s
     return ns_connect(wl.ns, lb, port, timeout)
 
 
-def recv_all(s: socket.socket) -> bytes:
-    chunks = []
-    try:
-        while chunk := s.recv(65536):
-            chunks.append(chunk)
-    except ConnectionResetError:
-        pass
-    return b"".join(chunks)
-
-
 def whoami(wl: Workload, port: int, src: str, sport: int, lb: str = LB_V4) -> str:
     with connect(wl, port, lb) as s:
         s.sendall(header(src, sport) + b"GET / HTTP/1.0\r\n\r\n")
-        return recv_all(s).decode().rpartition("\r\n\r\n")[2].strip()
+        return recv_all(s, reset_is_eof=True).decode().rpartition("\r\n\r\n")[2].strip()
 
 
 def mark_counters(wl: Workload) -> dict[int, int]:

@@ -22,7 +22,7 @@ import pytest
 from pymmproxy.lab import Lab
 from pymmproxy.proxyproto import Command, Family, Header, Transport, encode_v2
 from tests.e2e.helpers import require_lab
-from tests.nsutil import netns, require_root_and_tools
+from tests.nsutil import netns, recv_all, require_root_and_tools
 
 pytestmark = [pytest.mark.netns]
 
@@ -71,12 +71,7 @@ def ask(lab: object, dport: int, src: str, sport: int, hdr_port: int | None = No
         s.settimeout(5)
         s.connect((WK6 if v6 else WK4, dport))
         s.sendall(header(src, sport, hdr_port or dport) + b"GET / HTTP/1.0\r\n\r\n")
-        data = b""
-        try:
-            while chunk := s.recv(65536):
-                data += chunk
-        except ConnectionResetError:
-            pass
+        data = recv_all(s, reset_is_eof=True)
     return data.decode().rpartition("\r\n\r\n")[2].strip()
 
 
