@@ -52,8 +52,8 @@ class FakeLoop:
 class FakeUpstream:
     """Stands in for :class:`pymmproxy.net.upstream.Upstream`: stays "connecting"."""
 
-    def __init__(self, _client: object, _sock: object, loop: FakeLoop) -> None:
-        loop.connects += 1
+    def __init__(self, _sock: object, reactor: FakeLoop, _client: object) -> None:
+        reactor.connects += 1
         self.closed = False
 
     def start(self, *, connected: bool) -> None:
@@ -137,6 +137,7 @@ def main() -> int:
     loop = asyncio.new_event_loop()
     ctx = InstanceContext(settings, loop)
     ctx.loop = FakeLoop()  # type: ignore[assignment]
+    ctx._reactor = ctx.loop  # type: ignore[assignment]  # FakeUpstream counts connects on it
     rng = random.Random(seed)
     outcomes: Counter[str] = Counter()
     failures = 0

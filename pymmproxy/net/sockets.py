@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import socket
+from _socket import socket as RawSocket  # noqa: N812 - the C type: no Python-level __init__/close
 
 from pymmproxy.errors import PymmproxyError, UpstreamError
 from pymmproxy.settings import Endpoint
@@ -63,7 +64,7 @@ def upstream_socket(
     source: tuple[str, int] | None,
     mark: int,
     kind: socket.SocketKind = socket.SOCK_STREAM,
-) -> socket.socket:
+) -> RawSocket:
     """:func:`connect_upstream` without the connect state (UDP connects at once)."""
     return connect_upstream(family, target, source, mark, kind)[0]
 
@@ -74,7 +75,7 @@ def connect_upstream(
     source: tuple[str, int] | None,
     mark: int,
     kind: socket.SocketKind = socket.SOCK_STREAM,
-) -> tuple[socket.socket, bool]:
+) -> tuple[RawSocket, bool]:
     """A non-blocking socket bound to ``source`` (spoofed), connecting to ``target``.
 
     Returns the socket and whether ``connect()`` already completed (on loopback the
@@ -84,7 +85,7 @@ def connect_upstream(
     taken, the bind falls back to port 0 (any port, same address). Raises
     :class:`UpstreamError` with a one-line reason.
     """
-    sock = socket.socket(family, kind | socket.SOCK_NONBLOCK)
+    sock = RawSocket(family, kind | socket.SOCK_NONBLOCK)
     try:
         if mark:
             sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)

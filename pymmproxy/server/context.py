@@ -12,6 +12,7 @@ from typing import Any
 
 from pymmproxy.errors import UpstreamError
 from pymmproxy.logsetup import RateLimiter, get_logger
+from pymmproxy.net.reactor import Reactor
 from pymmproxy.net.relay import endpoint
 from pymmproxy.policy import AllowList, SourcePolicy, own_addresses
 from pymmproxy.settings import Endpoint, InstanceSettings, Transport
@@ -88,6 +89,7 @@ class InstanceContext:
         else:
             self.sources = SourcePolicy(own_addresses(settings.listen.host))
         self.metrics: Any = None
+        self._reactor: Reactor | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         if self.idle_timeout > 0 and settings.transport is Transport.TCP:
             self._sweeper = loop.call_later(self.idle_timeout / IDLE_CHECKS, self._sweep)
@@ -95,6 +97,13 @@ class InstanceContext:
             from pymmproxy.metrics import attach  # noqa: PLC0415 - prometheus_client on demand
 
             self.metrics = attach(self, settings.metrics)
+
+    @property
+    def reactor(self) -> Reactor:
+        """The epoll set of this instance's TCP sockets (made on first use)."""
+        if self._reactor is None:
+            self._reactor = Reactor(self.loop)
+        return self._reactor
 
     @property
     def timed(self) -> bool:
@@ -164,7 +173,9 @@ class InstanceContext:
             conn.idle_check()
 
     def close(self) -> None:
-        """Stop the idle sweep and leave the metrics endpoint (the listener is gone)."""
+        """Stop the idle sweep, the reactor and the metrics endpoint (the listener is gone)."""
+        if self._reactor is not None:
+            self._reactor.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None

@@ -15,14 +15,13 @@ import socket
 from collections import Counter
 
 from pymmproxy.logsetup import get_logger
+from pymmproxy.net.acceptor import Acceptor
 from pymmproxy.net.sockets import listen_socket
 from pymmproxy.server.context import InstanceContext
 from pymmproxy.server.tcp import ClientProtocol
 from pymmproxy.server.tproxy import TproxyProtocol
 from pymmproxy.server.udp import UdpListener, serve_udp
 from pymmproxy.settings import InstanceSettings, Transport
-
-BACKLOG = 4096
 
 
 def bind(
@@ -48,7 +47,7 @@ class Listener:
         self.ports = ports  # a TPROXY port range: targets follow the destination port
         self.log = get_logger(instance=settings.name) if settings.name else get_logger()
         self.ctx: InstanceContext | None = None
-        self._server: asyncio.AbstractServer | UdpListener | None = None
+        self._server: Acceptor | UdpListener | None = None
 
     async def start(self, sock: socket.socket) -> InstanceContext:
         """Serve on ``sock`` (bound, and listening for TCP); the listener owns it now."""
@@ -61,13 +60,9 @@ class Listener:
                 self._server = await serve_udp(ctx, sock)
             elif self.ports is not None:
                 ports = self.ports
-                self._server = await loop.create_server(
-                    lambda: TproxyProtocol(ctx, ports), sock=sock, backlog=BACKLOG
-                )
+                self._server = Acceptor(sock, ctx.reactor, lambda: TproxyProtocol(ctx, ports))
             else:
-                self._server = await loop.create_server(
-                    lambda: ClientProtocol(ctx), sock=sock, backlog=BACKLOG
-                )
+                self._server = Acceptor(sock, ctx.reactor, lambda: ClientProtocol(ctx))
         except BaseException:
             sock.close()
             raise

@@ -1,9 +1,10 @@
 """One TCP connection from the load balancer: allow list -> header -> connect -> relay.
 
-The client side is an ``asyncio.Protocol`` that parses the PROXY header from its first
-``data_received`` calls (pure parser, no I/O), then builds the transparent upstream socket
-by hand and drives it straight off the event loop (:class:`pymmproxy.net.upstream.Upstream`):
-no task and no second transport per connection. Bytes that arrive while the target is
+The client side is an ``asyncio.Protocol`` (driven by a
+:class:`~pymmproxy.net.channel.ClientSide` in the instance's reactor) that parses the PROXY
+header from its first ``data_received`` calls (pure parser, no I/O), then builds the
+transparent upstream socket by hand (:class:`pymmproxy.net.upstream.Upstream`, in the same
+reactor): no task and no loop handle per connection. Bytes that arrive while the target is
 still connecting are buffered (reading pauses only past ``MAX_EARLY_BYTES``).
 """
 
@@ -14,6 +15,7 @@ import time
 from typing import Any
 
 from pymmproxy.errors import ProtocolError, UpstreamError
+from pymmproxy.net.channel import ClientSide
 from pymmproxy.net.relay import endpoint, os_reason
 from pymmproxy.net.sockets import connect_upstream
 from pymmproxy.net.upstream import Upstream
@@ -35,7 +37,7 @@ class ClientProtocol(asyncio.Protocol):
 
     __slots__ = (
         "ctx", "transport", "buf", "state", "timer", "upstream", "pending", "paused",
-        "client_eof", "up_eof", "bytes_up", "bytes_down", "started", "connect_started",
+        "client_eof", "up_eof", "early_up", "down", "started", "connect_started",
         "source", "target", "reason", "idle_mark", "idle_checks",
     )  # fmt: skip
 
@@ -49,8 +51,8 @@ class ClientProtocol(asyncio.Protocol):
         self.paused = False
         self.client_eof = False
         self.up_eof = False
-        self.bytes_up = 0
-        self.bytes_down = 0
+        self.early_up = 0  # bytes this protocol sent up itself (the channels count the rest)
+        self.down = 0  # bytes down, kept here once the upstream is dropped
         self.source: str | None = None  # the spoofed client, "host:port" (a str is lighter)
         self.target: tuple[str, int] | None = None
         self.reason = "done"
@@ -60,7 +62,7 @@ class ClientProtocol(asyncio.Protocol):
     # -- accept and header ---------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         ctx = self.ctx
-        self.transport: asyncio.Transport = transport  # type: ignore[assignment]
+        self.transport: ClientSide = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
         # Only timed when something reads it (a float per idle connection otherwise).
         self.started = time.monotonic() if ctx.timed else 0.0
@@ -89,8 +91,8 @@ class ClientProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         upstream = self.upstream
-        if upstream is not None:
-            self.bytes_up += len(data)
+        if upstream is not None:  # (relaying channels skip this: ClientSide.peer)
+            self.early_up += len(data)
             upstream.write(data)
             return
         if self.state != _HEADER:  # connecting: keep what arrives, within reason
@@ -139,10 +141,20 @@ class ClientProtocol(asyncio.Protocol):
             self.connect_started = time.monotonic()
         sock, connected = connect_upstream(family, target, source, ctx.mark)
         self.state = _CONNECTING
-        upstream = self.pending = Upstream(self, sock, ctx.loop)
+        upstream = self.pending = Upstream(sock, ctx.reactor, self)
         if not connected:
             self.timer = ctx.loop.call_later(ctx.connect_timeout, self._connect_timeout)
         upstream.start(connected=connected)
+
+    @property
+    def bytes_up(self) -> int:
+        """Bytes relayed to the target so far."""
+        return self.early_up + getattr(self.transport, "count", 0)
+
+    @property
+    def bytes_down(self) -> int:
+        """Bytes relayed back to the load balancer so far."""
+        return self.down if self.upstream is None else self.upstream.count
 
     @property
     def peer(self) -> Any:  # noqa: ANN401 - (host, port, ...) or None
@@ -176,8 +188,11 @@ class ClientProtocol(asyncio.Protocol):
         self.upstream = upstream
         self.state = _RELAY
         ctx.stats.relayed += 1
+        # From now on each side's bytes go straight to the other (Channel.peer).
+        upstream.peer = self.transport
+        self.transport.peer = upstream
         if self.buf:
-            self.bytes_up += len(self.buf)
+            self.early_up += len(self.buf)
             upstream.write(self.buf)
             self.buf = b""
         if self.client_eof:
@@ -221,7 +236,9 @@ class ClientProtocol(asyncio.Protocol):
         if self in self.ctx.conns:  # else rejected before it was counted
             self.ctx.closed(self)
         # Break the protocol <-> upstream cycle so both go by reference counting, not by
-        # the cyclic GC (an upstream still flushing keeps itself alive through the loop).
+        # the cyclic GC (an upstream still flushing keeps itself alive through the reactor).
+        if self.upstream is not None:
+            self.down = self.upstream.count
         self.upstream = self.pending = None
 
     def pause_writing(self) -> None:

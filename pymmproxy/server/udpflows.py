@@ -14,7 +14,7 @@ reply costs one callback and one ``recv``.
 from __future__ import annotations
 
 import asyncio
-import socket
+from _socket import socket as RawSocket  # noqa: N812 - what connect_upstream makes
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from typing import Any
@@ -31,7 +31,7 @@ class Flow:
     def __init__(
         self,
         key: Hashable,
-        sock: socket.socket,
+        sock: RawSocket,
         *,
         lb: Any,  # noqa: ANN401 - the listener's peer address tuple
         client: tuple[str, int] | None,
@@ -89,7 +89,7 @@ class FlowTable:
     def add(
         self,
         key: Hashable,
-        sock: socket.socket,
+        sock: RawSocket,
         lb: Any,  # noqa: ANN401
         client: tuple[str, int] | None,
         target: tuple[str, int],

@@ -1,0 +1,324 @@
+"""One side of a relayed TCP connection: a non-blocking socket in the instance's reactor.
+
+:class:`Channel` holds what both sides share: read on readiness and hand the bytes on, a
+write buffer that exists only while the kernel refuses data, backpressure (past
+``HIGH_WATER`` unsent bytes the *other* side stops reading, below ``LOW_WATER`` it
+resumes), half-close (``write_eof`` = ``shutdown(SHUT_WR)`` once the buffer is empty) and
+closing (after a flush, or at once with ``abort``). It offers the part of the
+``asyncio.Transport`` API the relay uses, so the client protocol reads like any asyncio
+protocol. Subclasses say where the events go:
+
+- :class:`ClientSide`: the load balancer's connection, reporting to an
+  ``asyncio.Protocol`` (``data_received``, ``eof_received``, ``pause_writing`` ...; the
+  final ``connection_lost`` is deferred with ``call_soon``, as asyncio does);
+- :class:`pymmproxy.net.upstream.Upstream`: the transparent socket to the target.
+
+Errors and hang-ups are acted on from what ``recv``/``send``/``SO_ERROR`` return, never
+from the event bits alone, so a stale event for a reused descriptor does no harm.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from _socket import socket as RawSocket  # noqa: N812 - the C socket: no Python-level __init__/close
+from typing import Any, cast
+
+from pymmproxy.net.reactor import ERR_HUP, IN, OUT, Reactor
+
+READ_SIZE = 256 * 1024
+# Every recv/send says MSG_DONTWAIT, so an accepted socket needs no O_NONBLOCK (Python's
+# accept() cannot ask for it, and setting it is one more syscall per connection).
+DONTWAIT = socket.MSG_DONTWAIT
+HIGH_WATER = 256 * 1024  # pause the other side's reading above this much unsent data
+LOW_WATER = 64 * 1024
+
+
+class Channel:
+    """A socket of a relayed connection (see the module docstring)."""
+
+    __slots__ = (
+        "sock", "reactor", "owner", "peer", "count", "out", "mask", "reading", "writing",
+        "paused_peer", "eof", "eof_pending", "connecting", "closing", "closed", "parked",
+    )  # fmt: skip
+
+    def __init__(self, sock: RawSocket, reactor: Reactor, owner: Any) -> None:  # noqa: ANN401
+        self.sock = sock
+        self.reactor = reactor
+        self.owner = owner  # who hears of data/EOF/loss (the subclass says how)
+        self.peer: Channel | None = None  # while relaying: where our bytes go, unwrapped
+        self.count = 0  # bytes handed to the peer
+        self.out: bytes | bytearray = b""  # a bytearray only while data is queued
+        self.mask = 0  # what the reactor watches for now (-1: not registered yet)
+        self.reading = False
+        self.writing = False
+        self.paused_peer = False  # we paused the other side's reading (our buffer is full)
+        self.eof = False  # the peer sent EOF
+        self.eof_pending = False  # write_eof() asked for while data is still queued
+        self.connecting = False
+        self.closing = False
+        self.closed = False
+        self.parked = False  # hung up while we watched nothing: out of the epoll set
+
+    # -- hooks for the subclasses -------------------------------------------------------
+    def _got_data(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def _got_eof(self) -> None:
+        raise NotImplementedError
+
+    def _lost(self, exc: Exception | None) -> None:
+        raise NotImplementedError
+
+    def _pause_peer(self) -> None:
+        """Our unsent bytes passed ``HIGH_WATER``: the side that sends them stops reading."""
+        if self.peer is not None:
+            self.peer.pause_reading()
+
+    def _resume_peer(self) -> None:
+        peer = self.peer
+        if peer is not None and not peer.is_closing():
+            peer.resume_reading()
+
+    # -- events ---------------------------------------------------------------------------
+    def register(self, mask: int) -> None:
+        """Enter the reactor watching ``mask``."""
+        self.mask = mask
+        self.reactor.add(self.sock.fileno(), mask, self)
+
+    def on_event(self, mask: int) -> None:
+        """The reactor's callback: act on readiness (the bits are a hint, see above).
+
+        The relay's hot path: while relaying, received bytes go straight to the peer's
+        ``write`` (no protocol call in between).
+        """
+        if mask & IN and self.reading:
+            try:
+                data = self.sock.recv(READ_SIZE, DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                data = None
+            except OSError as exc:
+                self._teardown(exc)
+                return
+            if data:
+                peer = self.peer
+                if peer is not None:
+                    self.count += len(data)
+                    peer.write(data)
+                else:
+                    self._got_data(data)
+            elif data is not None:
+                self.eof = True
+                self.pause_reading()
+                self._got_eof()
+        if mask & OUT and self.writing and not self.closed:
+            self._on_writable()
+        if mask & ERR_HUP and not self.closed and not (self.reading or self.writing):
+            self._hung_up()
+
+    def fatal(self, exc: Exception) -> None:
+        """A callback raised: report it to the loop and drop this connection."""
+        self.reactor.loop.call_exception_handler(
+            {"message": "error in a relayed connection", "exception": exc, "transport": self}
+        )
+        self._teardown(exc)
+
+    def _hung_up(self) -> None:
+        """Error or hang-up while we watch nothing: fail on an error, else stop watching."""
+        err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self._teardown(os_error(err))
+        else:  # level-triggered HUP would repeat forever; resume_reading() re-registers
+            self.parked = True
+            self.reactor.park(self.sock.fileno())
+
+    def _watch(self) -> None:
+        mask = (IN if self.reading else 0) | (OUT if self.writing else 0)
+        if mask != self.mask and not self.closed:
+            self.mask = mask
+            if self.parked:
+                if mask:
+                    self.parked = False
+                    self.reactor.unpark(self.sock.fileno(), mask)
+            else:
+                self.reactor.modify(self.sock.fileno(), mask)
+
+    # -- reading ----------------------------------------------------------------------------
+    def pause_reading(self) -> None:
+        if self.reading:
+            self.reading = False
+            self._watch()
+
+    def resume_reading(self) -> None:
+        if not self.reading and not self.eof and not self.closing and not self.closed:
+            self.reading = True
+            self._watch()
+
+    def is_reading(self) -> bool:
+        return self.reading
+
+    # -- writing ----------------------------------------------------------------------------
+    def write(self, data: bytes) -> None:
+        if self.closed or self.closing:
+            return
+        out = self.out
+        if out:
+            out += data  # a bytearray: in place
+        else:
+            try:
+                sent = self.sock.send(data, DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as exc:
+                self._teardown(exc)
+                return
+            if sent == len(data):
+                return
+            self.out = out = bytearray(memoryview(data)[sent:])
+            self.writing = True
+            self._watch()
+        if not self.paused_peer and len(out) > HIGH_WATER:
+            self.paused_peer = True
+            self._pause_peer()
+
+    def _on_writable(self) -> None:
+        out = cast("bytearray", self.out)  # only watched while data is queued
+        try:
+            sent = self.sock.send(out, DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._teardown(exc)
+            return
+        del out[:sent]
+        if self.paused_peer and len(out) <= LOW_WATER:
+            self.paused_peer = False
+            self._resume_peer()
+        if out or self.closed:
+            return
+        self.out = b""  # drop the buffer: idle connections keep none
+        self.writing = False
+        if self.closing:
+            self._teardown(None)
+            return
+        self._watch()
+        if self.eof_pending:
+            self.eof_pending = False
+            self._shutdown_write()
+
+    def get_write_buffer_size(self) -> int:
+        return len(self.out)
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        """``shutdown(SHUT_WR)`` once the queued bytes are sent."""
+        if self.closed or self.closing:
+            return
+        if self.out:
+            self.eof_pending = True
+        else:
+            self._shutdown_write()
+
+    def _shutdown_write(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            self._teardown(exc)
+
+    # -- closing ----------------------------------------------------------------------------
+    def is_closing(self) -> bool:
+        return self.closing or self.closed
+
+    def close(self) -> None:
+        """Close after the queued bytes are sent (like ``Transport.close``)."""
+        if self.closed or self.closing:
+            return
+        self.pause_reading()
+        if self.out:
+            self.closing = True
+        else:
+            self._teardown(None)
+
+    def abort(self) -> None:
+        """Close now, dropping anything queued."""
+        self._teardown(None)
+
+    def _teardown(self, exc: Exception | None) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.reading = self.writing = False
+        self.out = b""
+        peer, self.peer = self.peer, None
+        if peer is not None and peer.peer is self:
+            peer.peer = None  # its bytes go through its owner again (who is told below)
+        sock = self.sock
+        self.reactor.forget(sock.fileno())
+        sock.close()  # also takes it out of the epoll set
+        self._lost(exc)
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:  # noqa: ANN401
+        if name == "socket":
+            return self.sock
+        if name in ("peername", "sockname") and not self.closed:
+            try:
+                return self.sock.getpeername() if name == "peername" else self.sock.getsockname()
+            except OSError:
+                return default
+        return default
+
+
+class ClientSide(Channel):
+    """The load balancer's connection, driving an ``asyncio.Protocol`` (its ``owner``)."""
+
+    __slots__ = ()
+
+    def start(self) -> None:
+        """Tell the protocol, then read: at once, since the PROXY header usually came with
+        the handshake (``EAGAIN`` otherwise, and the reactor calls again when it comes)."""
+        self.owner.connection_made(self)
+        if not self.closed and not self.closing:
+            self.reading = True
+            self.register(IN)
+            self.on_event(IN)
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self.owner = protocol
+
+    def get_protocol(self) -> asyncio.BaseProtocol | None:
+        return cast("asyncio.BaseProtocol | None", self.owner)
+
+    def _got_data(self, data: bytes) -> None:
+        self.owner.data_received(data)
+
+    def _got_eof(self) -> None:
+        if not self.owner.eof_received():
+            self.close()
+
+    def _pause_peer(self) -> None:
+        if self.peer is None:
+            self.owner.pause_writing()
+        else:
+            self.peer.pause_reading()
+
+    def _resume_peer(self) -> None:
+        if self.peer is None:
+            self.owner.resume_writing()
+        else:
+            Channel._resume_peer(self)
+
+    def _lost(self, exc: Exception | None) -> None:
+        self.reactor.loop.call_soon(self._connection_lost, exc)
+
+    def _connection_lost(self, exc: Exception | None) -> None:
+        protocol, self.owner = self.owner, None  # the protocol keeps us: no cycle left
+        if protocol is not None:
+            protocol.connection_lost(exc)
+
+
+def os_error(err: int) -> OSError:
+    """The ``OSError`` subclass Python raises for ``err`` (ConnectionRefusedError, ...)."""
+    return OSError(err, os.strerror(err))
