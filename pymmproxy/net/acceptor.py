@@ -43,6 +43,9 @@ class Acceptor:
         self.paused: asyncio.TimerHandle | None = None
         self.log = get_logger()
         sock.setblocking(False)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            # Accepted sockets inherit TCP_NODELAY (Linux): set once here, not per connection.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         reactor.add(sock.fileno(), IN, self)
 
     def on_event(self, mask: int) -> None:
@@ -52,19 +55,14 @@ class Acceptor:
         reactor, factory = self.reactor, self.factory
         for _ in range(ACCEPT_BATCH):
             try:
-                fd, _addr = accept()
+                fd, addr = accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
                 self._accept_failed(exc)
                 return
             conn = RawSocket(family, socket.SOCK_STREAM, 0, fd)  # blocking: see DONTWAIT
-            try:
-                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:  # reset already: nothing to serve
-                conn.close()
-                continue
-            ClientSide(conn, reactor, factory()).start()
+            ClientSide(conn, reactor, factory()).start(addr)
 
     def _accept_failed(self, exc: OSError) -> None:
         if exc.errno not in _RESOURCE_ERRNOS:

@@ -274,16 +274,22 @@ class Channel:
 class ClientSide(Channel):
     """The load balancer's connection, driving an ``asyncio.Protocol`` (its ``owner``)."""
 
-    __slots__ = ()
+    __slots__ = ("addr",)
 
-    def start(self) -> None:
+    def start(self, addr: Any) -> None:  # noqa: ANN401 - the sockaddr accept() returned
         """Tell the protocol, then read: at once, since the PROXY header usually came with
         the handshake (``EAGAIN`` otherwise, and the reactor calls again when it comes)."""
+        self.addr = addr  # kept: logs name the load balancer even after a reset
         self.owner.connection_made(self)
         if not self.closed and not self.closing:
             self.reading = True
             self.register(IN)
             self.on_event(IN)
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:  # noqa: ANN401
+        if name == "peername":
+            return self.addr
+        return Channel.get_extra_info(self, name, default)
 
     def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
         self.owner = protocol

@@ -1,11 +1,13 @@
 """Small shared helpers of the TCP relay: log formatting of endpoints, failure reasons.
 
-The relay itself is :class:`pymmproxy.server.tcp.ClientProtocol` (the load balancer's
-uvloop transport) paired with :class:`pymmproxy.net.upstream.Upstream` (the transparent
-socket, driven off the loop). Backpressure: a side whose unsent bytes pass its high-water
-mark pauses the other side's reading. Half-close: EOF on one side becomes ``shutdown
-(SHUT_WR)`` on the other; when both directions are done the pair closes (``close()`` sends
-the last FIN itself), or at once (abort) when either side fails.
+The relay itself is :class:`pymmproxy.server.tcp.ClientProtocol` (the PROXY header and
+the connection's life) over two :class:`pymmproxy.net.channel.Channel` objects, the load
+balancer's socket and the transparent upstream socket, both in the instance's
+:class:`pymmproxy.net.reactor.Reactor`. Once connected, each channel hands what it reads
+straight to the other. Backpressure: a side whose unsent bytes pass its high-water mark
+pauses the other side's reading. Half-close: EOF on one side becomes ``shutdown(SHUT_WR)``
+on the other; when both directions are done the pair closes (``close()`` sends the last
+FIN itself), or at once (abort) when either side fails.
 """
 
 from __future__ import annotations

@@ -1,0 +1,342 @@
+"""The reactor, the relay channels and the acceptor, over AF_UNIX socket pairs (no network).
+
+``Reactor.dispatch`` is called by hand, so every step is deterministic; the event loop
+only runs for ``call_soon``/``call_later`` work (the deferred ``connection_lost``, the
+accept retry).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import uvloop
+
+from pymmproxy.net import acceptor as acceptor_mod
+from pymmproxy.net.acceptor import Acceptor
+from pymmproxy.net.channel import HIGH_WATER, Channel, ClientSide
+from pymmproxy.net.reactor import IN, Reactor
+from pymmproxy.net.upstream import Upstream
+
+
+@pytest.fixture
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    loop = uvloop.new_event_loop()
+    yield loop
+    loop.close()
+
+
+@pytest.fixture
+def reactor(loop: asyncio.AbstractEventLoop) -> Iterator[Reactor]:
+    reactor = Reactor(loop)
+    yield reactor
+    reactor.close()
+
+
+@pytest.fixture
+def pairs() -> Iterator[list[tuple[socket.socket, socket.socket]]]:
+    made: list[tuple[socket.socket, socket.socket]] = []
+    yield made
+    for a, b in made:
+        a.close()
+        b.close()
+
+
+def pair(pairs: list[tuple[socket.socket, socket.socket]]) -> tuple[socket.socket, socket.socket]:
+    a, b = socket.socketpair()
+    b.settimeout(2)
+    pairs.append((a, b))
+    return a, b
+
+
+def spin(loop: asyncio.AbstractEventLoop) -> None:
+    """Run the callbacks the loop has queued (``call_soon``)."""
+    loop.run_until_complete(asyncio.sleep(0))
+
+
+class Recorder(asyncio.Protocol):
+    """An asyncio protocol that writes down what its transport tells it."""
+
+    def __init__(self, *, keep_open: bool = True) -> None:
+        self.events: list[tuple[str, Any]] = []
+        self.keep_open = keep_open
+        self.transport: Any = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        self.events.append(("made", transport.get_extra_info("peername")))
+
+    def data_received(self, data: bytes) -> None:
+        self.events.append(("data", data))
+
+    def eof_received(self) -> bool:
+        self.events.append(("eof", None))
+        return self.keep_open
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.events.append(("lost", exc))
+
+
+class Boom:
+    """A handler whose ``on_event`` raises."""
+
+    def __init__(self) -> None:
+        self.fatal_with: Exception | None = None
+
+    def on_event(self, mask: int) -> None:
+        raise RuntimeError(f"bug on mask {mask}")
+
+    def fatal(self, exc: Exception) -> None:
+        self.fatal_with = exc
+
+
+def test_a_raising_handler_does_not_stop_the_others(
+    reactor: Reactor, loop: asyncio.AbstractEventLoop, pairs: list[Any]
+) -> None:
+    loop.set_exception_handler(lambda _loop, _ctx: None)
+    bad_a, bad_b = pair(pairs)
+    good_a, good_b = pair(pairs)
+    boom = Boom()
+    reactor.add(bad_a.fileno(), IN, boom)
+    proto = Recorder()
+    good = ClientSide(good_a, reactor, proto)
+    good.start(("lb", 1))
+    bad_b.send(b"x")
+    good_b.send(b"hello")
+    reactor.dispatch()
+    assert isinstance(boom.fatal_with, RuntimeError)
+    assert ("data", b"hello") in proto.events
+
+
+def test_peers_relay_straight_through_and_count(reactor: Reactor, pairs: list[Any]) -> None:
+    lb_ours, lb = pair(pairs)
+    svc_ours, svc = pair(pairs)
+    client = ClientSide(lb_ours, reactor, Recorder())
+    client.start(("lb", 1))
+    upstream = Channel(svc_ours, reactor, None)
+    upstream.reading = True
+    upstream.register(IN)
+    client.peer, upstream.peer = upstream, client
+    lb.send(b"GET / HTTP/1.1\r\n\r\n")
+    reactor.dispatch()
+    assert svc.recv(100) == b"GET / HTTP/1.1\r\n\r\n"
+    svc.send(b"HTTP/1.1 200 OK\r\n\r\n")
+    reactor.dispatch()
+    assert lb.recv(100) == b"HTTP/1.1 200 OK\r\n\r\n"
+    assert (client.count, upstream.count) == (18, 19)
+    assert [e for e, _ in client.owner.events] == ["made"]  # no protocol call while relaying
+
+
+def test_a_full_buffer_pauses_the_sending_side_until_it_drains(
+    reactor: Reactor, pairs: list[Any]
+) -> None:
+    lb_ours, lb = pair(pairs)
+    svc_ours, svc = pair(pairs)
+    client = ClientSide(lb_ours, reactor, Recorder())
+    client.start(("lb", 1))
+    upstream = Channel(svc_ours, reactor, None)
+    upstream.reading = True
+    upstream.register(IN)
+    client.peer, upstream.peer = upstream, client
+    lb.setblocking(False)
+    chunk = b"x" * 65536
+    sent = 0
+    for _ in range(200):  # the service reads nothing: our upstream buffer grows
+        with contextlib.suppress(BlockingIOError):
+            sent += lb.send(chunk)
+        reactor.dispatch()
+        if not client.reading:
+            break
+    assert not client.reading
+    assert len(upstream.out) > HIGH_WATER
+    got = 0
+    svc.setblocking(False)
+    for _ in range(2000):  # the service catches up: reading resumes, nothing is lost
+        try:
+            got += len(svc.recv(1 << 20))
+        except BlockingIOError:
+            reactor.dispatch()
+        if client.reading and not upstream.out:
+            break
+    assert client.reading
+    lb.close()
+    for _ in range(2000):
+        reactor.dispatch()
+        try:
+            data = svc.recv(1 << 20)
+        except BlockingIOError:
+            continue
+        got += len(data)
+        if got == sent:
+            break
+    assert got == sent
+
+
+def test_a_hang_up_while_watching_nothing_is_parked_not_spun(
+    reactor: Reactor, loop: asyncio.AbstractEventLoop, pairs: list[Any]
+) -> None:
+    ours, theirs = pair(pairs)
+    proto = Recorder()
+    chan = ClientSide(ours, reactor, proto)
+    chan.start(("lb", 1))
+    chan.pause_reading()
+    theirs.send(b"last words")
+    theirs.close()
+    reactor.dispatch()
+    assert chan.parked
+    assert reactor.ep.poll(0) == []  # out of the set: no level-triggered storm
+    chan.resume_reading()
+    reactor.dispatch()
+    reactor.dispatch()
+    assert [e for e in proto.events if e[0] != "made"] == [("data", b"last words"), ("eof", None)]
+
+
+def test_connection_lost_is_deferred_once_and_drops_the_protocol(
+    reactor: Reactor, loop: asyncio.AbstractEventLoop, pairs: list[Any]
+) -> None:
+    ours, _theirs = pair(pairs)
+    proto = Recorder()
+    chan = ClientSide(ours, reactor, proto)
+    chan.start(("192.0.2.1", 5))
+    chan.abort()
+    chan.abort()
+    assert proto.events == [("made", ("192.0.2.1", 5))]
+    spin(loop)
+    assert proto.events[-1] == ("lost", None)
+    assert len(proto.events) == 2
+    assert chan.get_protocol() is None
+    assert chan.is_closing()
+
+
+def test_eof_received_false_closes_after_the_queued_bytes(
+    reactor: Reactor, loop: asyncio.AbstractEventLoop, pairs: list[Any]
+) -> None:
+    ours, theirs = pair(pairs)
+    proto = Recorder(keep_open=False)
+    chan = ClientSide(ours, reactor, proto)
+    chan.start(("lb", 1))
+    chan.write(b"bye")
+    theirs.shutdown(socket.SHUT_WR)
+    reactor.dispatch()
+    spin(loop)
+    assert theirs.recv(10) == b"bye"
+    assert theirs.recv(10) == b""
+    assert [e for e, _ in proto.events] == ["made", "eof", "lost"]
+
+
+def test_write_eof_waits_for_the_buffer(reactor: Reactor, pairs: list[Any]) -> None:
+    ours, theirs = pair(pairs)
+    chan = ClientSide(ours, reactor, Recorder())
+    chan.start(("lb", 1))
+    chan.out = bytearray(b"queued")  # as if the kernel had refused it
+    chan.writing = True
+    chan._watch()
+    chan.write_eof()
+    assert chan.eof_pending
+    reactor.dispatch()
+    assert theirs.recv(10) == b"queued"
+    assert theirs.recv(10) == b""  # the FIN came after the bytes
+
+
+class Owner:
+    """Stands in for ClientProtocol on the upstream side."""
+
+    def __init__(self) -> None:
+        self.made: list[Upstream] = []
+        self.lost: list[Exception | None] = []
+
+    def upstream_made(self, upstream: Upstream) -> None:
+        self.made.append(upstream)
+
+    def upstream_lost(self, exc: Exception | None) -> None:
+        self.lost.append(exc)
+
+
+def test_upstream_waits_for_writability_when_connect_is_pending(
+    reactor: Reactor, pairs: list[Any]
+) -> None:
+    ours, _theirs = pair(pairs)
+    owner = Owner()
+    upstream = Upstream(ours, reactor, owner)
+    upstream.start(connected=False)
+    assert owner.made == []
+    reactor.dispatch()
+    assert owner.made == [upstream]
+    assert upstream.reading
+    assert not upstream.writing
+    assert not upstream.connecting
+
+
+def test_acceptor_serves_and_reads_the_first_bytes_at_once(
+    reactor: Reactor, loop: asyncio.AbstractEventLoop, tmp_path: Any
+) -> None:
+    path = str(tmp_path / "s")
+    lsock = socket.socket(socket.AF_UNIX)
+    lsock.bind(path)
+    lsock.listen()
+    protos: list[Recorder] = []
+
+    def factory() -> Recorder:
+        protos.append(Recorder())
+        return protos[-1]
+
+    acc = Acceptor(lsock, reactor, factory)
+    client = socket.socket(socket.AF_UNIX)
+    client.connect(path)
+    client.send(b"PROXY ...")
+    reactor.dispatch()  # one dispatch: accept, connection_made, and the first read
+    assert [e for e, _ in protos[0].events] == ["made", "data"]
+    protos[0].transport.abort()
+    acc.close()
+    acc.close()
+    assert lsock.fileno() == -1
+    client.close()
+
+
+class OutOfFiles:
+    """A listening socket that has hit the descriptor limit."""
+
+    family = socket.AF_UNIX
+
+    def __init__(self, real: socket.socket) -> None:
+        self.real = real
+        self.calls = 0
+
+    def _accept(self) -> tuple[int, Any]:
+        self.calls += 1
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    def fileno(self) -> int:
+        return self.real.fileno()
+
+    def setblocking(self, flag: bool) -> None:
+        self.real.setblocking(flag)
+
+    def close(self) -> None:
+        self.real.close()
+
+
+def test_acceptor_pauses_on_emfile_instead_of_spinning(
+    reactor: Reactor,
+    loop: asyncio.AbstractEventLoop,
+    pairs: list[Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(acceptor_mod, "RETRY_DELAY", 0.05)
+    ready, other = pair(pairs)
+    other.send(b"!")  # keeps `ready` readable, like a listener with a full backlog
+    listener = OutOfFiles(ready)
+    acc = Acceptor(listener, reactor, Recorder)  # type: ignore[arg-type]
+    reactor.dispatch()
+    reactor.dispatch()
+    assert listener.calls == 1  # parked after the first EMFILE
+    assert acc.paused is not None
+    loop.run_until_complete(asyncio.sleep(0.1))
+    reactor.dispatch()
+    assert listener.calls == 2  # tried again after the pause
+    acc.close()
