@@ -81,6 +81,11 @@ def load_specs(
     specs: dict[str, Spec] = {}
     for name in config.instances if names is None else names:
         inst = config.instance(name)
+        if inst.ports is not None and listeners > 1:
+            raise UsageError(
+                f"instance {name} is a TPROXY port range (ports=): serve it with -listeners 1 "
+                "(its TPROXY rule belongs to one process, not to each worker)"
+            )
         settings = instance_settings(inst, config.allowed_for(inst), limits)
         specs[name] = Spec(dataclasses.replace(settings, listeners=listeners), inst.ports)
     return specs

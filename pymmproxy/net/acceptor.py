@@ -67,11 +67,11 @@ class Acceptor:
     def _accept_failed(self, exc: OSError) -> None:
         if exc.errno not in _RESOURCE_ERRNOS:
             return  # ECONNABORTED, EPERM (a firewall), ...: that connection is gone, go on
+        self.reactor.park(self.sock.fileno())
+        self.paused = self.reactor.loop.call_later(RETRY_DELAY, self._resume)
         self.log.warning(
             "daemon.accept_paused", error=exc.strerror or str(exc), seconds=RETRY_DELAY
         )
-        self.reactor.park(self.sock.fileno())
-        self.paused = self.reactor.loop.call_later(RETRY_DELAY, self._resume)
 
     def _resume(self) -> None:
         self.paused = None

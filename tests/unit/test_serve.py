@@ -46,15 +46,17 @@ def test_selected() -> None:
 
 
 def test_load_specs(tmp_path: Path) -> None:
-    specs = load_specs(config(tmp_path), None, Limits(drain_timeout=3), 2)
+    specs = load_specs(config(tmp_path), None, Limits(drain_timeout=3), 1)
     assert list(specs) == ["web", "ssh"]
     web, ssh = specs["web"], specs["ssh"]
     assert web.ports == (8000, 8099)
     assert ssh.ports is None
     assert (web.settings.mark, ssh.settings.mark) == (123, 124)
     assert [str(n) for n in ssh.settings.allowed or ()] == ["203.0.113.7/32"]
-    assert web.settings.listeners == 2
     assert web.settings.limits.drain_timeout == 3
+    assert load_specs(tmp_path, ["ssh"], Limits(), 2)["ssh"].settings.listeners == 2
+    with pytest.raises(UsageError, match=r"instance web is a TPROXY port range.*-listeners 1"):
+        load_specs(tmp_path, None, Limits(), 2)
     assert list(load_specs(tmp_path, ["ssh"], Limits(), 1)) == ["ssh"]
     with pytest.raises(UsageError, match="no instance 'nope'"):
         load_specs(tmp_path, ["nope"], Limits(), 1)
