@@ -28,6 +28,11 @@ from typing import Any, cast
 from pymmproxy.net.reactor import ERR_HUP, IN, OUT, Reactor
 
 READ_SIZE = 256 * 1024
+# recv(READ_SIZE) allocates READ_SIZE bytes and shrinks them to what came. glibc serves
+# blocks above its mmap threshold (128 KiB at start) with mmap/mremap/munmap, and raises
+# the threshold once such a block is freed: freeing one larger block here keeps every later
+# recv on the heap (measured on a fresh interpreter: 20 µs -> 3.5 µs per small recv).
+bytearray(2 * READ_SIZE)
 # Every recv/send says MSG_DONTWAIT, so an accepted socket needs no O_NONBLOCK (Python's
 # accept() cannot ask for it, and setting it is one more syscall per connection).
 DONTWAIT = socket.MSG_DONTWAIT
