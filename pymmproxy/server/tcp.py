@@ -241,15 +241,6 @@ class ClientProtocol(asyncio.Protocol):
             self.down = self.upstream.count
         self.upstream = self.pending = None
 
-    def pause_writing(self) -> None:
-        if self.upstream is not None:
-            self.upstream.pause_reading()
-
-    def resume_writing(self) -> None:
-        upstream = self.upstream
-        if upstream is not None and not upstream.is_closing():
-            upstream.resume_reading()
-
     def idle_check(self) -> None:
         """Called by the instance's idle sweep: close after IDLE_CHECKS sweeps without data."""
         if self.state != _RELAY:

@@ -114,7 +114,19 @@ def test_a_raising_handler_does_not_stop_the_others(
     assert ("data", b"hello") in proto.events
 
 
-def test_peers_relay_straight_through_and_count(reactor: Reactor, pairs: list[Any]) -> None:
+def started(
+    reactor: Reactor, pairs: list[Any], *, keep_open: bool = True, addr: Any = ("lb", 1)
+) -> tuple[ClientSide, Recorder, socket.socket]:
+    """A started ClientSide with a Recorder protocol, and the socket at its other end."""
+    ours, theirs = pair(pairs)
+    proto = Recorder(keep_open=keep_open)
+    chan = ClientSide(ours, reactor, proto)
+    chan.start(addr)
+    return chan, proto, theirs
+
+
+def relay(reactor: Reactor, pairs: list[Any]) -> tuple[ClientSide, Channel, Any, Any]:
+    """A relaying pair of channels, and the load balancer's and the service's ends."""
     lb_ours, lb = pair(pairs)
     svc_ours, svc = pair(pairs)
     client = ClientSide(lb_ours, reactor, Recorder())
@@ -123,6 +135,11 @@ def test_peers_relay_straight_through_and_count(reactor: Reactor, pairs: list[An
     upstream.reading = True
     upstream.register(IN)
     client.peer, upstream.peer = upstream, client
+    return client, upstream, lb, svc
+
+
+def test_peers_relay_straight_through_and_count(reactor: Reactor, pairs: list[Any]) -> None:
+    client, upstream, lb, svc = relay(reactor, pairs)
     lb.send(b"GET / HTTP/1.1\r\n\r\n")
     reactor.dispatch()
     assert svc.recv(100) == b"GET / HTTP/1.1\r\n\r\n"
@@ -136,14 +153,7 @@ def test_peers_relay_straight_through_and_count(reactor: Reactor, pairs: list[An
 def test_a_full_buffer_pauses_the_sending_side_until_it_drains(
     reactor: Reactor, pairs: list[Any]
 ) -> None:
-    lb_ours, lb = pair(pairs)
-    svc_ours, svc = pair(pairs)
-    client = ClientSide(lb_ours, reactor, Recorder())
-    client.start(("lb", 1))
-    upstream = Channel(svc_ours, reactor, None)
-    upstream.reading = True
-    upstream.register(IN)
-    client.peer, upstream.peer = upstream, client
+    client, upstream, lb, svc = relay(reactor, pairs)
     lb.setblocking(False)
     chunk = b"x" * 65536
     sent = 0
@@ -181,10 +191,7 @@ def test_a_full_buffer_pauses_the_sending_side_until_it_drains(
 def test_a_hang_up_while_watching_nothing_is_parked_not_spun(
     reactor: Reactor, loop: asyncio.AbstractEventLoop, pairs: list[Any]
 ) -> None:
-    ours, theirs = pair(pairs)
-    proto = Recorder()
-    chan = ClientSide(ours, reactor, proto)
-    chan.start(("lb", 1))
+    chan, proto, theirs = started(reactor, pairs)
     chan.pause_reading()
     theirs.send(b"last words")
     theirs.close()
@@ -200,10 +207,7 @@ def test_a_hang_up_while_watching_nothing_is_parked_not_spun(
 def test_connection_lost_is_deferred_once_and_drops_the_protocol(
     reactor: Reactor, loop: asyncio.AbstractEventLoop, pairs: list[Any]
 ) -> None:
-    ours, _theirs = pair(pairs)
-    proto = Recorder()
-    chan = ClientSide(ours, reactor, proto)
-    chan.start(("192.0.2.1", 5))
+    chan, proto, _theirs = started(reactor, pairs, addr=("192.0.2.1", 5))
     chan.abort()
     chan.abort()
     assert proto.events == [("made", ("192.0.2.1", 5))]
@@ -217,10 +221,7 @@ def test_connection_lost_is_deferred_once_and_drops_the_protocol(
 def test_eof_received_false_closes_after_the_queued_bytes(
     reactor: Reactor, loop: asyncio.AbstractEventLoop, pairs: list[Any]
 ) -> None:
-    ours, theirs = pair(pairs)
-    proto = Recorder(keep_open=False)
-    chan = ClientSide(ours, reactor, proto)
-    chan.start(("lb", 1))
+    chan, proto, theirs = started(reactor, pairs, keep_open=False)
     chan.write(b"bye")
     theirs.shutdown(socket.SHUT_WR)
     reactor.dispatch()
@@ -231,9 +232,7 @@ def test_eof_received_false_closes_after_the_queued_bytes(
 
 
 def test_write_eof_waits_for_the_buffer(reactor: Reactor, pairs: list[Any]) -> None:
-    ours, theirs = pair(pairs)
-    chan = ClientSide(ours, reactor, Recorder())
-    chan.start(("lb", 1))
+    chan, _proto, theirs = started(reactor, pairs)
     chan.out = bytearray(b"queued")  # as if the kernel had refused it
     chan.writing = True
     chan._watch()
