@@ -289,7 +289,10 @@ class ClientSide(Channel):
         if not self.closed and not self.closing:
             self.reading = True
             self.register(IN)
-            self.on_event(IN)
+            try:
+                self.on_event(IN)
+            except Exception as exc:  # noqa: BLE001 - as if the reactor had called us
+                self.fatal(exc)
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:  # noqa: ANN401
         if name == "peername":

@@ -342,3 +342,40 @@ def test_acceptor_pauses_on_emfile_instead_of_spinning(
     assert 2 <= listener.calls <= 4  # retried after each pause, not spun on
     assert logged[0] == ("daemon.accept_paused", {"error": "Too many open files", "seconds": 0.05})
     acc.close()
+
+
+class Broken(Recorder):
+    """A protocol with a bug in data_received."""
+
+    def data_received(self, data: bytes) -> None:
+        raise ValueError(f"cannot handle {data!r}")
+
+
+def test_a_protocol_failing_on_the_first_read_drops_only_its_connection(
+    reactor: Reactor, loop: asyncio.AbstractEventLoop, tmp_path: Any
+) -> None:
+    reported: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, ctx: reported.append(ctx))
+    path = str(tmp_path / "s")
+    lsock = socket.socket(socket.AF_UNIX)
+    lsock.bind(path)
+    lsock.listen()
+    protos: list[Recorder] = []
+    acc = Acceptor(lsock, reactor, lambda: protos.append(Broken()) or protos[-1])
+    bad = socket.socket(socket.AF_UNIX)
+    bad.connect(path)
+    bad.send(b"boom")
+    reactor.dispatch()
+    spin(loop)
+    assert isinstance(reported[0]["exception"], ValueError)
+    assert protos[0].events[-1] == ("lost", reported[0]["exception"])
+    good = socket.socket(socket.AF_UNIX)  # the acceptor goes on serving
+    good.connect(path)
+    reactor.dispatch()
+    assert len(protos) == 2
+    bad.settimeout(2)
+    assert bad.recv(10) == b""
+    protos[1].transport.abort()
+    acc.close()
+    bad.close()
+    good.close()
