@@ -379,3 +379,35 @@ def test_a_protocol_failing_on_the_first_read_drops_only_its_connection(
     acc.close()
     bad.close()
     good.close()
+
+
+class Forwarder:
+    """On readiness, reads and sends the bytes on through ``out``."""
+
+    def __init__(self, sock: socket.socket, out: socket.socket) -> None:
+        self.sock, self.out, self.seen = sock, out, 0
+
+    def on_event(self, mask: int) -> None:
+        del mask
+        data = self.sock.recv(100)
+        self.seen += 1
+        self.out.send(data)
+
+    def fatal(self, exc: Exception) -> None:
+        raise exc
+
+
+def test_what_becomes_ready_during_a_dispatch_is_handled_in_it(
+    reactor: Reactor, pairs: list[Any]
+) -> None:
+    a_in, a_feed = pair(pairs)
+    b_in, b_feed = pair(pairs)
+    sink, drain = pair(pairs)
+    first = Forwarder(a_in, b_feed)  # its output makes `second` ready
+    second = Forwarder(b_in, sink)
+    reactor.add(a_in.fileno(), IN, first)
+    reactor.add(b_in.fileno(), IN, second)
+    a_feed.send(b"ping")
+    reactor.dispatch()
+    assert (first.seen, second.seen) == (1, 1)
+    assert drain.recv(10) == b"ping"
