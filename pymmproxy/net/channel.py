@@ -115,8 +115,10 @@ class Channel:
                     self._got_data(data)
             elif data is not None:
                 self.eof = True
-                self.pause_reading()
+                self.reading = False
                 self._got_eof()
+                if not self.closed:  # the usual second EOF closes: no epoll_ctl for it
+                    self._watch()
         if mask & OUT and self.writing and not self.closed:
             self._on_writable()
         if mask & ERR_HUP and not self.closed and not (self.reading or self.writing):

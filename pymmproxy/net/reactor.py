@@ -4,11 +4,11 @@ Every TCP socket of an instance (its listener, the load balancer's connections, 
 transparent upstream sockets) is registered in one ``select.epoll`` set, and only that
 set's descriptor is watched by the event loop (``loop.add_reader``). When the loop reports
 it readable, :meth:`Reactor.dispatch` asks the set which sockets are ready, calls their
-``on_event(mask)``, and asks again while some are (up to ``DRAIN_ROUNDS`` times). Measured against a uvloop transport (client side) plus an
-``add_reader`` poll handle (upstream side) per connection, this drops the per-socket loop
-handles (~0.5 KB and six ``epoll_ctl``/``ioctl`` calls per connection) and the
-``call_soon`` round trip before ``connection_made``; timers, signals, UDP and the metrics
-endpoint stay on the loop itself.
+``on_event(mask)``, and asks again while some are (up to ``DRAIN_ROUNDS`` times).
+Measured against a uvloop transport (client side) plus an ``add_reader`` poll handle
+(upstream side) per connection, this drops the per-socket loop handles (~1.3 KB and six
+``epoll_ctl``/``ioctl`` calls per connection) and the ``call_soon`` round trip before
+``connection_made``; timers, signals, UDP and the metrics endpoint stay on the loop itself.
 
 Registered objects implement ``on_event(mask)`` and ``fatal(exc)`` (called when
 ``on_event`` raises, so one broken connection never stops the dispatch of the others).
