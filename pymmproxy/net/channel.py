@@ -55,7 +55,7 @@ class Channel:
         self.peer: Channel | None = None  # while relaying: where our bytes go, unwrapped
         self.count = 0  # bytes handed to the peer
         self.out: bytes | bytearray = b""  # a bytearray only while data is queued
-        self.mask = 0  # what the reactor watches for now (-1: not registered yet)
+        self.mask = -1  # what the reactor watches for now (-1: not registered yet)
         self.reading = False
         self.writing = False
         self.paused_peer = False  # we paused the other side's reading (our buffer is full)
@@ -87,10 +87,10 @@ class Channel:
             peer.resume_reading()
 
     # -- events ---------------------------------------------------------------------------
-    def register(self, mask: int) -> None:
-        """Enter the reactor watching ``mask``."""
-        self.mask = mask
-        self.reactor.add(self.sock.fileno(), mask, self)
+    def register(self) -> None:
+        """Enter the reactor, watching for what ``reading``/``writing`` say."""
+        self.mask = (IN if self.reading else 0) | (OUT if self.writing else 0)
+        self.reactor.add(self.sock.fileno(), self.mask, self)
 
     def on_event(self, mask: int) -> None:
         """The reactor's callback: act on readiness (the bits are a hint, see above).
@@ -141,6 +141,8 @@ class Channel:
             self.reactor.park(self.sock.fileno())
 
     def _watch(self) -> None:
+        if self.mask < 0:  # not in the reactor yet: register() will read the flags
+            return
         mask = (IN if self.reading else 0) | (OUT if self.writing else 0)
         if mask != self.mask and not self.closed:
             self.mask = mask
@@ -290,7 +292,7 @@ class ClientSide(Channel):
         self.owner.connection_made(self)
         if not self.closed and not self.closing:
             self.reading = True
-            self.register(IN)
+            self.register()
             try:
                 self.on_event(IN)
             except Exception as exc:  # noqa: BLE001 - as if the reactor had called us

@@ -14,7 +14,6 @@ import socket
 from typing import TYPE_CHECKING
 
 from pymmproxy.net.channel import Channel, os_error
-from pymmproxy.net.reactor import IN, OUT
 
 if TYPE_CHECKING:
     from pymmproxy.server.tcp import ClientProtocol
@@ -30,11 +29,11 @@ class Upstream(Channel):
         """Begin: relay at once if ``connect()`` already completed, else wait for it."""
         if connected:
             self.reading = True
-            self.register(IN)
+            self.register()
             self.owner.upstream_made(self)
         else:
             self.connecting = self.writing = True
-            self.register(OUT)
+            self.register()
 
     def _on_writable(self) -> None:
         if self.connecting:

@@ -133,7 +133,7 @@ def relay(reactor: Reactor, pairs: list[Any]) -> tuple[ClientSide, Channel, Any,
     client.start(("lb", 1))
     upstream = Channel(svc_ours, reactor, None)
     upstream.reading = True
-    upstream.register(IN)
+    upstream.register()
     client.peer, upstream.peer = upstream, client
     return client, upstream, lb, svc
 
@@ -411,3 +411,34 @@ def test_what_becomes_ready_during_a_dispatch_is_handled_in_it(
     reactor.dispatch()
     assert (first.seen, second.seen) == (1, 1)
     assert drain.recv(10) == b"ping"
+
+
+class Greeter(Recorder):
+    """Writes more in connection_made than the socket takes at once."""
+
+    GREETING = b"g" * (4 << 20)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.transport.write(self.GREETING)
+
+
+def test_a_protocol_may_write_before_the_channel_is_registered(
+    reactor: Reactor, pairs: list[Any]
+) -> None:
+    ours, theirs = pair(pairs)
+    proto = Greeter()
+    chan = ClientSide(ours, reactor, proto)
+    chan.start(("lb", 1))
+    assert chan.out  # the kernel took only part of it: the rest waits for writability
+    theirs.setblocking(False)
+    got = 0
+    for _ in range(10000):
+        reactor.dispatch()
+        with contextlib.suppress(BlockingIOError):
+            got += len(theirs.recv(1 << 20))
+        if got == len(Greeter.GREETING):
+            break
+    assert got == len(Greeter.GREETING)
+    assert not chan.writing
+    chan.abort()
