@@ -115,11 +115,16 @@ def test_a_raising_handler_does_not_stop_the_others(
 
 
 def started(
-    reactor: Reactor, pairs: list[Any], *, keep_open: bool = True, addr: Any = ("lb", 1)
+    reactor: Reactor,
+    pairs: list[Any],
+    *,
+    keep_open: bool = True,
+    addr: Any = ("lb", 1),
+    proto: Recorder | None = None,
 ) -> tuple[ClientSide, Recorder, socket.socket]:
     """A started ClientSide with a Recorder protocol, and the socket at its other end."""
     ours, theirs = pair(pairs)
-    proto = Recorder(keep_open=keep_open)
+    proto = proto or Recorder(keep_open=keep_open)
     chan = ClientSide(ours, reactor, proto)
     chan.start(addr)
     return chan, proto, theirs
@@ -426,10 +431,7 @@ class Greeter(Recorder):
 def test_a_protocol_may_write_before_the_channel_is_registered(
     reactor: Reactor, pairs: list[Any]
 ) -> None:
-    ours, theirs = pair(pairs)
-    proto = Greeter()
-    chan = ClientSide(ours, reactor, proto)
-    chan.start(("lb", 1))
+    chan, _proto, theirs = started(reactor, pairs, proto=Greeter())
     assert chan.out  # the kernel took only part of it: the rest waits for writability
     theirs.setblocking(False)
     got = 0
