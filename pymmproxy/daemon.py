@@ -26,6 +26,7 @@ import signal
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import uvloop
 from structlog.typing import FilteringBoundLogger as BoundLogger
@@ -39,6 +40,7 @@ from pymmproxy.server.listener import Listener, bind, status_line
 from pymmproxy.settings import InstanceSettings
 
 STATUS_INTERVAL = 5.0
+PR_SET_PDEATHSIG = 1  # prctl(2)
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
@@ -237,9 +239,14 @@ def _run_workers(factory: AppFactory, workers: int, log: BoundLogger, notifier: 
     """
     pipe_r, pipe_w = os.pipe()
     pids: list[int] = []
+    import ctypes  # noqa: PLC0415 - only with workers; before forking, so they share it
+
+    parent = os.getpid()
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
     for index in range(workers):
         pid = os.fork()
         if pid == 0:  # worker
+            _die_with_parent(prctl, parent)
             os.close(pipe_r)
             code = 0
             try:
@@ -280,6 +287,17 @@ def _run_workers(factory: AppFactory, workers: int, log: BoundLogger, notifier: 
         code = os.waitstatus_to_exitcode(status)
         worst = max(worst, code if code >= 0 else 128 - code)
     return worst
+
+
+def _die_with_parent(prctl: Any, parent: int) -> None:  # noqa: ANN401 - a ctypes function
+    """Have the kernel SIGTERM this worker (drain, then exit) when the parent dies.
+
+    Without it a SIGKILLed parent leaves its workers serving the ``SO_REUSEPORT`` port
+    beside whatever is started next.
+    """
+    prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # it died before the prctl
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _worker_app(factory: AppFactory, index: int, pipe: int) -> Lifecycle:

@@ -164,3 +164,27 @@ def test_ready_once_after_every_worker_listens(manager: Manager) -> None:
         assert re.fullmatch(f"{worker_line}(; {worker_line})?", status), status
         stop(proc, manager)
     assert manager.count("READY") == 1
+
+
+def test_workers_leave_when_the_parent_is_killed(manager: Manager) -> None:
+    """A SIGKILLed parent (no chance to forward anything) must not leave workers serving."""
+    port = free_port()
+    with daemon(manager, port, "-listeners", "2") as proc:
+        manager.wait_for("READY", 10)
+        workers = children(proc.pid)
+        assert len(workers) == 2
+        proc.kill()
+        proc.wait(timeout=10)
+        deadline = time.monotonic() + 10  # SIGTERM from the kernel: drain (2 s), then exit
+        while time.monotonic() < deadline and any(alive(w) for w in workers):
+            time.sleep(0.1)
+        assert not any(alive(w) for w in workers), "orphaned workers still running"
+        assert not connects(port)
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` exists and is not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
