@@ -164,9 +164,6 @@ class Channel:
             self.reading = True
             self._watch()
 
-    def is_reading(self) -> bool:
-        return self.reading
-
     # -- writing ----------------------------------------------------------------------------
     def write(self, data: bytes) -> None:
         if self.closed or self.closing:
@@ -215,12 +212,6 @@ class Channel:
         if self.eof_pending:
             self.eof_pending = False
             self._shutdown_write()
-
-    def get_write_buffer_size(self) -> int:
-        return len(self.out)
-
-    def can_write_eof(self) -> bool:
-        return True
 
     def write_eof(self) -> None:
         """``shutdown(SHUT_WR)`` once the queued bytes are sent."""
@@ -302,9 +293,6 @@ class ClientSide(Channel):
         if name == "peername":
             return self.addr
         return Channel.get_extra_info(self, name, default)
-
-    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
-        self.owner = protocol
 
     def get_protocol(self) -> asyncio.BaseProtocol | None:
         return cast("asyncio.BaseProtocol | None", self.owner)

@@ -55,7 +55,7 @@ class Upstream(Channel):
         self._watch()
         self.owner.upstream_made(self)
 
-    def _got_data(self, data: bytes) -> None:  # only before upstream_made() set the peer
+    def _got_data(self, data: bytes) -> None:  # no peer: not relaying yet, or its side is gone
         self.count += len(data)
         self.owner.transport.write(data)
 
