@@ -71,6 +71,7 @@ class FakeUpstream:
 class FakeTransport:
     def __init__(self) -> None:
         self.closing = False
+        self.count = 0  # bytes its channel would have relayed
 
     def get_extra_info(self, name: str) -> object:
         return ("198.51.100.2", 40000) if name == "peername" else None

@@ -63,15 +63,10 @@ class ClientProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         ctx = self.ctx
         self.transport: ClientSide = transport  # type: ignore[assignment]
-        peer = transport.get_extra_info("peername")
+        peer = transport.get_extra_info("peername")  # accept()'s address: never None
         # Only timed when something reads it (a float per idle connection otherwise).
         self.started = time.monotonic() if ctx.timed else 0.0
         ctx.stats.accepted += 1
-        if peer is None:  # reset before we got to it: getpeername() failed
-            self.state = _CLOSED
-            ctx.stats.rejected["gone_before_accept"] += 1
-            self.transport.abort()
-            return
         if not ctx.allow.allows(peer[0]):
             refused = "not_allowed"
         elif ctx.max_connections and ctx.stats.active >= ctx.max_connections:
@@ -149,7 +144,7 @@ class ClientProtocol(asyncio.Protocol):
     @property
     def bytes_up(self) -> int:
         """Bytes relayed to the target so far."""
-        return self.early_up + getattr(self.transport, "count", 0)
+        return self.early_up + self.transport.count
 
     @property
     def bytes_down(self) -> int:
