@@ -1,4 +1,5 @@
-"""Measures and their parsers: wrk, iperf3, PSS and CPU time of a process tree, startup.
+"""Measures and their parsers: wrk, iperf3, PSS, CPU and scheduler time of a process tree,
+startup.
 
 The parsers are pure functions (tested on captured output); the runners start the client
 tools inside the client namespace with bounded durations and timeouts.
@@ -181,6 +182,72 @@ def tree_cpu_seconds(root: int) -> float:
         except OSError:
             continue
     return total
+
+
+def parse_schedstat(text: str) -> tuple[int, int]:
+    """``/proc/PID/task/TID/schedstat``: (ns on a CPU, ns runnable but waiting for one)."""
+    fields = text.split()
+    return int(fields[0]), int(fields[1])
+
+
+def tree_sched_ns(root: int) -> tuple[int, int] | None:
+    """On-CPU and waiting-for-a-CPU nanoseconds summed over every thread of the tree
+    (None when the kernel keeps no schedstats)."""
+    run = wait = 0
+    seen = False
+    for pid in tree_pids(root):
+        try:
+            tasks = list(Path(f"/proc/{pid}/task").iterdir())
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                r, w = parse_schedstat((task / "schedstat").read_text())
+            except (OSError, IndexError, ValueError):
+                continue
+            run, wait, seen = run + r, wait + w, True
+    return (run, wait) if seen else None
+
+
+class SchedWindow(threading.Thread):
+    """Scheduler view of the middle of a load phase of ``seconds`` (its first and last fifth,
+    start-up and wind-down, left out): the proxy tree's threads on a CPU and runnable but
+    waiting for one (``on_cpu``, ``cpu_wait``: seconds per second of wall time, summed over
+    threads) and the host's idle share (``host_idle``). ``result`` is filled by ``join``."""
+
+    def __init__(self, root: int | None, seconds: float) -> None:
+        super().__init__(daemon=True)
+        self.root, self.seconds = root, seconds
+        self.result: dict[str, float] = {}
+
+    def run(self) -> None:
+        time.sleep(self.seconds / 5)
+        sched0 = None if self.root is None else tree_sched_ns(self.root)
+        host0, t0 = host_cpu_jiffies(), time.monotonic()
+        time.sleep(self.seconds * 3 / 5)
+        sched1 = None if self.root is None else tree_sched_ns(self.root)
+        host1, wall = host_cpu_jiffies(), time.monotonic() - t0
+        idle, total = host1[0] - host0[0], host1[1] - host0[1]
+        if total > 0:
+            self.result["host_idle"] = idle / total
+        if sched0 is not None and sched1 is not None:
+            self.result["on_cpu"] = (sched1[0] - sched0[0]) / 1e9 / wall
+            self.result["cpu_wait"] = (sched1[1] - sched0[1]) / 1e9 / wall
+
+
+def parse_proc_stat_cpu(text: str) -> tuple[int, int]:
+    """The ``cpu`` line of ``/proc/stat``: (idle + iowait jiffies, all jiffies)."""
+    for line in text.splitlines():
+        if line.startswith("cpu "):
+            vals = [int(v) for v in line.split()[1:]]
+            # guest time is already counted in user; steal is time the host took away
+            idle = vals[3] + (vals[4] if len(vals) > 4 else 0)
+            return idle, sum(vals[:8])
+    raise BenchError("no cpu line in /proc/stat")
+
+
+def host_cpu_jiffies() -> tuple[int, int]:
+    return parse_proc_stat_cpu(Path("/proc/stat").read_text())
 
 
 # -- idle connections ---------------------------------------------------------------------

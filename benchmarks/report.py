@@ -174,6 +174,7 @@ def markdown(data: dict[str, Any]) -> str:
             lines.append(
                 f"| {BY_KEY[key].label} {op} {factor}x {ref} | " + " | ".join(cells) + " |"
             )
+    lines += scheduling_markdown(results)
     errs = {
         n: (r.get("keepalive", {}).get("errors", 0), r.get("close", {}).get("errors", 0))
         for n, r in results.items()
@@ -189,6 +190,35 @@ def markdown(data: dict[str, Any]) -> str:
     if data.get("udp") is not None:
         lines += ["", "## UDP (benchmarks.udp_bench)", "", udp_markdown(data["udp"])]
     return "\n".join(lines) + "\n"
+
+
+def scheduling_markdown(results: dict[str, Row]) -> list[str]:
+    """Where the candidate's threads were during the middle of the load phases: on a CPU,
+    or runnable and waiting for one (CPU-seconds per second, summed over threads), and how
+    much of the host's CPU stayed idle meanwhile (``/proc/PID/task/*/schedstat``,
+    ``/proc/stat``). Empty when the kernel keeps no schedstats."""
+    phases = (("keepalive", "keep-alive"), ("close", "new conns"))
+    have = [n for n, r in results.items() if any("host_idle" in r.get(p, {}) for p, _ in phases)]
+    if not have:
+        return []
+    head = [f"{label} {col}" for _, label in phases for col in ("on CPU", "waiting", "host idle")]
+    out = [
+        "",
+        "**Scheduling** (middle of each load phase, mean over rounds: the candidate's threads "
+        "on a CPU and runnable but waiting for one, in CPU-seconds per second summed over "
+        "threads; the host's idle CPU share)",
+        "",
+        "| candidate | " + " | ".join(head) + " |",
+        "|---|" + "---:|" * len(head),
+    ]
+    for name in have:
+        cells = []
+        for phase, _ in phases:
+            row = results[name].get(phase, {})
+            for key, fmt in (("on_cpu", "{:.2f}"), ("cpu_wait", "{:.2f}"), ("host_idle", "{:.0%}")):
+                cells.append("—" if row.get(key) is None else fmt.format(row[key]))
+        out.append(f"| {name} | " + " | ".join(cells) + " |")
+    return out
 
 
 def udp_markdown(udp: object) -> str:

@@ -241,15 +241,19 @@ class Runner:
             msg = f"{gbps:.2f} Gbit/s"
         else:
             close = what == "close"
+            seconds = plan.close if close else plan.keepalive
+            window = m.SchedWindow(proc.pid if proc else None, seconds)
+            window.start()
             w = m.run_wrk(
                 client,
                 cand.lb_http_port,
-                plan.close if close else plan.keepalive,
+                seconds,
                 connections=plan.close_connections if close else plan.connections,
                 threads=plan.threads,
                 close=close,
             )
-            row = w.as_dict()
+            window.join()
+            row = {**w.as_dict(), **window.result}
             msg = (
                 f"{w.rps:,.0f} {'conns' if close else 'req'}/s, p50 {w.p50_ms:.2f} ms, "
                 f"p99 {w.p99_ms:.2f} ms"
@@ -263,6 +267,10 @@ class Runner:
                 msg += f", CPU {row['cpu_s'] / max(1, row['requests']) * 1e6:.0f} µs/" + (
                     "conn" if what == "close" else "req"
                 )
+        if "cpu_wait" in row:
+            msg += f", on CPU {row['on_cpu']:.2f} / waiting {row['cpu_wait']:.2f}"
+        if "host_idle" in row and what != "bulk":
+            msg += f", host idle {row['host_idle']:.0%}"
         self.rounds[cand.name][what].append(row)
         self.say(f"{tag}: {msg}")
 
@@ -311,6 +319,9 @@ class Runner:
             }
             if all("cpu_s" in r for r in rows):
                 res[cpu_key] = sum(r["cpu_s"] for r in rows) / max(1, reqs) * scale
+            for key in ("on_cpu", "cpu_wait", "host_idle"):  # scheduling, mean over rounds
+                if all(key in r for r in rows):
+                    res[what][key] = sum(r[key] for r in rows) / len(rows)
         rows = rounds["bulk"]
         if rows:
             res["bulk_gbps"] = sum(r["gbps"] for r in rows) / len(rows)

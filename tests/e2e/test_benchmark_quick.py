@@ -35,3 +35,8 @@ def test_benchmark_quick_runs_every_candidate(tmp_path: Path) -> None:
     table = results[0].with_suffix(".md").read_text()
     assert "vs go-mmproxy" in table
     assert "udp" in table.lower()
+    # the scheduler view of the load phases (this kernel keeps schedstats)
+    assert "**Scheduling**" in table
+    ka = data["results"]["pymmproxy-1"]["keepalive"]
+    assert ka["on_cpu"] > 0
+    assert 0 <= ka["host_idle"] <= 1

@@ -1,0 +1,124 @@
+"""The benchmark's pure parts: wrk/iperf3/schedstat/``/proc/stat`` parsers and the report."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from benchmarks import measures as m
+from benchmarks.report import check_targets, markdown, scheduling_markdown
+from benchmarks.topology import BenchError
+
+# Captured from wrk 4.1.0 (Debian 12) against a local HTTP server.
+WRK = """\
+Running 1s test @ http://127.0.0.1:8080/
+  1 threads and 2 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency     1.87ms  652.65us   7.22ms   75.93%
+    Req/Sec     1.02k    79.69     1.19k    81.82%
+  Latency Distribution
+     50%    1.82ms
+     75%    2.17ms
+     90%    2.59ms
+     99%    4.19ms
+  1119 requests in 1.10s, 1.23MB read
+Requests/sec:   1017.25
+Transfer/sec:      1.12MB
+"""
+# The same run with the two lines wrk adds when things go wrong.
+WRK_ERRORS = WRK.replace(
+    "Requests/sec:",
+    "  Socket errors: connect 0, read 12, write 1, timeout 3\n"
+    "  Non-2xx or 3xx responses: 5\nRequests/sec:",
+)
+
+
+def test_wrk_output_gives_rate_latency_and_no_errors() -> None:
+    w = m.parse_wrk(WRK)
+    assert (w.requests, w.seconds, w.rps) == (1119, 1.10, 1017.25)
+    assert (w.p50_ms, w.p90_ms, w.p99_ms) == pytest.approx((1.82, 2.59, 4.19))
+    assert (w.errors, w.non2xx) == (0, 0)
+
+
+def test_wrk_socket_errors_and_non_2xx_are_counted() -> None:
+    w = m.parse_wrk(WRK_ERRORS)
+    assert w.socket_errors == {"connect": 0, "read": 12, "write": 1, "timeout": 3}
+    assert (w.errors, w.non2xx) == (16, 5)
+
+
+def test_wrk_output_without_a_summary_is_an_error() -> None:
+    with pytest.raises(BenchError, match="cannot parse wrk output"):
+        m.parse_wrk("unable to connect to 127.0.0.1:8081 Connection refused\n")
+
+
+def test_iperf3_json_and_its_error_form() -> None:
+    ok = {"end": {"sum_received": {"bits_per_second": 5.5e9, "bytes": 1_375_000_000}}}
+    assert m.parse_iperf3(json.dumps(ok)) == (5.5, 1_375_000_000)
+    with pytest.raises(BenchError, match="the server is busy"):
+        m.parse_iperf3(json.dumps({"error": "the server is busy running a test"}))
+
+
+def test_schedstat_and_proc_stat_parsers() -> None:
+    assert m.parse_schedstat("1500000 250000 42\n") == (1_500_000, 250_000)
+    stat = "cpu  100 5 50 800 20 0 25 7 0 0\ncpu0 50 2 25 400 10 0 12 3 0 0\n"
+    # idle + iowait, and user..steal (guest time is already inside user)
+    assert m.parse_proc_stat_cpu(stat) == (820, 1007)
+    with pytest.raises(BenchError):
+        m.parse_proc_stat_cpu("intr 1 2 3\n")
+
+
+def test_this_process_has_schedstats_and_the_host_has_cpu_times() -> None:
+    sched = m.tree_sched_ns(os.getpid())
+    if not Path(f"/proc/{os.getpid()}/schedstat").exists():
+        assert sched is None
+        return
+    assert sched is not None
+    assert sched[0] > 0  # this test ran on a CPU
+    idle, total = m.host_cpu_jiffies()
+    assert 0 <= idle <= total
+
+
+def _results() -> dict[str, dict[str, object]]:
+    sched = {"on_cpu": 0.61, "cpu_wait": 0.35, "host_idle": 0.08}
+    return {
+        "go-mmproxy": {"kind": "go-mmproxy", "keepalive": {"rps": 100.0}, "close": {"rps": 50.0}},
+        "pymmproxy-1": {
+            "kind": "pymmproxy",
+            "keepalive": {"rps": 140.0, **sched},
+            "close": {"rps": 49.0, "host_idle": 0.1},
+        },
+        "haproxy": {"kind": "haproxy", "keepalive": {"rps": 150.0}},
+    }
+
+
+def test_scheduling_table_lists_only_measured_candidates() -> None:
+    lines = scheduling_markdown(_results())
+    rows = [line for line in lines if line.startswith("| ")]
+    assert rows[0].startswith("| candidate | keep-alive on CPU | keep-alive waiting |")
+    assert rows[1:] == ["| pymmproxy-1 | 0.61 | 0.35 | 8% | — | — | 10% |"]
+    assert scheduling_markdown({"x": {"keepalive": {"rps": 1.0}}}) == []
+
+
+def test_targets_use_ratios_within_the_run() -> None:
+    by = {(t["metric"], t["reference"]): t for t in check_targets(_results())}
+    assert by["ka_rps", "go-mmproxy"]["ratio"] == pytest.approx(1.4)
+    assert by["ka_rps", "go-mmproxy"]["met"] is True
+    assert by["ka_rps", "haproxy"]["met"] is False  # 0.93 < 0.95
+    assert by["conn_rps", "go-mmproxy"]["met"] is False  # 0.98
+    assert by["bulk", "direct"]["met"] is None  # not measured: neither met nor missed
+
+
+def test_markdown_report_has_tables_targets_and_scheduling() -> None:
+    data = {
+        "date": "2026-11-25T00:00:00",
+        "plan": {"quick": True, "threads": 2, "connections": 50, "rounds": 1,
+                 "keepalive": 1, "close": 1, "bulk": 1, "idle_conns": 10},
+        "results": _results(),
+    }  # fmt: skip
+    text = markdown(data)
+    assert "**Ratios vs go-mmproxy**" in text
+    assert "| keep-alive req/s >= 1.3x go-mmproxy | 1.40x met |" in text
+    assert "**Scheduling**" in text
