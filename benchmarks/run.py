@@ -269,7 +269,7 @@ class Runner:
                 )
         if "cpu_wait" in row:
             msg += f", on CPU {row['on_cpu']:.2f} / waiting {row['cpu_wait']:.2f}"
-        if "host_idle" in row and what != "bulk":
+        if "host_idle" in row:  # the load phases only (SchedWindow)
             msg += f", host idle {row['host_idle']:.0%}"
         self.rounds[cand.name][what].append(row)
         self.say(f"{tag}: {msg}")

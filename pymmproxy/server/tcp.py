@@ -152,7 +152,7 @@ class ClientProtocol(asyncio.Protocol):
         return self.down if self.upstream is None else self.upstream.count
 
     @property
-    def peer(self) -> Any:  # noqa: ANN401 - (host, port, ...) or None
+    def peer(self) -> Any:  # noqa: ANN401 - (host, port, ...) as accept() returned it
         """The load balancer's address (kept by the transport, not per connection here)."""
         return self.transport.get_extra_info("peername")
 
