@@ -36,12 +36,13 @@ class Acceptor:
         sock: socket.socket,
         reactor: Reactor,
         factory: Callable[[], asyncio.Protocol],
+        log: Any = None,  # noqa: ANN401 - a structlog logger (the instance's), else a new one
     ) -> None:
         self.sock = sock
         self.reactor = reactor
         self.factory = factory
         self.paused: asyncio.TimerHandle | None = None
-        self.log = get_logger()
+        self.log = log if log is not None else get_logger()
         sock.setblocking(False)
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             # Accepted sockets inherit TCP_NODELAY (Linux): set once here, not per connection.

@@ -60,9 +60,11 @@ class Listener:
                 self._server = await serve_udp(ctx, sock)
             elif self.ports is not None:
                 ports = self.ports
-                self._server = Acceptor(sock, ctx.reactor, lambda: TproxyProtocol(ctx, ports))
+                self._server = Acceptor(
+                    sock, ctx.reactor, lambda: TproxyProtocol(ctx, ports), self.log
+                )
             else:
-                self._server = Acceptor(sock, ctx.reactor, lambda: ClientProtocol(ctx))
+                self._server = Acceptor(sock, ctx.reactor, lambda: ClientProtocol(ctx), self.log)
         except BaseException:
             sock.close()
             raise

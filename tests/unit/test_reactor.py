@@ -349,6 +349,31 @@ def test_acceptor_pauses_on_emfile_instead_of_spinning(
     acc.close()
 
 
+def test_a_named_instance_logs_accept_pauses_under_its_name(tmp_path: Any) -> None:
+    """``serve`` runs several instances in one process: the acceptor's warnings carry the
+    instance's name, like every other line of that instance."""
+    from pymmproxy.server.listener import Listener  # noqa: PLC0415
+    from pymmproxy.settings import Endpoint, InstanceSettings  # noqa: PLC0415
+
+    settings = InstanceSettings(
+        Endpoint("0.0.0.0", 8443), Endpoint("127.0.0.1", 443), None, name="vps01-ssh"
+    )
+    lsock = socket.socket(socket.AF_UNIX)
+    lsock.bind(str(tmp_path / "s"))
+    lsock.listen()
+
+    async def main() -> None:
+        listener = Listener(settings)
+        listener.log = SimpleNamespace(info=lambda *a, **k: None)  # type: ignore[assignment]
+        await listener.start(lsock)
+        assert isinstance(listener._server, Acceptor)
+        assert listener._server.log is listener.log
+        listener.close()
+        await listener.drain(0)
+
+    asyncio.run(main())
+
+
 class Broken(Recorder):
     """A protocol with a bug in data_received."""
 
