@@ -214,3 +214,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except OSError as exc:  # what no check above foresaw (a permission, a limit): one line
+        sys.stderr.write(f"pymmproxy: {exc}\n")
+        return 1

@@ -24,6 +24,7 @@ import gc
 import os
 import signal
 import sys
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -186,7 +187,7 @@ class Daemon(Lifecycle):
             return
         try:
             new = self.reloader()
-        except PymmproxyError as exc:
+        except (PymmproxyError, OSError) as exc:
             self.log.error(  # noqa: TRY400 - an expected config error, no traceback
                 "daemon.reload_failed", error=str(exc), kept=ctx.allow.describe()
             )
@@ -254,7 +255,11 @@ def _run_workers(factory: AppFactory, workers: int, log: BoundLogger, notifier: 
             except PymmproxyError as exc:
                 sys.stderr.write(f"pymmproxy: {exc}\n")
                 code = exc.exit_code
-            os._exit(code)
+            except BaseException:  # noqa: BLE001 - never unwind into the parent's frames
+                traceback.print_exc()
+                code = 1
+            finally:
+                os._exit(code)
         pids.append(pid)
     os.close(pipe_w)
 
@@ -265,7 +270,7 @@ def _run_workers(factory: AppFactory, workers: int, log: BoundLogger, notifier: 
             with contextlib.suppress(ProcessLookupError):
                 os.kill(child, signum)
 
-    for signum in (*_STOP_SIGNALS, signal.SIGHUP):
+    for signum in (*_STOP_SIGNALS, signal.SIGHUP, signal.SIGUSR1):  # (USR1 would kill us)
         signal.signal(signum, forward)
     ready: set[str] = set()
     statuses: dict[str, str] = {}

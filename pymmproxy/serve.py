@@ -33,7 +33,7 @@ from pymmproxy.logsetup import get_logger
 from pymmproxy.notify import Notifier
 from pymmproxy.server.listener import bind, status_line
 from pymmproxy.server.registry import Registry, Spec
-from pymmproxy.settings import Limits
+from pymmproxy.settings import Endpoint, Limits
 
 #: Flags of the single-proxy command line that make no sense here.
 _REFUSED = {
@@ -74,9 +74,14 @@ def selected(text: str | None) -> list[str] | None:
 
 
 def load_specs(
-    config_dir: Path, names: list[str] | None, limits: Limits, listeners: int
+    config_dir: Path,
+    names: list[str] | None,
+    limits: Limits,
+    listeners: int,
+    metrics: Endpoint | None = None,
 ) -> dict[str, Spec]:
-    """What to run, from the config directory (ConfigError / UsageError if broken)."""
+    """What to run, from the config directory (ConfigError / UsageError if broken);
+    ``metrics``: the one endpoint every instance reports on."""
     config = load_config(config_dir)
     specs: dict[str, Spec] = {}
     for name in config.instances if names is None else names:
@@ -87,7 +92,8 @@ def load_specs(
                 "(its TPROXY rule belongs to one process, not to each worker)"
             )
         settings = instance_settings(inst, config.allowed_for(inst), limits)
-        specs[name] = Spec(dataclasses.replace(settings, listeners=listeners), inst.ports)
+        settings = dataclasses.replace(settings, listeners=listeners, metrics=metrics)
+        specs[name] = Spec(settings, inst.ports)
     return specs
 
 
@@ -145,7 +151,7 @@ class Serve(Lifecycle):
         self.log.info("serve.reloading")
         try:
             changes = await self.registry.apply(self.load())
-        except PymmproxyError as exc:
+        except (PymmproxyError, OSError) as exc:  # OSError: a file we may not read, say
             kept = sorted(self.registry.running)
             self.log.error("serve.reload_failed", error=str(exc), kept=kept)  # noqa: TRY400
         else:
@@ -156,7 +162,7 @@ class Serve(Lifecycle):
 
 def main(argv: Sequence[str]) -> int:
     """Entry point of ``pymmproxy serve`` (errors propagate to :func:`pymmproxy.cli.main`)."""
-    from pymmproxy.cli import limits_from_args  # noqa: PLC0415 - cli imports us lazily
+    from pymmproxy.cli import limits_from_args, metrics_from_args  # noqa: PLC0415 - lazily
 
     args = parse_args(argv)
     logsetup.configure(args.verbose, args.log_format)
@@ -164,9 +170,10 @@ def main(argv: Sequence[str]) -> int:
     names = selected(args.instances)
     limits = limits_from_args(args)
     workers: int = args.listeners
+    metrics = metrics_from_args(args)
 
     def load() -> dict[str, Spec]:
-        return load_specs(config_dir, names, limits, workers)
+        return load_specs(config_dir, names, limits, workers, metrics)
 
     initial = load()
     log = get_logger()

@@ -85,10 +85,19 @@ class Acceptor:
         )
 
     def close(self) -> None:
-        """Stop accepting and close the listening socket (idempotent)."""
-        if self.paused is not None:
+        """Stop accepting and close the listening socket (idempotent).
+
+        The socket leaves the epoll set explicitly: it may be a ``dup`` (``serve`` hands
+        each listener one), and closing a dup leaves the open file, and so its epoll
+        registration, behind.
+        """
+        fd = self.sock.fileno()
+        if fd < 0:
+            return
+        if self.paused is not None:  # parked: already out of the set
             self.paused.cancel()
             self.paused = None
-        if self.sock.fileno() >= 0:
-            self.reactor.forget(self.sock.fileno())
-            self.sock.close()
+        else:
+            self.reactor.park(fd)
+        self.reactor.forget(fd)
+        self.sock.close()

@@ -12,7 +12,8 @@ Measured against a uvloop transport (client side) plus an ``add_reader`` poll ha
 
 Registered objects implement ``on_event(mask)`` and ``fatal(exc)`` (called when
 ``on_event`` raises, so one broken connection never stops the dispatch of the others).
-A socket leaves the set by being closed (the kernel drops it); :meth:`forget` must be
+A socket leaves the set by being closed (the kernel drops it once its last descriptor
+is closed: a ``dup``-ed socket must be :meth:`park`-ed first); :meth:`forget` must be
 called just before, so a late event in the same batch finds no handler.
 """
 
@@ -71,7 +72,7 @@ class Reactor:
             self.ep.register(fd, mask)
 
     def forget(self, fd: int) -> None:
-        """Drop ``fd``'s handler; call just before closing it (closing leaves the set)."""
+        """Drop ``fd``'s handler; call just before closing it (see the module docstring)."""
         self.handlers.pop(fd, None)
 
     def dispatch(self) -> None:

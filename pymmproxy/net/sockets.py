@@ -36,7 +36,10 @@ def listen_socket(
     Raises :class:`PymmproxyError` with a one-line reason (address in use, not local, ...).
     """
     family = socket.AF_INET6 if endpoint.is_v6 else socket.AF_INET
-    sock = socket.socket(family, kind)
+    try:
+        sock = socket.socket(family, kind)  # EAFNOSUPPORT (IPv6 off), EMFILE ...
+    except OSError as exc:
+        raise PymmproxyError(f"cannot listen on {endpoint}: {exc.strerror or exc}") from None
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if reuse_port:

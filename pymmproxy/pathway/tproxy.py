@@ -129,7 +129,7 @@ def present(name: str, *, backend: str = "auto") -> list[str]:
             with Nftables() as nft:
                 return [c for c, _ in _nft_rules(nft)[1] if _owned(c, name)]
         iptc = _Iptc()
-        return [c for fam in Family for c, _ in _legacy_rules(iptc, fam) if _owned(c, name)]
+        return [c for fam in Family for c, _ in _listed(iptc, fam) if _owned(c, name)]
 
 
 @contextmanager
@@ -261,6 +261,17 @@ def _legacy_rules(iptc: _Iptc, family: Family) -> list[tuple[str, Any]]:
     return found
 
 
+def _listed(iptc: _Iptc, family: Family) -> list[tuple[str, Any]]:
+    """:func:`_legacy_rules`, its failures as one line (``_Iptc._call``)."""
+    return iptc._call(f"{family.iptables_cmd} -t mangle -S PREROUTING", _legacy_rules, iptc, family)
+
+
+def _legacy_delete(iptc: _Iptc, family: Family, entry: Any) -> None:  # noqa: ANN401 - iptc.Rule
+    table = iptc._table(family)
+    iptc._iptc.Chain(table, "PREROUTING").delete_rule(entry)
+    table.commit()
+
+
 def _legacy_add(iptc: _Iptc, rule: TproxyRule) -> None:
     table = iptc._table(rule.family)
     entry = iptc._rule_classes[rule.family]()
@@ -284,13 +295,12 @@ def _legacy_apply(install: Mapping[str, Sequence[TproxyRule]], remove: list[str]
     changes: list[str] = []
     for family in Family:
         wanted = {n: [r for r in rules if r.family is family] for n, rules in install.items()}
-        existing = _legacy_rules(iptc, family)
+        existing = _listed(iptc, family)
         drop, add = _plan(wanted, remove, [c for c, _ in existing])
         for comment, entry in existing:
             if comment in drop:
-                table = iptc._table(family)
-                iptc._iptc.Chain(table, "PREROUTING").delete_rule(entry)
-                table.commit()
+                what = f"{family.iptables_cmd}: delete rule {comment!r}"
+                iptc._call(what, _legacy_delete, iptc, family, entry)
                 changes.append(f"{family.iptables_cmd}: deleted rule {comment!r}")
         for rule in add:
             iptc._call(rule.iptables_text(), _legacy_add, iptc, rule)

@@ -156,7 +156,13 @@ class Registry:
                 if spec.ports is not None:
                     v6 = spec.settings.listen.is_v6
                     level, option = (SOL_IPV6, IPV6_TRANSPARENT) if v6 else (SOL_IP, IP_TRANSPARENT)
-                    sock.setsockopt(level, option, 1)
+                    try:
+                        sock.setsockopt(level, option, 1)
+                    except OSError as exc:
+                        raise PymmproxyError(
+                            f"instance {name}: cannot make {spec.settings.listen} transparent "
+                            f"for ports=: {exc.strerror or exc} (need CAP_NET_ADMIN, or root)"
+                        ) from None
         except BaseException:
             for lock in locks.values():
                 lock.release()

@@ -269,3 +269,22 @@ def test_no_fd_leak_after_many_connections(wl: Workload, ending: str) -> None:
     proc.terminate()
     assert proc.wait(10) == 0
     assert "Traceback" not in wl.log(f"daemon-{port}.log")
+
+
+def test_sigusr1_with_workers_logs_stats_and_keeps_serving(wl: Workload) -> None:
+    """With ``-listeners 2`` the parent forwards SIGUSR1 (its default action would kill
+    it, and with it every worker): each worker logs ``daemon.stats``, none stops."""
+    port = PORT + 10
+    proc = wl.daemon("-4", f"127.0.0.1:{ECHO}", "-listeners", "2", port=port)
+    time.sleep(0.5)  # both workers up (the first bound port answers wait_port)
+    proc.send_signal(signal.SIGUSR1)
+    deadline = time.monotonic() + 5
+    while wl.log(f"daemon-{port}.log").count('"daemon.stats"') < 2:
+        assert time.monotonic() < deadline, wl.log(f"daemon-{port}.log")
+        time.sleep(0.1)
+    assert proc.poll() is None
+    with open_conn(wl, port) as s:
+        s.sendall(encode_v2(header("192.0.2.71", 40021, dport=port)) + b"still")
+        assert s.recv(5) == b"still"
+    proc.terminate()
+    assert proc.wait(10) == 0

@@ -32,11 +32,13 @@ from tests.integration.conftest import (
     ns_connect,
     wait_port,
 )
+from tests.integration.test_metrics import scrape, value
 from tests.nsutil import recv_all
 
 pytestmark = [pytest.mark.netns]
 
 WHOAMI, ECHO = 8280, 8281
+METRICS = 9280
 MARKS = (123, 124, 125)
 SFX = secrets.token_hex(3)  # instance names are also lock names: unique per run
 # name, mark, port, allow list: all allow the v4 LB; only "b" allows the v6 one
@@ -125,7 +127,8 @@ def served(workload: Workload) -> Iterator[Served]:
     wl.service("echo", ECHO)
     cfg = wl.tmp / "serve-config"
     write_config(cfg, INSTANCES)
-    argv = [PY, "-m", "pymmproxy", "serve", "--config-dir", str(cfg), "-v", "2"]
+    argv = [PY, "-m", "pymmproxy", "serve", "--config-dir", str(cfg), "-v", "2",
+            "--metrics", f"127.0.0.1:{METRICS}"]  # fmt: skip
     proc = wl.spawn([*argv, "--log-format", "json", "--drain-timeout", "20"], "daemon-serve.log")
     for _, _, port, _ in INSTANCES:
         wait_port(wl.ns, LB_V4, port)
@@ -158,6 +161,14 @@ def test_three_instances_each_with_its_mark(served: Served) -> None:
             and event["event"] != "daemon.signal"
         ):
             assert event.get("instance"), raw
+
+
+def test_metrics_endpoint_reports_every_instance(served: Served) -> None:
+    """``serve --metrics``: one endpoint, a ``proxy=`` label per instance (runs after the
+    test above has sent one connection through each)."""
+    samples = scrape(served.wl, METRICS)
+    for name, *_ in INSTANCES:
+        assert value(samples, "pymmproxy_connections_accepted_total", proxy=name) >= 1, name
 
 
 def test_allow_lists_are_per_instance(served: Served) -> None:

@@ -124,3 +124,38 @@ def test_listen_address_in_use_is_one_line(allow: Path, capsys: pytest.CaptureFi
     assert code == 1
     err = capsys.readouterr().err
     assert err.startswith(f"pymmproxy: cannot listen on 127.0.0.1:{port}:")
+
+
+def test_listen_family_unsupported_is_one_line(
+    allow: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A host with IPv6 disabled refuses the socket itself (EAFNOSUPPORT), before bind."""
+    from pymmproxy.net import sockets  # noqa: PLC0415
+
+    real = socket.socket
+
+    def no_v6(family: int = socket.AF_INET, *args: object) -> socket.socket:
+        if family == socket.AF_INET6:
+            raise OSError(97, "Address family not supported by protocol")
+        return real(family, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(sockets.socket, "socket", no_v6)
+    code = main(["-l", "[::]:8443", "-allowed-subnets", str(allow)])
+    assert code == 1
+    assert capsys.readouterr().err == (
+        "pymmproxy: cannot listen on [::]:8443: Address family not supported by protocol\n"
+    )
+
+
+def test_an_unforeseen_os_error_is_one_line(
+    allow: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pymmproxy import cli  # noqa: PLC0415
+
+    def denied(args: object) -> int:
+        raise PermissionError(13, "Permission denied", "/etc/pymmproxy/allow.txt")
+
+    monkeypatch.setattr(cli, "_run_proxy", denied)
+    assert main(["-l", "0.0.0.0:8443", "-allowed-subnets", str(allow)]) == 1
+    err = capsys.readouterr().err
+    assert err == "pymmproxy: [Errno 13] Permission denied: '/etc/pymmproxy/allow.txt'\n"

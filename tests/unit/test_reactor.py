@@ -303,6 +303,25 @@ def test_acceptor_serves_and_reads_the_first_bytes_at_once(
     client.close()
 
 
+def test_a_closed_acceptor_on_a_dup_leaves_the_epoll_set(
+    reactor: Reactor, loop: asyncio.AbstractEventLoop, tmp_path: Any
+) -> None:
+    """``serve`` gives each listener a dup of the bound socket and keeps the original, so
+    closing the dup alone would leave it registered: the old reactor would keep waking for
+    connections that the new listener takes."""
+    path = str(tmp_path / "s")
+    original = socket.socket(socket.AF_UNIX)
+    original.bind(path)
+    original.listen()
+    acc = Acceptor(original.dup(), reactor, Recorder)
+    acc.close()
+    client = socket.socket(socket.AF_UNIX)
+    client.connect(path)  # the original still listens: the connection waits in its backlog
+    assert reactor.ep.poll(0) == []
+    client.close()
+    original.close()
+
+
 class OutOfFiles:
     """A listening socket that has hit the descriptor limit."""
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pymmproxy.conffiles import load_instances
-from pymmproxy.errors import ConfigError, UpstreamError, UsageError
+from pymmproxy.errors import ConfigError, PymmproxyError, UpstreamError, UsageError
 from pymmproxy.pathway import tproxy
 from pymmproxy.pathway.plan import Family
 from pymmproxy.serve import load_specs, parse_args, selected
@@ -60,6 +60,42 @@ def test_load_specs(tmp_path: Path) -> None:
     assert list(load_specs(tmp_path, ["ssh"], Limits(), 1)) == ["ssh"]
     with pytest.raises(UsageError, match="no instance 'nope'"):
         load_specs(tmp_path, ["nope"], Limits(), 1)
+
+
+def test_load_specs_gives_every_instance_the_metrics_endpoint(tmp_path: Path) -> None:
+    """``serve --metrics ADDR``: one endpoint, every instance labelled on it."""
+    endpoint = Endpoint("127.0.0.1", 9100)
+    specs = load_specs(config(tmp_path), None, Limits(), 1, endpoint)
+    assert {s.settings.metrics for s in specs.values()} == {endpoint}
+    assert {s.settings.metrics for s in load_specs(tmp_path, None, Limits(), 1).values()} == {None}
+
+
+def test_a_transparent_listener_without_the_capability_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``ports=`` needs IP_TRANSPARENT on the listening socket: EPERM is a one-line error,
+    and the sockets and locks made so far are released."""
+    from pymmproxy.server import registry as registry_mod  # noqa: PLC0415
+
+    closed: list[bool] = []
+
+    class Unprivileged:
+        def setsockopt(self, *args: object) -> None:
+            raise PermissionError(1, "Operation not permitted")
+
+        def close(self) -> None:
+            closed.append(True)
+
+    monkeypatch.setattr(registry_mod, "bind", lambda *a, **k: Unprivileged())
+    specs = load_specs(config(tmp_path), ["web"], Limits(), 1)
+    reg = registry_mod.Registry(locks=False, manage_rules=False)
+    with pytest.raises(PymmproxyError) as info:
+        reg._prepare(specs, ["web"], ["web"])
+    assert str(info.value) == (
+        "instance web: cannot make [::]:7999 transparent for ports=: "
+        "Operation not permitted (need CAP_NET_ADMIN, or root)"
+    )
+    assert closed == [True]
 
 
 def test_spec_change_kinds(tmp_path: Path) -> None:
