@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import types
 from _socket import socket as RawSocket  # noqa: N812 - the C socket: no Python-level __init__/close
 from typing import Any, cast
 
@@ -38,6 +39,17 @@ bytearray(2 * READ_SIZE)
 DONTWAIT = socket.MSG_DONTWAIT
 HIGH_WATER = 256 * 1024  # pause the other side's reading above this much unsent data
 LOW_WATER = 64 * 1024
+
+
+def _own_code(func: types.FunctionType) -> types.FunctionType:
+    """``func`` with a fresh code object (its own specialization caches)."""
+    copy = types.FunctionType(
+        func.__code__.replace(), func.__globals__, func.__name__, func.__defaults__,
+        func.__closure__,
+    )  # fmt: skip
+    copy.__qualname__, copy.__doc__ = func.__qualname__, func.__doc__
+    copy.__kwdefaults__ = func.__kwdefaults__
+    return copy
 
 
 class Channel:
@@ -65,6 +77,19 @@ class Channel:
         self.closing = False
         self.closed = False
         self.parked = False  # hung up while we watched nothing: out of the epoll set
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:  # noqa: ANN401
+        """Give the subclass its own copy of every method it inherits from here.
+
+        CPython (3.11+) specializes attribute access per code object, for one class: the
+        relay's methods, called alternately on a :class:`ClientSide` and an ``Upstream``,
+        would keep missing that cache and take the generic path (measured: a small method
+        of slot reads runs in ~350 ns instead of ~185). Copies keep each monomorphic.
+        """
+        super().__init_subclass__(**kwargs)
+        for name, value in vars(Channel).items():
+            if isinstance(value, types.FunctionType) and name not in vars(cls):
+                setattr(cls, name, _own_code(value))
 
     # -- hooks for the subclasses -------------------------------------------------------
     def _got_data(self, data: bytes) -> None:

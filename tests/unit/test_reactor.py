@@ -488,3 +488,25 @@ def test_a_protocol_may_write_before_the_channel_is_registered(
     assert got == len(Greeter.GREETING)
     assert not chan.writing
     chan.abort()
+
+
+def test_each_channel_class_has_its_own_copy_of_the_relay_methods() -> None:
+    """CPython specializes per code object for one class: ``ClientSide`` and ``Upstream``
+    must not share ``Channel``'s functions (see ``Channel.__init_subclass__``)."""
+    for name in ("on_event", "write", "_teardown", "__init__"):
+        base = getattr(Channel, name).__code__
+        client, upstream = getattr(ClientSide, name).__code__, getattr(Upstream, name).__code__
+        assert len({id(base), id(client), id(upstream)}) == 3, name
+        assert client.co_code == base.co_code == upstream.co_code, name
+    assert Upstream._on_writable is not Channel._on_writable  # its own override
+    assert ClientSide.on_event.__qualname__ == "Channel.on_event"
+
+
+def test_relay_micro_benchmark_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks import relay_micro  # noqa: PLC0415
+
+    assert relay_micro.main(["1"]) == 0
+    out = capsys.readouterr().out
+    assert "own copies (shipped)" in out
+    assert "shared functions" in out
+    assert "shipped / shared:" in out
