@@ -10,6 +10,7 @@ Every problem is a :class:`ConfigError` naming the file and line, raised before 
 
 from __future__ import annotations
 
+import codecs
 import ipaddress
 import os
 import re
@@ -85,14 +86,24 @@ def valid_instance_name(name: str) -> bool:
     return ok and name[0] not in "-."
 
 
-def _lines(path: str | Path) -> Iterator[tuple[int, list[str], _Err]]:
+def _reason(e: OSError | ValueError) -> str:
+    """Why a file could not be read, e.g. ``Permission denied``."""
+    return (e.strerror if isinstance(e, OSError) else None) or str(e)
+
+
+def _read(path: str | Path) -> bytes:
+    """The bytes of a config file (ConfigError naming it if it cannot be read)."""
+    try:
+        return Path(path).read_bytes()
+    except (OSError, ValueError) as e:  # ValueError: a NUL byte in the file name
+        raise ConfigError(path, None, f"cannot read: {_reason(e)}") from None
+
+
+def _lines(path: str | Path, data: bytes) -> Iterator[tuple[int, list[str], _Err]]:
     """Yield ``(line number, columns, error maker)`` for each line with more than comments."""
+    data = data.removeprefix(codecs.BOM_UTF8)  # so error offsets count from the first line
     try:
-        data = Path(path).read_bytes()
-    except OSError as e:
-        raise ConfigError(path, None, f"cannot read: {e.strerror or e}") from None
-    try:
-        text = data.decode("utf-8-sig")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ConfigError(path, data[: e.start].count(b"\n") + 1, "not UTF-8 text") from None
     for number, line in enumerate(text.split("\n"), 1):
@@ -113,10 +124,13 @@ def _network(text: str, err: _Err) -> Network:
     return iface.network
 
 
-def load_allow_list(path: str | Path) -> tuple[Network, ...]:
-    """Read an allow list (also go-mmproxy's ``-allowed-subnets`` file). Empty = deny all."""
+def load_allow_list(path: str | Path, data: bytes | None = None) -> tuple[Network, ...]:
+    """Read an allow list (also go-mmproxy's ``-allowed-subnets`` file). Empty = deny all.
+
+    ``data``: the file's bytes when the caller has already read them.
+    """
     networks: list[Network] = []
-    for _, fields, err in _lines(path):
+    for _, fields, err in _lines(path, _read(path) if data is None else data):
         if len(fields) != 1:
             raise err(f"expected one IP or CIDR, got {len(fields)} fields")
         networks.append(_network(fields[0], err))
@@ -136,7 +150,7 @@ def _mark(text: str, err: _Err) -> int:
 def load_pathways(path: str | Path) -> tuple[int, ...]:
     """Read pathways.conf: the fwmarks (one policy-routing pathway each), in file order."""
     seen: dict[int, int] = {}
-    for number, fields, err in _lines(path):
+    for number, fields, err in _lines(path, _read(path)):
         if len(fields) != 1:
             raise err(f"expected one fwmark, got {len(fields)} fields")
         mark = _mark(fields[0], err)
@@ -227,7 +241,7 @@ def load_instances(path: str | Path, pathways: Collection[int] | None) -> dict[s
     """Read instances.tsv; with ``pathways`` every fwmark must be one of them."""
     path = Path(path)
     instances: dict[str, Instance] = {}
-    for number, fields, err in _lines(path):
+    for number, fields, err in _lines(path, _read(path)):
         inst = _instance(fields, number, err, path.parent, pathways)
         if (first := instances.get(inst.name)) is not None:
             raise err(f"duplicate instance name {inst.name!r} (first on line {first.line})")
@@ -290,13 +304,31 @@ def load_config(config_dir: str | Path, env: Mapping[str, str] = os.environ) -> 
     pathways = load_pathways(directory / PATHWAYS_FILE)
     instances = load_instances(directory / INSTANCES_FILE, pathways)
     allow_path = allow_list_path(directory, env)
-    explicit = bool(env.get(ALLOW_LIST_ENV))
-    default = load_allow_list(allow_path) if explicit or allow_path.exists() else None
+    default = _default_allow(allow_path, explicit=bool(env.get(ALLOW_LIST_ENV)))
     per_instance: dict[Path, tuple[Network, ...]] = {}
     for inst in instances.values():
         if inst.allow_file is not None and inst.allow_file not in per_instance:
-            if not inst.allow_file.exists():
-                msg = f"allow list {inst.allow_file} not found"
-                raise ConfigError(directory / INSTANCES_FILE, inst.line, msg)
-            per_instance[inst.allow_file] = load_allow_list(inst.allow_file)
+            data = _read_allow_file(inst.allow_file, directory / INSTANCES_FILE, inst.line)
+            per_instance[inst.allow_file] = load_allow_list(inst.allow_file, data)
     return Config(directory, pathways, instances, allow_path, default, per_instance)
+
+
+def _default_allow(path: Path, *, explicit: bool) -> tuple[Network, ...] | None:
+    """The default allow list; None if it does not exist and was not named explicitly."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        if isinstance(e, FileNotFoundError) and not explicit:
+            return None
+        raise ConfigError(path, None, f"cannot read: {_reason(e)}") from None
+    return load_allow_list(path, data)
+
+
+def _read_allow_file(path: Path, tsv: Path, line: int) -> bytes:
+    """The bytes of an ``allow=FILE``; errors name the instances.tsv line that uses it."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(tsv, line, f"allow list {path} not found") from None
+    except (OSError, ValueError) as e:  # ValueError: a NUL byte in the file name
+        raise ConfigError(tsv, line, f"cannot read allow list {path}: {_reason(e)}") from None

@@ -13,11 +13,30 @@ from pymmproxy.errors import PymmproxyError, UsageError
 from pymmproxy.logsetup import get_logger
 from pymmproxy.policy import AllowList
 
+#: Flags of the single-proxy command line that instances.tsv sets (as ``serve._REFUSED``).
+_FROM_TSV = {
+    "listen": "-l",
+    "target4": "-4",
+    "target6": "-6",
+    "mark": "-mark",
+    "allowed_subnets": "-allowed-subnets",
+    "allow_any": "--allow-any",
+    "protocol": "-p",
+}
+
+
+def refuse_tsv_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """UsageError for a flag given with ``--instance`` that instances.tsv sets instead."""
+    for dest, flag in _FROM_TSV.items():
+        if getattr(args, dest) != parser.get_default(dest):
+            raise UsageError(f"{flag} is not allowed with --instance: instances.tsv sets it")
+
 
 def run_instance(args: argparse.Namespace) -> int:
     """Run one instance; a second start of a running instance exits 0 without starting."""
-    from pymmproxy.cli import limits_from_args, metrics_from_args  # noqa: PLC0415 - cli imports us lazily
+    from pymmproxy.cli import build_parser, limits_from_args, metrics_from_args  # noqa: PLC0415 - cli imports us lazily
 
+    refuse_tsv_flags(args, build_parser())
     config_dir = resolve_config_dir(args.config_dir)
     config = load_config(config_dir)
     inst = config.instance(args.instance)
@@ -58,6 +77,14 @@ def _status(config: Config, mark: int) -> str:
         return f"unknown ({exc})"
 
 
+def _running(pid: int | None) -> str:
+    """The RUNNING cell: ``holder_pid`` is None when nobody holds the lock, 0 when the holder's
+    pid cannot be read."""
+    if pid is None:
+        return "no"
+    return f"pid {pid}" if pid else "yes (pid unknown)"
+
+
 def main(argv: Sequence[str]) -> int:
     """``pymmproxy instances [--config-dir DIR]``: a table of instances and pathway status."""
     parser = argparse.ArgumentParser(prog="pymmproxy instances", allow_abbrev=False)
@@ -69,11 +96,10 @@ def main(argv: Sequence[str]) -> int:
     for inst in config.instances.values():
         if inst.mark not in status_by_mark:
             status_by_mark[inst.mark] = _status(config, inst.mark)
-        pid = instancelock.holder_pid(inst.name)
         rows.append((
             inst.name, str(inst.transport), str(inst.mark), str(inst.listen),
             str(inst.target4 or "-"), str(inst.target6 or "-"),
-            status_by_mark[inst.mark], f"pid {pid}" if pid else "no",
+            status_by_mark[inst.mark], _running(instancelock.holder_pid(inst.name)),
         ))  # fmt: skip
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:

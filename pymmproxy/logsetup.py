@@ -6,7 +6,8 @@ Verbosity follows go-mmproxy's ``-v``:
   (a flood of garbage cannot turn into a flood of log lines); a ``log.suppressed`` line
   reports how many were dropped.
 * ``1`` — every connection error.
-* ``2`` — additionally one ``conn.closed`` line per connection (``conn.open`` at debug).
+* ``2`` — additionally one ``conn.closed`` line per TCP connection and one ``udp.flow`` line
+  per new UDP flow.
 """
 
 from __future__ import annotations

@@ -145,7 +145,6 @@ class UdpListener(asyncio.DatagramProtocol):
         """Flow key, source to spoof and target of a parsed header (target None: dropped)."""
         ctx = self.ctx
         if header.command is Command.LOCAL:
-            ctx.stats.versions["v2-local"] += 1
             if ctx.verbosity >= 1 or self._local_log.allow():
                 ctx.log.info("udp.local", lb=endpoint(addr), note="relayed without spoofing")
             # Like go-mmproxy: a dotted LB address (also ::ffff:a.b.c.d) picks the v4 target.
@@ -197,7 +196,7 @@ class UdpListener(asyncio.DatagramProtocol):
                 "udp_evicted", evicted.lb, client=endpoint(evicted.client), flows=len(self.table)
             )
         ctx.stats.accepted += 1
-        ctx.stats.versions["v2"] += 1
+        ctx.stats.versions["v2" if source is not None else "v2-local"] += 1  # per flow
         if ctx.verbosity >= 2:
             ctx.log.info(
                 "udp.flow", lb=endpoint(addr), client=endpoint(source), target=endpoint(target)

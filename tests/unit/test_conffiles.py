@@ -88,6 +88,13 @@ def test_not_utf8_names_the_line(tmp_path: Path) -> None:
     fails(load_allow_list, path, 2, "not UTF-8 text")
 
 
+@pytest.mark.parametrize("bom", [b"", b"\xef\xbb\xbf"])
+def test_not_utf8_line_number_with_and_without_bom(tmp_path: Path, bom: bytes) -> None:
+    path = tmp_path / "allow.txt"
+    path.write_bytes(bom + b"192.0.2.0/24\n# ok\n\xe9 # first byte of line 3\n")
+    fails(load_allow_list, path, 3, "not UTF-8 text")
+
+
 def test_bom_crlf_and_blank_files(tmp_path: Path) -> None:
     path = tmp_path / "p"
     path.write_bytes(b"\xef\xbb\xbf123\r\n\r\n  0x7c \t# router01\r\n")
@@ -416,6 +423,38 @@ def test_load_config_errors(tmp_path: Path) -> None:
         load_config(directory, {})
     with pytest.raises(ConfigError, match=r"pathways.conf: cannot read"):
         load_config(tmp_path / "absent", {})
+
+
+@pytest.mark.parametrize(
+    ("allow", "reason"),
+    [
+        ("a" * 300, "File name too long"),
+        ("sub", "Is a directory"),
+        ("a\x00b", "embedded null byte"),
+    ],
+)
+def test_load_config_unreadable_instance_allow_list(
+    tmp_path: Path, allow: str, reason: str
+) -> None:
+    (tmp_path / "sub").mkdir()
+    directory = config_dir(tmp_path, f"{SSH}\nr 124 0.0.0.0:1 127.0.0.1 2 - allow={allow}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(directory, {})
+    assert str(info.value) == (
+        f"{tmp_path}/instances.tsv:2: cannot read allow list {tmp_path / allow}: {reason}"
+    )
+
+
+def test_load_config_unreadable_default_allow_list(tmp_path: Path) -> None:
+    directory = config_dir(tmp_path, SSH, allow=None)
+    (tmp_path / "allow.txt").mkdir()
+    with pytest.raises(ConfigError) as info:
+        load_config(directory, {})
+    assert str(info.value) == f"{tmp_path}/allow.txt: cannot read: Is a directory"
+    long = tmp_path / ("a" * 300)
+    with pytest.raises(ConfigError) as info:
+        load_config(directory, {"ALLOW_LIST_PATH": str(long)})
+    assert str(info.value) == f"{long}: cannot read: File name too long"
 
 
 def test_unknown_instance(tmp_path: Path) -> None:

@@ -64,6 +64,8 @@ def _err(capsys: pytest.CaptureFixture[str]) -> str:
         (["add", "254"], "bad mark 254: 254 is a reserved routing table id"),
         (["add", "4294967296"], "bad mark 4294967296"),
         (["add", "0xzz"], "bad mark '0xzz': not a number"),
+        (["add", "9" * 4301], f"bad mark {'9' * 20}...: must be 1..4294967295"),
+        (["status", "1" * 21], f"bad mark {'1' * 20}...: must be 1..4294967295"),
         (["add", "5", "--backend", "pf"], "invalid choice: 'pf'"),
         (["add", "5", "--bogus"], "unrecognized arguments: --bogus"),
     ],
@@ -74,6 +76,12 @@ def test_usage_errors_exit_2(
     assert pcli.main(argv) == 2
     assert message in _err(capsys)
     assert rec.calls == []
+
+
+def test_parse_mark_arg_at_the_length_limit() -> None:
+    assert pcli.parse_mark_arg("0" * 19 + "5") == 5
+    assert pcli.parse_mark_arg("0x" + "0" * 17 + "7b") == 123
+    assert pcli.parse_mark_arg("vps01-ssh") is None
 
 
 def test_add_and_del_marks(rec: Recorder, capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,0 +1,113 @@
+"""``pymmproxy --instance NAME`` flags and the ``pymmproxy instances`` table (no daemon, no
+netlink: the daemon, the lock and the pathway probe are stubbed)."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pymmproxy import cli, daemon, instancelock, instances, logsetup
+from pymmproxy.settings import Endpoint, InstanceSettings
+
+SSH = "vps01-ssh\t123\t100.101.102.123:2222\t127.0.0.1\t22\t::1\n"
+WEB = "vps01-web\t123\t100.101.102.123:8443\t127.0.0.1\t443\t-\n"
+WG = "vps01-wg\t123\t100.101.102.123:51820\t127.0.0.1\t51820\t-\tproto=udp\n"
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    (tmp_path / "pathways.conf").write_text("123\n")
+    (tmp_path / "instances.tsv").write_text(SSH + WEB + WG)
+    (tmp_path / "allow.txt").write_text("192.0.2.0/24\n")
+    return tmp_path
+
+
+@pytest.fixture
+def runs(monkeypatch: pytest.MonkeyPatch) -> list[tuple[InstanceSettings, int]]:
+    """What ``daemon.run`` was called with; no lock file, no logging set-up by the CLI."""
+    calls: list[tuple[InstanceSettings, int]] = []
+
+    def run(settings: InstanceSettings, *, verbosity: int, **_: Any) -> int:
+        calls.append((settings, verbosity))
+        return 0
+
+    monkeypatch.setattr(daemon, "run", run)
+    monkeypatch.setattr(instancelock, "acquire", lambda name: contextlib.nullcontext())
+    logsetup.configure(0, "json")  # to this test's stderr (an earlier test's may be closed)
+    monkeypatch.setattr(logsetup, "configure", lambda *a: None)
+    return calls
+
+
+# --- pymmproxy --instance NAME ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["-allowed-subnets", "allow.txt"], "-allowed-subnets"),
+        (["--allowed-subnets=allow.txt"], "-allowed-subnets"),
+        (["--allow-any"], "--allow-any"),
+        (["-l", "0.0.0.0:1"], "-l"),
+        (["-4", "127.0.0.1:1"], "-4"),
+        (["-6", "none"], "-6"),
+        (["-mark", "5"], "-mark"),
+        (["-p", "udp"], "-p"),
+    ],
+)
+def test_instance_refuses_flags_that_instances_tsv_sets(
+    config: Path,
+    runs: list[tuple[InstanceSettings, int]],
+    capsys: pytest.CaptureFixture[str],
+    argv: list[str],
+    flag: str,
+) -> None:
+    code = cli.main(["--instance", "vps01-ssh", "--config-dir", str(config), *argv])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err == f"pymmproxy: {flag} is not allowed with --instance: instances.tsv sets it\n"
+    assert runs == []
+
+
+def test_instance_accepts_its_own_flags(
+    config: Path, runs: list[tuple[InstanceSettings, int]]
+) -> None:
+    argv = [
+        "--instance", "vps01-ssh", "--config-dir", str(config), "-v", "2", "-listeners", "2",
+        "-close-after", "9", "--udp-max-clients", "8", "--header-timeout", "1.5",
+        "--connect-timeout", "2", "--drain-timeout", "3", "--max-connections", "4",
+        "--max-pending-headers", "5", "--idle-timeout", "6", "--allow-any-source",
+        "--metrics", "127.0.0.1:9100", "--log-format", "json",
+    ]  # fmt: skip
+    assert cli.main(argv) == 0
+    [(settings, verbosity)] = runs
+    assert verbosity == 2
+    assert (settings.name, settings.listen, settings.mark) == (
+        "vps01-ssh",
+        Endpoint("100.101.102.123", 2222),
+        123,
+    )
+    assert settings.listeners == 2
+    assert settings.metrics == Endpoint("127.0.0.1", 9100)
+    limits = settings.limits
+    assert (limits.udp_close_after, limits.udp_max_clients, limits.header_timeout) == (9, 8, 1.5)
+    assert (limits.max_connections, limits.max_pending_headers, limits.idle_timeout) == (4, 5, 6)
+    assert limits.allow_any_source
+
+
+# --- pymmproxy instances ----------------------------------------------------------------------
+
+
+def test_instances_table_running_column(
+    config: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pids = {"vps01-ssh": 4242, "vps01-web": 0, "vps01-wg": None}  # 0: held, pid unreadable
+    monkeypatch.setattr(instancelock, "holder_pid", pids.__getitem__)
+    monkeypatch.setattr(instances, "_status", lambda config, mark: "ok")
+    assert instances.main(["--config-dir", str(config)]) == 0
+    header, *rows = capsys.readouterr().out.splitlines()
+    column = header.index("RUNNING")
+    running = {row.split()[0]: row[column:].rstrip() for row in rows}
+    assert running == {"vps01-ssh": "pid 4242", "vps01-web": "yes (pid unknown)", "vps01-wg": "no"}
