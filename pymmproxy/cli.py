@@ -115,10 +115,8 @@ def settings_from_args(args: argparse.Namespace) -> InstanceSettings:
     """Turn go-mmproxy style flags into validated settings."""
     from pymmproxy.conffiles import load_allow_list  # noqa: PLC0415 - keep --help fast
 
-    if args.mark:
+    if args.mark:  # 0: no mark (go-mmproxy's default); negatives fail here too
         validate_mark(args.mark)
-    elif args.mark < 0:
-        raise UsageError("-mark must be >= 0")
     if args.allowed_subnets:
         allowed = load_allow_list(args.allowed_subnets)
     elif args.allow_any:

@@ -78,6 +78,7 @@ def test_default_deny_without_allow_list() -> None:
         (["-mark", "abc"], "not an integer"),
         (["-mark", "254"], "reserved routing table"),
         (["-mark", "4294967296"], "must be 1..4294967295"),
+        (["-mark=-1"], "bad mark -1: must be 1..4294967295"),
         (["-l", "1.2.3.4"], "expected ADDR:PORT"),
         (["-l", "1.2.3.4:0"], "port must be 1..65535"),
         (["-l", "::1:80"], "brackets"),
