@@ -213,7 +213,9 @@ class SchedWindow(threading.Thread):
     """Scheduler view of the middle of a load phase of ``seconds`` (its first and last fifth,
     start-up and wind-down, left out): the proxy tree's threads on a CPU and runnable but
     waiting for one (``on_cpu``, ``cpu_wait``: seconds per second of wall time, summed over
-    threads) and the host's idle share (``host_idle``). ``result`` is filled by ``join``."""
+    threads), the host's idle share (``host_idle``) and the CPU-seconds per second the whole
+    host was busy, steal left out (``host_busy``: the load generator, both HAProxys, the
+    service and the candidate together). ``result`` is filled by ``join``."""
 
     def __init__(self, root: int | None, seconds: float) -> None:
         super().__init__(daemon=True)
@@ -227,26 +229,30 @@ class SchedWindow(threading.Thread):
         time.sleep(self.seconds * 3 / 5)
         sched1 = None if self.root is None else tree_sched_ns(self.root)
         host1, wall = host_cpu_jiffies(), time.monotonic() - t0
-        idle, total = host1[0] - host0[0], host1[1] - host0[1]
+        idle, total, steal = (b - a for a, b in zip(host0, host1, strict=True))
         if total > 0:
             self.result["host_idle"] = idle / total
+            self.result["host_busy"] = (total - idle - steal) / USER_HZ / wall
         if sched0 is not None and sched1 is not None:
             self.result["on_cpu"] = (sched1[0] - sched0[0]) / 1e9 / wall
             self.result["cpu_wait"] = (sched1[1] - sched0[1]) / 1e9 / wall
 
 
-def parse_proc_stat_cpu(text: str) -> tuple[int, int]:
-    """The ``cpu`` line of ``/proc/stat``: (idle + iowait jiffies, all jiffies)."""
+def parse_proc_stat_cpu(text: str) -> tuple[int, int, int]:
+    """The ``cpu`` line of ``/proc/stat``: (idle + iowait, all, steal) jiffies."""
     for line in text.splitlines():
         if line.startswith("cpu "):
             vals = [int(v) for v in line.split()[1:]]
             # guest time is already counted in user; steal is time the host took away
             idle = vals[3] + (vals[4] if len(vals) > 4 else 0)
-            return idle, sum(vals[:8])
+            return idle, sum(vals[:8]), vals[7] if len(vals) > 7 else 0
     raise BenchError("no cpu line in /proc/stat")
 
 
-def host_cpu_jiffies() -> tuple[int, int]:
+USER_HZ = os.sysconf("SC_CLK_TCK")  # /proc/stat's jiffies per second
+
+
+def host_cpu_jiffies() -> tuple[int, int, int]:
     return parse_proc_stat_cpu(Path("/proc/stat").read_text())
 
 

@@ -201,12 +201,19 @@ def scheduling_markdown(results: dict[str, Row]) -> list[str]:
     have = [n for n, r in results.items() if any("host_idle" in r.get(p, {}) for p, _ in phases)]
     if not have:
         return []
-    head = [f"{label} {col}" for _, label in phases for col in ("on CPU", "waiting", "host idle")]
+    cols = ("on CPU", "waiting", "host idle", "host CPU µs/")
+    units = {"keepalive": "req", "close": "conn"}
+    head = [
+        f"{label} {col}{units[phase] if col.endswith('/') else ''}"
+        for phase, label in phases
+        for col in cols
+    ]
     out = [
         "",
         "**Scheduling** (middle of each load phase, mean over rounds: the candidate's threads "
         "on a CPU and runnable but waiting for one, in CPU-seconds per second summed over "
-        "threads; the host's idle CPU share)",
+        "threads; the host's idle CPU share; the whole host's busy CPU time per request or "
+        "connection: load generator, both HAProxys, service and candidate together)",
         "",
         "| candidate | " + " | ".join(head) + " |",
         "|---|" + "---:|" * len(head),
@@ -215,7 +222,10 @@ def scheduling_markdown(results: dict[str, Row]) -> list[str]:
         cells = []
         for phase, _ in phases:
             row = results[name].get(phase, {})
-            for key, fmt in (("on_cpu", "{:.2f}"), ("cpu_wait", "{:.2f}"), ("host_idle", "{:.0%}")):
+            for key, fmt in (
+                ("on_cpu", "{:.2f}"), ("cpu_wait", "{:.2f}"), ("host_idle", "{:.0%}"),
+                ("host_us", "{:.0f}"),
+            ):  # fmt: skip
                 cells.append("—" if row.get(key) is None else fmt.format(row[key]))
         out.append(f"| {name} | " + " | ".join(cells) + " |")
     return out

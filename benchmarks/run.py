@@ -254,6 +254,8 @@ class Runner:
             )
             window.join()
             row = {**w.as_dict(), **window.result}
+            if "host_busy" in row and w.rps > 0:  # the whole chain's CPU per request
+                row["host_us"] = row["host_busy"] / w.rps * 1e6
             msg = (
                 f"{w.rps:,.0f} {'conns' if close else 'req'}/s, p50 {w.p50_ms:.2f} ms, "
                 f"p99 {w.p99_ms:.2f} ms"
@@ -271,6 +273,8 @@ class Runner:
             msg += f", on CPU {row['on_cpu']:.2f} / waiting {row['cpu_wait']:.2f}"
         if "host_idle" in row:  # the load phases only (SchedWindow)
             msg += f", host idle {row['host_idle']:.0%}"
+        if "host_us" in row:
+            msg += f", host CPU {row['host_us']:.0f} µs/" + ("conn" if what == "close" else "req")
         self.rounds[cand.name][what].append(row)
         self.say(f"{tag}: {msg}")
 
@@ -319,7 +323,7 @@ class Runner:
             }
             if all("cpu_s" in r for r in rows):
                 res[cpu_key] = sum(r["cpu_s"] for r in rows) / max(1, reqs) * scale
-            for key in ("on_cpu", "cpu_wait", "host_idle"):  # scheduling, mean over rounds
+            for key in ("on_cpu", "cpu_wait", "host_idle", "host_busy", "host_us"):  # mean
                 if all(key in r for r in rows):
                     res[what][key] = sum(r[key] for r in rows) / len(rows)
         rows = rounds["bulk"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -40,3 +41,5 @@ def test_benchmark_quick_runs_every_candidate(tmp_path: Path) -> None:
     ka = data["results"]["pymmproxy-1"]["keepalive"]
     assert ka["on_cpu"] > 0
     assert 0 <= ka["host_idle"] <= 1
+    assert 0 < ka["host_busy"] <= os.cpu_count()  # CPU-seconds per second, whole host
+    assert ka["host_us"] > 0

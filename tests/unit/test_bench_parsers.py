@@ -64,8 +64,8 @@ def test_iperf3_json_and_its_error_form() -> None:
 def test_schedstat_and_proc_stat_parsers() -> None:
     assert m.parse_schedstat("1500000 250000 42\n") == (1_500_000, 250_000)
     stat = "cpu  100 5 50 800 20 0 25 7 0 0\ncpu0 50 2 25 400 10 0 12 3 0 0\n"
-    # idle + iowait, and user..steal (guest time is already inside user)
-    assert m.parse_proc_stat_cpu(stat) == (820, 1007)
+    # idle + iowait, user..steal (guest time is already inside user), and steal
+    assert m.parse_proc_stat_cpu(stat) == (820, 1007, 7)
     with pytest.raises(BenchError):
         m.parse_proc_stat_cpu("intr 1 2 3\n")
 
@@ -77,12 +77,13 @@ def test_this_process_has_schedstats_and_the_host_has_cpu_times() -> None:
         return
     assert sched is not None
     assert sched[0] > 0  # this test ran on a CPU
-    idle, total = m.host_cpu_jiffies()
+    idle, total, steal = m.host_cpu_jiffies()
     assert 0 <= idle <= total
+    assert 0 <= steal <= total
 
 
 def _results() -> dict[str, dict[str, object]]:
-    sched = {"on_cpu": 0.61, "cpu_wait": 0.35, "host_idle": 0.08}
+    sched = {"on_cpu": 0.61, "cpu_wait": 0.35, "host_idle": 0.08, "host_us": 117.4}
     return {
         "go-mmproxy": {"kind": "go-mmproxy", "keepalive": {"rps": 100.0}, "close": {"rps": 50.0}},
         "pymmproxy-1": {
@@ -98,7 +99,9 @@ def test_scheduling_table_lists_only_measured_candidates() -> None:
     lines = scheduling_markdown(_results())
     rows = [line for line in lines if line.startswith("| ")]
     assert rows[0].startswith("| candidate | keep-alive on CPU | keep-alive waiting |")
-    assert rows[1:] == ["| pymmproxy-1 | 0.61 | 0.35 | 8% | — | — | 10% |"]
+    assert "| keep-alive host CPU µs/req |" in rows[0]
+    assert rows[0].endswith("| new conns host idle | new conns host CPU µs/conn |")
+    assert rows[1:] == ["| pymmproxy-1 | 0.61 | 0.35 | 8% | 117 | — | — | 10% | — |"]
     assert scheduling_markdown({"x": {"keepalive": {"rps": 1.0}}}) == []
 
 
