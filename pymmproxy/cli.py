@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from importlib import import_module
 from typing import NoReturn
 
@@ -174,7 +174,20 @@ def limits_from_args(args: argparse.Namespace) -> Limits:
     )
 
 
-def _run_proxy(args: argparse.Namespace) -> int:
+_UNSET = object()
+
+
+def explicit(
+    parser: argparse.ArgumentParser, argv: Sequence[str], dests: Iterable[str]
+) -> list[str]:
+    """Which of ``dests`` the command line ``argv`` sets, even to their default value (argparse
+    fills in a default only for what the namespace lacks)."""
+    wanted = list(dests)
+    seen = parser.parse_args(list(argv), argparse.Namespace(**dict.fromkeys(wanted, _UNSET)))
+    return [dest for dest in wanted if getattr(seen, dest) is not _UNSET]
+
+
+def _run_proxy(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from pymmproxy import daemon, logsetup  # noqa: PLC0415 - imports uvloop only when serving
     from pymmproxy.policy import AllowList  # noqa: PLC0415
 
@@ -182,7 +195,7 @@ def _run_proxy(args: argparse.Namespace) -> int:
     if args.instance:
         from pymmproxy.instances import run_instance  # noqa: PLC0415
 
-        return run_instance(args)
+        return run_instance(args, argv)
     settings = settings_from_args(args)
     reloader = None
     if args.allowed_subnets:
@@ -203,7 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if argv and argv[0] in SUBCOMMANDS:
             module = import_module(SUBCOMMANDS[argv[0]])
             return int(module.main(argv[1:]))
-        return _run_proxy(build_parser().parse_args(argv))
+        return _run_proxy(build_parser().parse_args(argv), argv)
     except PymmproxyError as exc:
         sys.stderr.write(f"pymmproxy: {exc}\n")
         return exc.exit_code

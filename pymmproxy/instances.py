@@ -25,18 +25,22 @@ _FROM_TSV = {
 }
 
 
-def refuse_tsv_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    """UsageError for a flag given with ``--instance`` that instances.tsv sets instead."""
-    for dest, flag in _FROM_TSV.items():
-        if getattr(args, dest) != parser.get_default(dest):
-            raise UsageError(f"{flag} is not allowed with --instance: instances.tsv sets it")
+def refuse_tsv_flags(argv: Sequence[str]) -> None:
+    """UsageError for a flag given with ``--instance`` that instances.tsv sets instead (even
+    when given its default value: ``-p tcp`` for a UDP instance would otherwise mislead)."""
+    from pymmproxy.cli import build_parser, explicit  # noqa: PLC0415 - cli imports us lazily
+
+    if given := explicit(build_parser(), argv, _FROM_TSV):
+        flag = _FROM_TSV[given[0]]
+        raise UsageError(f"{flag} is not allowed with --instance: instances.tsv sets it")
 
 
-def run_instance(args: argparse.Namespace) -> int:
-    """Run one instance; a second start of a running instance exits 0 without starting."""
-    from pymmproxy.cli import build_parser, limits_from_args, metrics_from_args  # noqa: PLC0415 - cli imports us lazily
+def run_instance(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """Run one instance (``argv``: the command line ``args`` came from); a second start of a
+    running instance exits 0 without starting."""
+    from pymmproxy.cli import limits_from_args, metrics_from_args  # noqa: PLC0415 - cli imports us lazily
 
-    refuse_tsv_flags(args, build_parser())
+    refuse_tsv_flags(argv)
     config_dir = resolve_config_dir(args.config_dir)
     config = load_config(config_dir)
     inst = config.instance(args.instance)

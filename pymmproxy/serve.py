@@ -50,16 +50,16 @@ _REFUSED = {
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     """``pymmproxy``'s own flags (limits, -v, -listeners, --config-dir) plus ``--instances``."""
-    from pymmproxy.cli import build_parser  # noqa: PLC0415 - cli imports us lazily
+    from pymmproxy.cli import build_parser, explicit  # noqa: PLC0415 - cli imports us lazily
 
     parser = build_parser()
     parser.prog = "pymmproxy serve"
     parser.description = "Run the instances of instances.tsv in one process."
     parser.add_argument("--instances", metavar="A,B,...", help="only these instances")
     args = parser.parse_args(list(argv))
-    for dest, flag in _REFUSED.items():
-        if getattr(args, dest) != parser.get_default(dest):
-            raise UsageError(f"serve runs the instances of instances.tsv: {flag} is not allowed")
+    if given := explicit(parser, argv, _REFUSED):  # even with its default value (-p tcp)
+        flag = _REFUSED[given[0]]
+        raise UsageError(f"serve runs the instances of instances.tsv: {flag} is not allowed")
     return args
 
 

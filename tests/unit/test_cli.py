@@ -153,7 +153,7 @@ def test_an_unforeseen_os_error_is_one_line(
 ) -> None:
     from pymmproxy import cli  # noqa: PLC0415
 
-    def denied(args: object) -> int:
+    def denied(args: object, argv: object) -> int:
         raise PermissionError(13, "Permission denied", "/etc/pymmproxy/allow.txt")
 
     monkeypatch.setattr(cli, "_run_proxy", denied)

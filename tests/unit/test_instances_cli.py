@@ -55,6 +55,8 @@ def runs(monkeypatch: pytest.MonkeyPatch) -> list[tuple[InstanceSettings, int]]:
         (["-6", "none"], "-6"),
         (["-mark", "5"], "-mark"),
         (["-p", "udp"], "-p"),
+        (["-p", "tcp"], "-p"),  # the default value, given explicitly, is refused too
+        (["-mark", "0"], "-mark"),
     ],
 )
 def test_instance_refuses_flags_that_instances_tsv_sets(

@@ -33,8 +33,10 @@ def config(tmp_path: Path, rows: str = ROWS) -> Path:
 def test_parse_args_keeps_limits_and_refuses_single_proxy_flags() -> None:
     args = parse_args(["--instances", "a,b", "--drain-timeout", "3", "-listeners", "2"])
     assert (args.instances, args.drain_timeout, args.listeners) == ("a,b", 3.0, 2)
-    for flag in (["-l", "0.0.0.0:1"], ["-mark", "5"], ["--instance", "x"], ["--allow-any"]):
-        with pytest.raises(UsageError, match=f"{flag[0]} is not allowed"):
+    refused = (["-l", "0.0.0.0:1"], ["-mark", "5"], ["--instance", "x"], ["--allow-any"],
+               ["-p", "tcp"], ["-mark=0"])  # fmt: skip
+    for flag in refused:
+        with pytest.raises(UsageError, match=f"{flag[0].partition('=')[0]} is not allowed"):
             parse_args(flag)
 
 
