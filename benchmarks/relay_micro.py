@@ -27,8 +27,13 @@ PAYLOAD = b"x" * 100
 
 
 def _shared(cls: type) -> type:
-    """``cls`` with ``Channel``'s own function objects (what plain inheritance gives)."""
-    names = {n: v for n, v in vars(Channel).items() if isinstance(v, types.FunctionType)}
+    """``cls`` with ``Channel``'s own function objects where it has copies of them (what
+    plain inheritance gives); its overrides stay."""
+    names = {
+        n: v
+        for n, v in vars(Channel).items()
+        if isinstance(v, types.FunctionType) and getattr(cls, n).__qualname__ == v.__qualname__
+    }
     return type(f"Shared{cls.__name__}", (cls,), {"__slots__": (), **names})
 
 

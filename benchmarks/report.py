@@ -201,12 +201,11 @@ def scheduling_markdown(results: dict[str, Row]) -> list[str]:
     have = [n for n, r in results.items() if any("host_idle" in r.get(p, {}) for p, _ in phases)]
     if not have:
         return []
-    cols = ("on CPU", "waiting", "host idle", "host CPU µs/")
-    units = {"keepalive": "req", "close": "conn"}
+    per = {"keepalive": "req", "close": "conn"}
     head = [
-        f"{label} {col}{units[phase] if col.endswith('/') else ''}"
+        f"{label} {col}"
         for phase, label in phases
-        for col in cols
+        for col in ("on CPU", "waiting", "host idle", f"host CPU µs/{per[phase]}")
     ]
     out = [
         "",

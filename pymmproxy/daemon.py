@@ -244,6 +244,10 @@ def _run_workers(factory: AppFactory, workers: int, log: BoundLogger, notifier: 
 
     parent = os.getpid()
     prctl = ctypes.CDLL(None, use_errno=True).prctl
+    # SIGHUP/SIGUSR1 would end a process that has no handler for them yet: ignore them until
+    # the parent forwards (below) and each worker's loop takes them over.
+    for signum in (signal.SIGHUP, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_IGN)
     for index in range(workers):
         pid = os.fork()
         if pid == 0:  # worker
@@ -255,6 +259,8 @@ def _run_workers(factory: AppFactory, workers: int, log: BoundLogger, notifier: 
             except PymmproxyError as exc:
                 sys.stderr.write(f"pymmproxy: {exc}\n")
                 code = exc.exit_code
+            except KeyboardInterrupt:  # Ctrl-C before the worker's loop took SIGINT over
+                code = 130
             except BaseException:  # noqa: BLE001 - never unwind into the parent's frames
                 traceback.print_exc()
                 code = 1

@@ -13,8 +13,9 @@ from pymmproxy.errors import PymmproxyError, UsageError
 from pymmproxy.logsetup import get_logger
 from pymmproxy.policy import AllowList
 
-#: Flags of the single-proxy command line that instances.tsv sets (as ``serve._REFUSED``).
-_FROM_TSV = {
+#: Flags of the single-proxy command line that instances.tsv sets (refused with
+#: ``--instance`` and by ``serve``).
+TSV_FLAGS = {
     "listen": "-l",
     "target4": "-4",
     "target6": "-6",
@@ -30,8 +31,8 @@ def refuse_tsv_flags(argv: Sequence[str]) -> None:
     when given its default value: ``-p tcp`` for a UDP instance would otherwise mislead)."""
     from pymmproxy.cli import build_parser, explicit  # noqa: PLC0415 - cli imports us lazily
 
-    if given := explicit(build_parser(), argv, _FROM_TSV):
-        flag = _FROM_TSV[given[0]]
+    if given := explicit(build_parser(), argv, TSV_FLAGS):
+        flag = TSV_FLAGS[given[0]]
         raise UsageError(f"{flag} is not allowed with --instance: instances.tsv sets it")
 
 

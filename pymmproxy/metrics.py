@@ -119,6 +119,12 @@ class MetricsServer:
             self._server.close()
 
 
+def check(endpoint: Endpoint) -> None:
+    """PymmproxyError now if ``endpoint`` cannot be served (checked before starting, so a
+    taken port fails the command instead of every instance that would report on it)."""
+    _bind(endpoint, 1)[0].close()
+
+
 def _bind(endpoint: Endpoint, span: int) -> tuple[socket.socket, Endpoint]:
     """Listen on the first free port of ``endpoint.port .. +span-1`` (one per worker)."""
     last = min(endpoint.port + max(span, 1), 65536)
@@ -139,8 +145,12 @@ class StatsCollector:
         self.contexts = contexts
 
     def collect(self) -> Iterator[Metric]:
+        # One context per proxy label: while a restarted instance (serve, SIGHUP) drains its
+        # old context beside the new one, only the newest is reported (no duplicate series;
+        # its counters start again, which Prometheus reads as a reset).
+        newest = {ctx.settings.name or str(ctx.settings.listen): ctx for ctx in self.contexts}
         fams = _Families()
-        for ctx in self.contexts:
+        for ctx in newest.values():
             fams.add(ctx)
         yield from fams.all()
 

@@ -29,6 +29,7 @@ from pymmproxy.conffiles import instance_settings, load_config, resolve_config_d
 from pymmproxy.daemon import Lifecycle, run_app
 from pymmproxy.errors import PymmproxyError, UsageError
 from pymmproxy.instancelock import InstanceLock
+from pymmproxy.instances import TSV_FLAGS
 from pymmproxy.logsetup import get_logger
 from pymmproxy.notify import Notifier
 from pymmproxy.server.listener import bind, status_line
@@ -36,16 +37,7 @@ from pymmproxy.server.registry import Registry, Spec
 from pymmproxy.settings import Endpoint, Limits
 
 #: Flags of the single-proxy command line that make no sense here.
-_REFUSED = {
-    "listen": "-l",
-    "target4": "-4",
-    "target6": "-6",
-    "mark": "-mark",
-    "allowed_subnets": "-allowed-subnets",
-    "allow_any": "--allow-any",
-    "protocol": "-p",
-    "instance": "--instance",
-}
+_REFUSED = {**TSV_FLAGS, "instance": "--instance"}
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -171,6 +163,10 @@ def main(argv: Sequence[str]) -> int:
     limits = limits_from_args(args)
     workers: int = args.listeners
     metrics = metrics_from_args(args)
+    if metrics is not None:
+        from pymmproxy.metrics import check  # noqa: PLC0415 - prometheus_client on demand
+
+        check(metrics)
 
     def load() -> dict[str, Spec]:
         return load_specs(config_dir, names, limits, workers, metrics)

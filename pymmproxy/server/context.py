@@ -91,12 +91,12 @@ class InstanceContext:
         self.metrics: Any = None
         self._reactor: Reactor | None = None
         self._sweeper: asyncio.TimerHandle | None = None
-        if self.idle_timeout > 0 and settings.transport is Transport.TCP:
-            self._sweeper = loop.call_later(self.idle_timeout / IDLE_CHECKS, self._sweep)
-        if settings.metrics is not None:
+        if settings.metrics is not None:  # first: it may fail (a taken port), leaving nothing
             from pymmproxy.metrics import attach  # noqa: PLC0415 - prometheus_client on demand
 
             self.metrics = attach(self, settings.metrics)
+        if self.idle_timeout > 0 and settings.transport is Transport.TCP:
+            self._sweeper = loop.call_later(self.idle_timeout / IDLE_CHECKS, self._sweep)
 
     @property
     def reactor(self) -> Reactor:

@@ -52,9 +52,9 @@ class Listener:
     async def start(self, sock: socket.socket) -> InstanceContext:
         """Serve on ``sock`` (bound, and listening for TCP); the listener owns it now."""
         loop = asyncio.get_running_loop()
-        ctx = self.ctx = InstanceContext(self.settings, loop)
-        ctx.verbosity = self.verbosity
         try:
+            ctx = self.ctx = InstanceContext(self.settings, loop)  # (may fail: --metrics)
+            ctx.verbosity = self.verbosity
             if self.settings.transport is Transport.UDP:
                 # UDP has nothing to drain: close() shuts the listener and every flow.
                 self._server = await serve_udp(ctx, sock)

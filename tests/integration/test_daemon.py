@@ -276,7 +276,12 @@ def test_sigusr1_with_workers_logs_stats_and_keeps_serving(wl: Workload) -> None
     it, and with it every worker): each worker logs ``daemon.stats``, none stops."""
     port = PORT + 10
     proc = wl.daemon("-4", f"127.0.0.1:{ECHO}", "-listeners", "2", port=port)
-    time.sleep(0.5)  # both workers up (the first bound port answers wait_port)
+    proc.send_signal(signal.SIGUSR1)  # at once: a worker may still be starting (ignored then)
+    deadline = time.monotonic() + 5
+    while '"daemon.workers_ready"' not in wl.log(f"daemon-{port}.log"):
+        assert time.monotonic() < deadline, wl.log(f"daemon-{port}.log")
+        time.sleep(0.05)
+    assert proc.poll() is None
     proc.send_signal(signal.SIGUSR1)
     deadline = time.monotonic() + 5
     while wl.log(f"daemon-{port}.log").count('"daemon.stats"') < 2:

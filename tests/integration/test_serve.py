@@ -164,11 +164,19 @@ def test_three_instances_each_with_its_mark(served: Served) -> None:
 
 
 def test_metrics_endpoint_reports_every_instance(served: Served) -> None:
-    """``serve --metrics``: one endpoint, a ``proxy=`` label per instance (runs after the
-    test above has sent one connection through each)."""
-    samples = scrape(served.wl, METRICS)
+    """``serve --metrics``: one endpoint, a ``proxy=`` label per instance."""
+    before = scrape(served.wl, METRICS)
+    for i, (_, _, port, _) in enumerate(INSTANCES):
+        with connect(served.wl, port) as s:
+            s.sendall(header(f"192.0.2.{30 + i}", 41200 + i) + b"GET / HTTP/1.0\r\n\r\n")
+            s.shutdown(socket.SHUT_WR)
+            recv_all(s, reset_is_eof=True)  # the answer (or the close): it was handled
+    after = scrape(served.wl, METRICS)
     for name, *_ in INSTANCES:
-        assert value(samples, "pymmproxy_connections_accepted_total", proxy=name) >= 1, name
+        grew = [
+            value(x, "pymmproxy_connections_accepted_total", proxy=name) for x in (before, after)
+        ]
+        assert grew[1] == grew[0] + 1, (name, grew)
 
 
 def test_allow_lists_are_per_instance(served: Served) -> None:

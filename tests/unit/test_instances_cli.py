@@ -36,7 +36,6 @@ def runs(monkeypatch: pytest.MonkeyPatch) -> list[tuple[InstanceSettings, int]]:
 
     monkeypatch.setattr(daemon, "run", run)
     monkeypatch.setattr(instancelock, "acquire", lambda name: contextlib.nullcontext())
-    logsetup.configure(0, "json")  # to this test's stderr (an earlier test's may be closed)
     monkeypatch.setattr(logsetup, "configure", lambda *a: None)
     return calls
 

@@ -36,6 +36,16 @@ def fake_ctx(stats: Stats, transport: Transport = Transport.TCP, name: str = "")
     return SimpleNamespace(stats=stats, settings=settings(transport, name), conns=set())
 
 
+def test_a_restarted_instance_is_reported_once() -> None:
+    """serve restarts a changed instance: its old context drains beside the new one."""
+    registry = CollectorRegistry(auto_describe=False)
+    contexts = [fake_ctx(Stats(accepted=9), name="web"), fake_ctx(Stats(accepted=2), name="web")]
+    registry.register(metrics.StatsCollector(contexts))
+    text = generate_latest(registry).decode()
+    lines = [ln for ln in text.splitlines() if ln.startswith("pymmproxy_connections_accepted")]
+    assert lines == ['pymmproxy_connections_accepted_total{proxy="web"} 2.0']
+
+
 def test_histogram_uses_le_buckets() -> None:
     hist = Histogram((0.1, 1.0))
     for v in (0.05, 0.1, 0.5, 1.0, 7.0):

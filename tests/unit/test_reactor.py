@@ -501,6 +501,12 @@ def test_each_channel_class_has_its_own_copy_of_the_relay_methods() -> None:
     assert Upstream._on_writable is not Channel._on_writable  # its own override
     assert ClientSide.on_event.__qualname__ == "Channel.on_event"
 
+    class Further(ClientSide):  # a subclass of a subclass keeps its parent's versions
+        __slots__ = ()
+
+    for name in ("_got_data", "get_extra_info", "on_event"):
+        assert getattr(Further, name) is getattr(ClientSide, name), name
+
 
 def test_relay_micro_benchmark_runs(capsys: pytest.CaptureFixture[str]) -> None:
     from benchmarks import relay_micro  # noqa: PLC0415

@@ -183,3 +183,27 @@ def test_tproxy_rule_text() -> None:
     (only4,) = tproxy.rules_for("y", Endpoint("0.0.0.0", 7), (8, 9))
     assert "-m addrtype --dst-type LOCAL --dport 8:9" in only4.iptables_text()
     assert len(tproxy.key("n" * 200)) < 128 - 9
+
+
+def test_serve_with_a_taken_metrics_port_fails_at_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not an instance started without its listener, while READY says all is well."""
+    import socket  # noqa: PLC0415
+
+    from pymmproxy import cli, serve  # noqa: PLC0415
+
+    def started(*args: object) -> int:
+        raise AssertionError("serve started despite the taken metrics port")
+
+    monkeypatch.setattr(serve, "run_app", started)
+    cfg = config(tmp_path, "ssh 124 127.0.0.1:2222 127.0.0.1 22 -\n")
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        code = cli.main(["serve", "--config-dir", str(cfg), "--metrics", f"127.0.0.1:{port}"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"pymmproxy: cannot listen on 127.0.0.1:{port}: ")
+    assert err.count("\n") == 1

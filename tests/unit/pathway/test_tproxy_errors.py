@@ -17,28 +17,59 @@ class IPTCError(Exception):
     """What python-iptables raises (a plain Exception subclass)."""
 
 
-def broken_iptc() -> Any:
-    def table(family: Family) -> Any:
-        raise IPTCError("can't initialize iptables table `mangle': Table does not exist")
+class Table:
+    def refresh(self) -> None:
+        pass
 
-    return SimpleNamespace(_call=_Iptc._call, _table=table)
+    def commit(self) -> None:
+        pass
 
 
-def test_listing_failure_is_a_one_line_pathway_error() -> None:
+class Chain:
+    """PREROUTING holding one rule of instance ``web``; deleting it fails."""
+
+    def __init__(self, table: Table, name: str) -> None:
+        comment = SimpleNamespace(name="comment", comment=f"{tproxy.key('web')} 1")
+        self.rules = [SimpleNamespace(matches=[comment])]
+
+    def delete_rule(self, rule: Any) -> None:
+        raise IPTCError("Bad rule (does a matching rule exist in that chain?)")
+
+
+def fake_iptc(*, listing_fails: bool) -> Any:
+    def table(family: Family) -> Table:
+        if listing_fails:
+            raise IPTCError("can't initialize iptables table `mangle': Table does not exist")
+        return Table()
+
+    return SimpleNamespace(_call=_Iptc._call, _table=table, _iptc=SimpleNamespace(Chain=Chain))
+
+
+@pytest.fixture(autouse=True)
+def _privileged(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tproxy, "require_net_admin", lambda what: None)
+
+
+def test_listing_failure_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tproxy, "_Iptc", lambda: fake_iptc(listing_fails=True))
     with pytest.raises(PathwayError) as info:
-        tproxy._listed(broken_iptc(), Family.V4)
+        tproxy.apply({}, ["web"], backend="legacy")
     message = str(info.value)
     assert "\n" not in message
-    assert message.startswith("iptables -t mangle -S PREROUTING: can't initialize")
+    assert message.startswith("tproxy rules: iptables -t mangle -S PREROUTING: can't initialize")
 
 
-def test_delete_failure_is_a_one_line_pathway_error() -> None:
-    iptc = broken_iptc()
-    with pytest.raises(PathwayError, match="delete rule 'x'"):
-        iptc._call("ip6tables: delete rule 'x'", tproxy._legacy_delete, iptc, Family.V6, None)
-
-
-def test_apply_reports_it_as_tproxy_rules(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(tproxy, "_Iptc", broken_iptc)
-    with pytest.raises(PathwayError, match=r"^tproxy rules: iptables -t mangle -S PREROUTING"):
+def test_delete_failure_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tproxy, "_Iptc", lambda: fake_iptc(listing_fails=False))
+    with pytest.raises(PathwayError) as info:
         tproxy.apply({}, ["web"], backend="legacy")
+    assert str(info.value) == (
+        f"tproxy rules: iptables: delete rule '{tproxy.key('web')} 1': "
+        "Bad rule (does a matching rule exist in that chain?)"
+    )
+
+
+def test_present_reports_a_listing_failure_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tproxy, "_Iptc", lambda: fake_iptc(listing_fails=True))
+    with pytest.raises(PathwayError, match=r"^tproxy rules: iptables -t mangle -S PREROUTING"):
+        tproxy.present("web", backend="legacy")
