@@ -69,11 +69,13 @@ LABEL org.opencontainers.image.title="pymmproxy" \
       org.opencontainers.image.licenses="MIT"
 
 # python3: the interpreter the venv points at.  iptables: the libxtables/libip*tc libraries
-# and xtables match modules that python-iptables loads for `pymmproxy pathway ...`.
+# and xtables match modules that python-iptables loads for `pymmproxy pathway ...` on a
+# legacy-iptables host.  libnftables1: the nft backend (Debian 12's default iptables is the
+# nft variant, so that is what the backend detection picks; iptables only recommends it).
 RUN set -eu; \
     apt_ca=""; [ -z "$HOST_CA" ] || apt_ca="-o Acquire::https::CAInfo=$HOST_CA"; \
     apt-get $apt_ca update; \
-    apt-get $apt_ca install -y --no-install-recommends python3 iptables; \
+    apt-get $apt_ca install -y --no-install-recommends python3 iptables libnftables1; \
     rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin /var/log/apt /var/log/dpkg.log
 
 RUN set -eu; \

@@ -65,9 +65,9 @@ def resolve_config_dir(
     """The config directory: ``--config-dir``, else ``$PYMMPROXY_CONFIG_DIR``, else
     ``/etc/pymmproxy`` if it is a directory, else ``./config``. Empty values count as unset."""
     if cli_value:
-        return Path(cli_value).expanduser()
+        return _expand(cli_value, "--config-dir")
     if env.get(CONFIG_DIR_ENV):
-        return Path(env[CONFIG_DIR_ENV]).expanduser()
+        return _expand(env[CONFIG_DIR_ENV], f"${CONFIG_DIR_ENV}")
     if system_dir.is_dir():
         return system_dir
     return Path("config")
@@ -76,8 +76,16 @@ def resolve_config_dir(
 def allow_list_path(config_dir: str | Path, env: Mapping[str, str] = os.environ) -> Path:
     """``$ALLOW_LIST_PATH`` (as the old start script honoured), else ``config_dir/allow.txt``."""
     if env.get(ALLOW_LIST_ENV):
-        return Path(env[ALLOW_LIST_ENV]).expanduser()
+        return _expand(env[ALLOW_LIST_ENV], f"${ALLOW_LIST_ENV}")
     return Path(config_dir) / ALLOW_FILE
+
+
+def _expand(text: str, what: str) -> Path:
+    """``~`` / ``~user`` expanded; an unknown user is a UsageError naming ``what``."""
+    try:
+        return Path(text).expanduser()
+    except RuntimeError as exc:  # "Could not determine home directory"
+        raise UsageError(f"{what} {text}: {exc}") from None
 
 
 def valid_instance_name(name: str) -> bool:
@@ -224,9 +232,16 @@ def _instance(
     if options.get("proto", "tcp") not in ("tcp", "udp"):
         raise err(f"bad proto {options['proto']!r}: expected tcp or udp")
     transport = Transport(options.get("proto", "tcp"))
-    allow = base / Path(options["allow"]).expanduser() if "allow" in options else None
+    allow = base / _allow_path(options["allow"], err) if "allow" in options else None
     ports = parse_ports(options["ports"], transport, port, err) if "ports" in options else None
     return Instance(name, mark, listen, target4, target6, transport, allow, number, ports)
+
+
+def _allow_path(text: str, err: _Err) -> Path:
+    try:
+        return Path(text).expanduser()
+    except RuntimeError as exc:  # ~user of an unknown user
+        raise err(f"allow={text}: {exc}") from None
 
 
 def _clash(a: Endpoint, b: Endpoint) -> bool:

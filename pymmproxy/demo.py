@@ -19,6 +19,8 @@ from collections.abc import Sequence
 from types import FrameType
 from typing import Any
 
+from pyroute2.netlink.exceptions import NetlinkError
+
 from pymmproxy.lab import (
     CLIENT_V4,
     CLIENT_V6,
@@ -139,6 +141,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_demo(program, args.proxy)
     except LabError as exc:
         return _fail(str(exc))
+    except (OSError, NetlinkError) as exc:  # e.g. no veth support here (a container)
+        why = os.strerror(exc.code) if isinstance(exc, NetlinkError) else exc.strerror or exc
+        return _fail(f"cannot build the lab: {why} (lab torn down)")
     except KeyboardInterrupt:
         return _fail("interrupted (lab torn down)") + 129
     finally:

@@ -52,3 +52,20 @@ def test_demo_says_how_to_install_haproxy(
     assert err.startswith("pymmproxy demo: ")
     assert "apt-get install haproxy" in err
     assert err.count("\n") == 1
+
+
+def test_a_lab_that_cannot_be_built_is_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """E.g. inside a container without veth support: netlink refuses the link."""
+    from pyroute2.netlink.exceptions import NetlinkError  # noqa: PLC0415
+
+    def refused(*args: object) -> int:
+        raise NetlinkError(95, "Operation not supported")
+
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setattr(shutil, "which", lambda n: f"/usr/bin/{n}")
+    monkeypatch.setattr(demo, "run_demo", refused)
+    assert demo.main([]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["pymmproxy demo: cannot build the lab: Operation not supported (lab torn down)"]

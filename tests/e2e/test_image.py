@@ -102,3 +102,32 @@ def test_image_is_lean(image: str) -> None:
         assert probe.stdout.strip() == "", probe.stdout
     finally:
         subprocess.run(["buildah", "rm", ctr], capture_output=True, check=False, timeout=120)
+
+
+def test_image_has_both_firewall_backends(image: str) -> None:
+    """Debian 12's iptables is the nft variant, so backend detection picks nft in the image:
+    libnftables must be there (iptables only recommends it), and python-iptables must load."""
+    ctr = subprocess.run(
+        ["buildah", "from", "--pull-never", "--quiet", image],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    ).stdout.strip()
+    code = (
+        "from pymmproxy.pathway.firewall import libnftables, legacy; "
+        "assert libnftables._load() is not None, 'no libnftables'; "
+        "legacy._Iptc(); print('ok')"
+    )
+    try:
+        probe = subprocess.run(
+            ["buildah", "run", "--isolation", "chroot", "--runtime", "runc", ctr, "--",
+             "/opt/pymmproxy/bin/python", "-c", code],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )  # fmt: skip
+        assert probe.stdout.strip() == "ok", probe.stdout + probe.stderr
+    finally:
+        subprocess.run(["buildah", "rm", ctr], capture_output=True, check=False, timeout=120)

@@ -500,3 +500,17 @@ def test_loaders_raise_only_config_error(tmp_path: Path, lines: list[str], raw: 
                 errors.append(e)
     assert all(e.path == str(path) and e.line != 0 for e in errors)
     assert not any("\n" in e.message for e in errors)
+
+
+def test_unknown_home_directory_is_one_line(tmp_path: Path) -> None:
+    """``~nosuchuser`` cannot be expanded: a message naming where it came from, no traceback."""
+    nobody = "~pymmproxy-no-such-user-7f3a"
+    with pytest.raises(UsageError, match=f"^--config-dir {nobody}/etc: Could not determine"):
+        resolve_config_dir(f"{nobody}/etc", {})
+    with pytest.raises(UsageError, match=r"^\$PYMMPROXY_CONFIG_DIR "):
+        resolve_config_dir(None, {"PYMMPROXY_CONFIG_DIR": nobody})
+    with pytest.raises(UsageError, match=r"^\$ALLOW_LIST_PATH "):
+        allow_list_path(tmp_path, {"ALLOW_LIST_PATH": nobody})
+    line = f"web 123 0.0.0.0:8443 127.0.0.1 443 - allow={nobody}/a.txt\n"
+    with pytest.raises(ConfigError, match=r"instances.tsv:1: allow=~pymmproxy-no-such-user"):
+        load_config(config_dir(tmp_path, line), {})

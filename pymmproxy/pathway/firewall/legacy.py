@@ -47,7 +47,7 @@ class _Iptc:
         try:
             import iptc  # noqa: PLC0415 - loads libiptc/libxtables: only for this backend
             import iptc.easy  # noqa: PLC0415
-        except (ImportError, OSError) as exc:  # pragma: no cover - depends on the host
+        except Exception as exc:  # ImportError, OSError, or iptc's XTablesError (no xtables)
             raise PathwayError(f"python-iptables unusable: {exc}") from exc
         self._iptc: Any = iptc
         self._tables: dict[Family, Any] = {}

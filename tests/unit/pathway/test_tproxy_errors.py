@@ -73,3 +73,22 @@ def test_present_reports_a_listing_failure_too(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(tproxy, "_Iptc", lambda: fake_iptc(listing_fails=True))
     with pytest.raises(PathwayError, match=r"^tproxy rules: iptables -t mangle -S PREROUTING"):
         tproxy.present("web", backend="legacy")
+
+
+def test_python_iptables_failing_at_import_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """python-iptables raises its XTablesError (a plain Exception) at import when the host
+    has no xtables extensions (no iptables package)."""
+    import builtins  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    real = builtins.__import__
+
+    def no_xtables(name: str, *args: Any, **kwargs: Any) -> Any:
+        if name == "iptc" or name.startswith("iptc."):
+            raise IPTCError("can't find directory with extensions; please set XTABLES_LIBDIR")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.delitem(sys.modules, "iptc", raising=False)
+    monkeypatch.setattr(builtins, "__import__", no_xtables)
+    with pytest.raises(PathwayError, match=r"^python-iptables unusable: can.t find directory"):
+        _Iptc()
