@@ -70,8 +70,8 @@ def test_image_config(image: str) -> None:
     assert config["Labels"]["org.opencontainers.image.title"] == "pymmproxy"
 
 
-def test_image_is_lean(image: str) -> None:
-    """The final stage carries the venv, not the toolchain that built python-iptables."""
+def run_in(image: str, *argv: str) -> subprocess.CompletedProcess[str]:
+    """Run ``argv`` in a throw-away container of ``image`` (buildah, chroot isolation)."""
     ctr = subprocess.run(
         ["buildah", "from", "--pull-never", "--quiet", image],
         capture_output=True,
@@ -80,54 +80,32 @@ def test_image_is_lean(image: str) -> None:
         timeout=120,
     ).stdout.strip()
     try:
-        probe = subprocess.run(
-            [
-                "buildah",
-                "run",
-                "--isolation",
-                "chroot",
-                "--runtime",
-                "runc",
-                ctr,
-                "--",
-                "sh",
-                "-c",
-                "command -v gcc cc python3-config; ls /usr/include/python3.11",
-            ],
+        return subprocess.run(
+            ["buildah", "run", "--isolation", "chroot", "--runtime", "runc", ctr, "--", *argv],
             capture_output=True,
             text=True,
             timeout=120,
             check=False,
         )
-        assert probe.stdout.strip() == "", probe.stdout
     finally:
         subprocess.run(["buildah", "rm", ctr], capture_output=True, check=False, timeout=120)
+
+
+def test_image_is_lean(image: str) -> None:
+    """The final stage carries the venv, not the toolchain that built python-iptables."""
+    probe = run_in(
+        image, "sh", "-c", "command -v gcc cc python3-config; ls /usr/include/python3.11"
+    )
+    assert probe.stdout.strip() == "", probe.stdout
 
 
 def test_image_has_both_firewall_backends(image: str) -> None:
     """Debian 12's iptables is the nft variant, so backend detection picks nft in the image:
     libnftables must be there (iptables only recommends it), and python-iptables must load."""
-    ctr = subprocess.run(
-        ["buildah", "from", "--pull-never", "--quiet", image],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=120,
-    ).stdout.strip()
     code = (
         "from pymmproxy.pathway.firewall import libnftables, legacy; "
         "assert libnftables._load() is not None, 'no libnftables'; "
         "legacy._Iptc(); print('ok')"
     )
-    try:
-        probe = subprocess.run(
-            ["buildah", "run", "--isolation", "chroot", "--runtime", "runc", ctr, "--",
-             "/opt/pymmproxy/bin/python", "-c", code],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )  # fmt: skip
-        assert probe.stdout.strip() == "ok", probe.stdout + probe.stderr
-    finally:
-        subprocess.run(["buildah", "rm", ctr], capture_output=True, check=False, timeout=120)
+    probe = run_in(image, "/opt/pymmproxy/bin/python", "-c", code)
+    assert probe.stdout.strip() == "ok", probe.stdout + probe.stderr
