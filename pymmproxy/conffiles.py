@@ -22,7 +22,15 @@ from pathlib import Path
 
 from pymmproxy.errors import ConfigError, UsageError
 from pymmproxy.portrange import PortRange, check_ranges, parse_ports
-from pymmproxy.settings import Endpoint, InstanceSettings, Limits, Network, Transport, validate_mark
+from pymmproxy.settings import (
+    MAX_MARK_TEXT,
+    Endpoint,
+    InstanceSettings,
+    Limits,
+    Network,
+    Transport,
+    validate_mark,
+)
 
 SYSTEM_CONFIG_DIR = Path("/etc/pymmproxy")
 CONFIG_DIR_ENV = "PYMMPROXY_CONFIG_DIR"
@@ -65,9 +73,9 @@ def resolve_config_dir(
     """The config directory: ``--config-dir``, else ``$PYMMPROXY_CONFIG_DIR``, else
     ``/etc/pymmproxy`` if it is a directory, else ``./config``. Empty values count as unset."""
     if cli_value:
-        return _expand(cli_value, "--config-dir")
+        return _expand(cli_value, "--config-dir ")
     if env.get(CONFIG_DIR_ENV):
-        return _expand(env[CONFIG_DIR_ENV], f"${CONFIG_DIR_ENV}")
+        return _expand(env[CONFIG_DIR_ENV], f"${CONFIG_DIR_ENV} ")
     if system_dir.is_dir():
         return system_dir
     return Path("config")
@@ -76,16 +84,16 @@ def resolve_config_dir(
 def allow_list_path(config_dir: str | Path, env: Mapping[str, str] = os.environ) -> Path:
     """``$ALLOW_LIST_PATH`` (as the old start script honoured), else ``config_dir/allow.txt``."""
     if env.get(ALLOW_LIST_ENV):
-        return _expand(env[ALLOW_LIST_ENV], f"${ALLOW_LIST_ENV}")
+        return _expand(env[ALLOW_LIST_ENV], f"${ALLOW_LIST_ENV} ")
     return Path(config_dir) / ALLOW_FILE
 
 
-def _expand(text: str, what: str) -> Path:
-    """``~`` / ``~user`` expanded; an unknown user is a UsageError naming ``what``."""
+def _expand(text: str, what: str, error: Callable[[str], Exception] = UsageError) -> Path:
+    """``~`` / ``~user`` expanded; an unknown user is ``error`` naming ``what`` + ``text``."""
     try:
         return Path(text).expanduser()
     except RuntimeError as exc:  # "Could not determine home directory"
-        raise UsageError(f"{what} {text}: {exc}") from None
+        raise error(f"{what}{text}: {exc}") from None
 
 
 def valid_instance_name(name: str) -> bool:
@@ -147,7 +155,9 @@ def load_allow_list(path: str | Path, data: bytes | None = None) -> tuple[Networ
 
 def _mark(text: str, err: _Err) -> int:
     digits, base = (text[2:], 16) if text[:2] in ("0x", "0X") else (text, 10)
-    if not (digits and len(text) <= 20 and set(digits) <= (_HEX if base == 16 else _DEC)):
+    if not (
+        digits and len(text) <= MAX_MARK_TEXT and set(digits) <= (_HEX if base == 16 else _DEC)
+    ):
         raise err(f"bad fwmark {text!r}: expected a number")
     try:
         return validate_mark(int(digits, base), what="fwmark")
@@ -232,16 +242,9 @@ def _instance(
     if options.get("proto", "tcp") not in ("tcp", "udp"):
         raise err(f"bad proto {options['proto']!r}: expected tcp or udp")
     transport = Transport(options.get("proto", "tcp"))
-    allow = base / _allow_path(options["allow"], err) if "allow" in options else None
+    allow = base / _expand(options["allow"], "allow=", err) if "allow" in options else None
     ports = parse_ports(options["ports"], transport, port, err) if "ports" in options else None
     return Instance(name, mark, listen, target4, target6, transport, allow, number, ports)
-
-
-def _allow_path(text: str, err: _Err) -> Path:
-    try:
-        return Path(text).expanduser()
-    except RuntimeError as exc:  # ~user of an unknown user
-        raise err(f"allow={text}: {exc}") from None
 
 
 def _clash(a: Endpoint, b: Endpoint) -> bool:

@@ -12,6 +12,7 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 MAX_MARK = 2**32 - 1
+MAX_MARK_TEXT = 20  # longest written mark accepted: keeps int() off huge digit strings
 RESERVED_TABLES = frozenset({0, 253, 254, 255})
 DEFAULT_MAX_PENDING_HEADERS = 4096
 

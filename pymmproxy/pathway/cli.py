@@ -18,10 +18,9 @@ from pymmproxy import conffiles
 from pymmproxy.errors import UsageError, one_line_errors
 from pymmproxy.pathway import PathwayStatus, add, delete, status
 from pymmproxy.pathway.firewall import BACKEND_CHOICES
-from pymmproxy.settings import MAX_MARK, validate_mark
+from pymmproxy.settings import MAX_MARK, MAX_MARK_TEXT, validate_mark
 
 COMMANDS = ("add", "del", "add-all", "del-all", "status")
-_MAX_DIGITS = 20  # as conffiles._mark: keeps int() away from huge digit strings (4301+ raise)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -45,8 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_mark_arg(text: str) -> int | None:
     """The fwmark written as ``text`` (decimal or ``0x`` hex), None if it is not a number."""
     if text.isascii() and text.isdigit():
-        if len(text) > _MAX_DIGITS:
-            raise UsageError(f"bad mark {text[:_MAX_DIGITS]}...: must be 1..{MAX_MARK}")
+        if len(text) > MAX_MARK_TEXT:
+            raise UsageError(f"bad mark {text[:MAX_MARK_TEXT]}...: must be 1..{MAX_MARK}")
         return validate_mark(int(text))
     if text[:2].lower() == "0x" and len(text) > 2:
         try:
