@@ -15,6 +15,15 @@ protocol. Subclasses say where the events go:
 
 Errors and hang-ups are acted on from what ``recv``/``send``/``SO_ERROR`` return, never
 from the event bits alone, so a stale event for a reused descriptor does no harm.
+
+The sockets are edge-triggered (``EPOLLET``): an event comes when something *new* happens
+(bytes or a FIN arrive, send space frees up, ``epoll_ctl`` re-arms a changed mask), so a
+read must leave nothing behind that no new event will announce. Hence the read loop in
+:meth:`Channel.on_event`: it reads again after a full ``READ_SIZE`` read, and when the
+event says the peer has shut down (``EPOLLRDHUP``/``EPOLLHUP``/``EPOLLERR``, reported as
+of the moment of the poll) until ``recv`` returns the EOF or fails. Anything arriving after
+the poll is a new event. Pausing reading drops ``IN`` from the mask and resuming adds it
+back; that ``EPOLL_CTL_MOD`` reports bytes that came in between.
 """
 
 from __future__ import annotations
@@ -26,7 +35,7 @@ import types
 from _socket import socket as RawSocket  # noqa: N812 - the C socket: no Python-level __init__/close
 from typing import Any, cast
 
-from pymmproxy.net.reactor import ERR_HUP, IN, OUT, Reactor
+from pymmproxy.net.reactor import ERR_HUP, ET, IN, OUT, RDHUP, Reactor
 
 READ_SIZE = 256 * 1024
 # recv(READ_SIZE) allocates READ_SIZE bytes and shrinks them to what came. glibc serves
@@ -39,6 +48,8 @@ bytearray(2 * READ_SIZE)
 DONTWAIT = socket.MSG_DONTWAIT
 HIGH_WATER = 256 * 1024  # pause the other side's reading above this much unsent data
 LOW_WATER = 64 * 1024
+READ = IN | RDHUP  # what a reading channel watches for (with ET, and OUT while writing)
+SHUT = RDHUP | ERR_HUP  # in an event: the peer shut down or failed, read to the end
 
 
 def _own_code(func: types.FunctionType) -> types.FunctionType:
@@ -116,20 +127,21 @@ class Channel:
     # -- events ---------------------------------------------------------------------------
     def register(self) -> None:
         """Enter the reactor, watching for what ``reading``/``writing`` say."""
-        self.mask = (IN if self.reading else 0) | (OUT if self.writing else 0)
-        self.reactor.add(self.sock.fileno(), self.mask, self)
+        self.mask = (READ if self.reading else 0) | (OUT if self.writing else 0)
+        self.reactor.add(self.sock.fileno(), self.mask | ET, self)
 
     def on_event(self, mask: int) -> None:
         """The reactor's callback: act on readiness (the bits are a hint, see above).
 
         The relay's hot path: while relaying, received bytes go straight to the peer's
-        ``write`` (no protocol call in between).
+        ``write`` (no protocol call in between). Reads until nothing is left that no later
+        event would announce (see the module docstring).
         """
-        if mask & IN and self.reading:
+        while mask & (IN | SHUT) and self.reading:
             try:
                 data = self.sock.recv(READ_SIZE, DONTWAIT)
             except (BlockingIOError, InterruptedError):
-                data = None
+                break
             except OSError as exc:
                 self._teardown(exc)
                 return
@@ -140,7 +152,9 @@ class Channel:
                     peer.write(data)
                 else:
                     self._got_data(data)
-            elif data is not None:
+                if len(data) < READ_SIZE and not mask & SHUT:
+                    break  # the queue was empty: what comes next is a new event
+            else:
                 self.eof = True
                 self.reading = False
                 self._got_eof()
@@ -163,22 +177,22 @@ class Channel:
         err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
             self._teardown(os_error(err))
-        else:  # level-triggered HUP would repeat forever; resume_reading() re-registers
+        else:  # a hang-up comes with every later wake-up; resume_reading() re-registers
             self.parked = True
             self.reactor.park(self.sock.fileno())
 
     def _watch(self) -> None:
         if self.mask < 0:  # not in the reactor yet: register() will read the flags
             return
-        mask = (IN if self.reading else 0) | (OUT if self.writing else 0)
+        mask = (READ if self.reading else 0) | (OUT if self.writing else 0)
         if mask != self.mask and not self.closed:
             self.mask = mask
             if self.parked:
                 if mask:
                     self.parked = False
-                    self.reactor.unpark(self.sock.fileno(), mask)
+                    self.reactor.unpark(self.sock.fileno(), mask | ET)
             else:
-                self.reactor.modify(self.sock.fileno(), mask)
+                self.reactor.modify(self.sock.fileno(), mask | ET)
 
     # -- reading ----------------------------------------------------------------------------
     def pause_reading(self) -> None:

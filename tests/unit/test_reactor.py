@@ -19,6 +19,7 @@ import pytest
 import uvloop
 
 from pymmproxy.net import acceptor as acceptor_mod
+from pymmproxy.net import channel as channel_mod
 from pymmproxy.net.acceptor import Acceptor
 from pymmproxy.net.channel import HIGH_WATER, Channel, ClientSide
 from pymmproxy.net.reactor import IN, Reactor
@@ -207,6 +208,45 @@ def test_a_hang_up_while_watching_nothing_is_parked_not_spun(
     reactor.dispatch()
     reactor.dispatch()
     assert [e for e in proto.events if e[0] != "made"] == [("data", b"last words"), ("eof", None)]
+
+
+def test_bytes_and_a_fin_that_arrive_together_are_both_read(
+    reactor: Reactor, pairs: list[Any]
+) -> None:
+    """Edge-triggered: the FIN behind the bytes announces no new event of its own."""
+    chan, proto, theirs = started(reactor, pairs)
+    theirs.send(b"last words")
+    theirs.shutdown(socket.SHUT_WR)
+    for _ in range(3):
+        reactor.dispatch()
+    assert [e for e in proto.events if e[0] != "made"] == [("data", b"last words"), ("eof", None)]
+    assert not chan.reading
+
+
+def test_more_than_one_read_size_queued_is_relayed_from_one_event(
+    reactor: Reactor, pairs: list[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Edge-triggered: a full read may leave bytes behind that no new event announces."""
+    monkeypatch.setattr(channel_mod, "READ_SIZE", 4)
+    client, _upstream, lb, svc = relay(reactor, pairs)
+    lb.send(b"0123456789")
+    for _ in range(3):
+        reactor.dispatch()
+    assert svc.recv(100) == b"0123456789"
+    assert client.count == 10
+
+
+def test_bytes_that_arrive_while_paused_are_read_on_resume(
+    reactor: Reactor, pairs: list[Any]
+) -> None:
+    chan, proto, theirs = started(reactor, pairs)
+    chan.pause_reading()
+    theirs.send(b"held")
+    reactor.dispatch()
+    assert [e for e in proto.events if e[0] != "made"] == []
+    chan.resume_reading()  # re-arms the socket: what is queued is reported
+    reactor.dispatch()
+    assert [e for e in proto.events if e[0] != "made"] == [("data", b"held")]
 
 
 def test_connection_lost_is_deferred_once_and_drops_the_protocol(
