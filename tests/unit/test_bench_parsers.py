@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import measures as m
+from benchmarks import schedtrace
 from benchmarks.report import check_targets, markdown, scheduling_markdown
 from benchmarks.topology import BenchError
 
@@ -125,3 +126,50 @@ def test_markdown_report_has_tables_targets_and_scheduling() -> None:
     assert "**Ratios vs go-mmproxy**" in text
     assert "| keep-alive req/s >= 1.3x go-mmproxy | 1.40x met |" in text
     assert "**Scheduling**" in text
+
+
+# -- benchmarks.schedtrace ------------------------------------------------------------------
+def _switch(cpu: int, t: float, prev: int, state: str, nxt: int) -> str:
+    return (
+        f"[{cpu:03d}] {t:.6f}: sched:sched_switch: prev_comm=x prev_pid={prev} prev_prio=120 "
+        f"prev_state={state} ==> next_comm=y next_pid={nxt} next_prio=120"
+    )
+
+
+def test_schedtrace_parses_switches_and_wakeups_only() -> None:
+    lines = [
+        "  python  8199 [001]  1059.542223:       sched:sched_switch: prev_comm=python "
+        "prev_pid=8199 prev_prio=120 prev_state=R+ ==> next_comm=nginx next_pid=8196 next_prio=120",
+        "  haproxy  8194 [000]  1059.560120:       sched:sched_waking: comm=python pid=8199 "
+        "prio=120 target_cpu=001",
+        "  nginx  8196 [000]  1059.542241: sched:sched_stat_runtime: comm=nginx pid=8196 "
+        "runtime=21602 [ns]",
+        _switch(0, 2.5, 7, "S", 0),
+    ]
+    assert list(schedtrace.parse(lines)) == [
+        schedtrace.Event(1059.542223, 1, "switch", 8199, 8196, preempted=True),
+        schedtrace.Event(1059.560120, 0, "wake", 8199),
+        schedtrace.Event(2.5, 0, "switch", 7, 0, preempted=False),
+    ]
+
+
+def test_schedtrace_splits_idle_time_by_the_candidates_state() -> None:
+    lines = [
+        _switch(0, 0.0, 1, "S", 10),  # the candidate (10) runs on CPU 0
+        _switch(1, 0.0, 2, "S", 0),  # CPU 1 idles: 0-1 s "running"
+        _switch(0, 1.0, 10, "R", 3),  # preempted: 1-2 s "waiting" while CPU 1 idles
+        _switch(1, 2.0, 0, "R", 4),  # both busy 2-3 s
+        _switch(0, 3.0, 3, "S", 0),  # CPU 0 idles, the candidate still queued: 3-4 s "waiting"
+        _switch(1, 4.0, 4, "S", 10),  # it runs on CPU 1: 4-5 s "running"
+        _switch(1, 5.0, 10, "S", 0),  # it sleeps: both idle 5-6 s, "asleep"
+        "[000] 6.000000: sched:sched_waking: comm=python pid=10 prio=120 target_cpu=000",
+        _switch(0, 7.0, 0, "R", 10),  # woken 6-7 s with both CPUs idle: "waiting" x 2
+    ]
+    split = schedtrace.analyse(schedtrace.parse(lines), {10}, cpus=2)
+    assert (split.seconds, split.cpu_seconds) == (7.0, 14.0)
+    assert (split.waiting, split.running, split.asleep) == (4.0, 2.0, 2.0)
+    assert split.episodes == [1.0, 1.0, 1.0]
+    assert split.share(split.idle) == 8 / 14
+    assert "| pymmproxy-1 | 1,000 | 57.1% | 28.6% | 14.3% | 14.3% | 3, 1000000" in (
+        schedtrace.table([("pymmproxy-1", 1000.0, split)])
+    )
