@@ -24,11 +24,21 @@ event says the peer has shut down (``EPOLLRDHUP``/``EPOLLHUP``/``EPOLLERR``, rep
 of the moment of the poll) until ``recv`` returns the EOF or fails. Anything arriving after
 the poll is a new event. Pausing reading drops ``IN`` from the mask and resuming adds it
 back; that ``EPOLL_CTL_MOD`` reports bytes that came in between.
+
+Bulk flows are spliced: once a read fills ``READ_SIZE`` (and the other side has nothing
+queued), that direction moves its bytes with ``splice(2)`` into a pipe held by the writing
+side and from there into its socket, without copying them through user space. The pipe is
+that side's send buffer: while it holds bytes, the reading side is paused, and the EOF,
+``close`` and ``write_eof`` wait for it like they wait for queued bytes. Connections that
+never fill a read (requests and answers of a few KB) never get a pipe.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
+import fcntl
 import os
 import socket
 import types
@@ -48,6 +58,10 @@ bytearray(2 * READ_SIZE)
 DONTWAIT = socket.MSG_DONTWAIT
 HIGH_WATER = 256 * 1024  # pause the other side's reading above this much unsent data
 LOW_WATER = 64 * 1024
+PIPE_SIZE = 1 << 20  # iperf3 probes against recv/send: 64 KiB pipe 0.94x, 1 MiB 1.04-1.06x
+SPLICE_SIZE = 1 << 20  # per splice(2) call; the pipe's capacity bounds it
+SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+NO_SPLICE = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP}  # this socket type cannot splice
 READ = IN | RDHUP  # what a reading channel watches for (with ET, and OUT while writing)
 SHUT = RDHUP | ERR_HUP  # in an event: the peer shut down or failed, read to the end
 
@@ -69,6 +83,7 @@ class Channel:
     __slots__ = (
         "sock", "reactor", "owner", "peer", "count", "out", "mask", "reading", "writing",
         "paused_peer", "eof", "eof_pending", "connecting", "closing", "closed", "parked",
+        "splicing", "pipe", "piped",
     )  # fmt: skip
 
     def __init__(self, sock: RawSocket, reactor: Reactor, owner: Any) -> None:  # noqa: ANN401
@@ -88,6 +103,9 @@ class Channel:
         self.closing = False
         self.closed = False
         self.parked = False  # hung up while we watched nothing: out of the epoll set
+        self.splicing = False  # our reads go to the peer's pipe with splice(2)
+        self.pipe: tuple[int, int] | None = None  # (read end, write end) of our pipe buffer
+        self.piped = 0  # bytes in that pipe, not yet sent on our socket
 
     def __init_subclass__(cls, **kwargs: Any) -> None:  # noqa: ANN401
         """Give the subclass its own copy of every method it inherits from here.
@@ -138,6 +156,8 @@ class Channel:
         event would announce (see the module docstring).
         """
         while mask & (IN | SHUT) and self.reading:
+            if self.splicing and self._spliced():
+                break
             try:
                 data = self.sock.recv(READ_SIZE, DONTWAIT)
             except (BlockingIOError, InterruptedError):
@@ -150,20 +170,94 @@ class Channel:
                 if peer is not None:
                     self.count += len(data)
                     peer.write(data)
+                    if len(data) == READ_SIZE:
+                        self._begin_splice(peer)
                 else:
                     self._got_data(data)
                 if len(data) < READ_SIZE and not mask & SHUT:
                     break  # the queue was empty: what comes next is a new event
             else:
-                self.eof = True
-                self.reading = False
-                self._got_eof()
-                if not self.closed:  # the usual second EOF closes: no epoll_ctl for it
-                    self._watch()
+                self._end_of_stream()
         if mask & OUT and self.writing and not self.closed:
             self._on_writable()
         if mask & ERR_HUP and not self.closed and not (self.reading or self.writing):
             self._hung_up()
+
+    def _end_of_stream(self) -> None:
+        self.eof = True
+        self.reading = False
+        self._got_eof()
+        if not self.closed:  # the usual second EOF closes: no epoll_ctl for it
+            self._watch()
+
+    # -- splicing (see the module docstring) ----------------------------------------------
+    def _begin_splice(self, peer: Channel) -> None:
+        """A full read: a bulk flow. Splice it from now on, if ``peer`` has nothing queued."""
+        if self.splicing or peer.out or peer.closing or peer.closed:
+            return
+        if peer.pipe is None:
+            try:
+                pipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError:  # out of descriptors: stay with recv/send
+                return
+            peer.pipe = pipe
+            with contextlib.suppress(OSError):  # over the user's pipe quota: a small pipe
+                fcntl.fcntl(pipe[1], fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+            self.sock.setblocking(False)  # splice(2) has no MSG_DONTWAIT for the sockets
+            peer.sock.setblocking(False)
+        self.splicing = True
+
+    def _spliced(self) -> bool:
+        """Splice what the socket holds into the peer's pipe and on to the peer's socket.
+
+        False if this direction cannot splice (any more): the caller reads with recv.
+        """
+        peer = self.peer
+        if peer is None or peer.pipe is None or peer.closing:  # recv/write say what happens
+            self.splicing = False
+            return False
+        pipe_in, fd = peer.pipe[1], self.sock.fileno()
+        while self.reading:
+            if peer.piped and not peer._drain_pipe():
+                if not peer.closed and not peer.paused_peer:
+                    peer.paused_peer = True  # the peer's socket is full: wait for it
+                    peer._pause_peer()
+                return True
+            try:
+                n = os.splice(fd, pipe_in, SPLICE_SIZE, flags=SPLICE_FLAGS)
+            except BlockingIOError:  # nothing left to read (the pipe is empty here)
+                return True
+            except OSError as exc:
+                if exc.errno in NO_SPLICE and not peer.piped:
+                    self.splicing = False
+                    return False
+                self._teardown(exc)
+                return True
+            if not n:
+                self._end_of_stream()
+                return True
+            self.count += n
+            peer.piped += n
+        return True
+
+    def _drain_pipe(self) -> bool:
+        """Splice our pipe into our socket; True once it is empty (else watch for OUT)."""
+        pipe_out, fd = cast("tuple[int, int]", self.pipe)[0], self.sock.fileno()
+        while self.piped:
+            try:
+                n = os.splice(pipe_out, fd, self.piped, flags=SPLICE_FLAGS)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                self._teardown(exc)
+                return False
+            self.piped -= n
+        if not self.piped:
+            return True
+        if not self.writing:
+            self.writing = True
+            self._watch()
+        return False
 
     def fatal(self, exc: Exception) -> None:
         """A callback raised: report it to the loop and drop this connection."""
@@ -212,6 +306,8 @@ class Channel:
         out = self.out
         if out:
             out += data  # a bytearray: in place
+        elif self.piped:  # what the pipe holds goes first
+            self.out = out = bytearray(data)
         else:
             try:
                 sent = self.sock.send(data, DONTWAIT)
@@ -230,15 +326,18 @@ class Channel:
             self._pause_peer()
 
     def _on_writable(self) -> None:
-        out = cast("bytearray", self.out)  # only watched while data is queued
-        try:
-            sent = self.sock.send(out, DONTWAIT)
-        except (BlockingIOError, InterruptedError):
+        if self.piped and not self._drain_pipe():
             return
-        except OSError as exc:
-            self._teardown(exc)
-            return
-        del out[:sent]
+        out = self.out  # a bytearray whenever it is not empty
+        if out:
+            try:
+                sent = self.sock.send(out, DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._teardown(exc)
+                return
+            del cast("bytearray", out)[:sent]
         if self.paused_peer and len(out) <= LOW_WATER:
             self.paused_peer = False
             self._resume_peer()
@@ -258,7 +357,7 @@ class Channel:
         """``shutdown(SHUT_WR)`` once the queued bytes are sent."""
         if self.closed or self.closing:
             return
-        if self.out:
+        if self.out or self.piped:
             self.eof_pending = True
         else:
             self._shutdown_write()
@@ -278,7 +377,7 @@ class Channel:
         if self.closed or self.closing:
             return
         self.pause_reading()
-        if self.out:
+        if self.out or self.piped:
             self.closing = True
         else:
             self._teardown(None)
@@ -299,6 +398,10 @@ class Channel:
         sock = self.sock
         self.reactor.forget(sock.fileno())
         sock.close()  # also takes it out of the epoll set
+        if self.pipe is not None:
+            os.close(self.pipe[0])
+            os.close(self.pipe[1])
+            self.pipe, self.piped = None, 0
         self._lost(exc)
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:  # noqa: ANN401

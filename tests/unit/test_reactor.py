@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import os
 import socket
 from collections.abc import Iterator
 from types import SimpleNamespace
@@ -247,6 +248,101 @@ def test_bytes_that_arrive_while_paused_are_read_on_resume(
     chan.resume_reading()  # re-arms the socket: what is queued is reported
     reactor.dispatch()
     assert [e for e in proto.events if e[0] != "made"] == [("data", b"held")]
+
+
+def pump(
+    reactor: Reactor, src: socket.socket, dst: socket.socket, payload: bytes, sent: int = 0
+) -> bytes:
+    """Send ``payload[sent:]`` into ``src`` while dispatching; collect what leaves ``dst``."""
+    src.setblocking(False)
+    dst.setblocking(False)
+    got = bytearray()
+    for _ in range(100_000):
+        if sent < len(payload):
+            with contextlib.suppress(BlockingIOError):
+                sent += src.send(payload[sent : sent + 65536])
+        reactor.dispatch()
+        with contextlib.suppress(BlockingIOError):
+            got += dst.recv(1 << 20)
+        if len(got) == len(payload):
+            break
+    return bytes(got)
+
+
+def test_a_bulk_flow_is_spliced_and_arrives_intact(
+    reactor: Reactor, pairs: list[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(channel_mod, "READ_SIZE", 512)  # a full read marks a bulk flow
+    client, upstream, lb, svc = relay(reactor, pairs)
+    payload = os.urandom(3 << 20)
+    assert pump(reactor, lb, svc, payload) == payload
+    assert client.splicing
+    assert upstream.pipe is not None
+    assert client.count == len(payload)
+    assert not upstream.splicing  # the other direction only splices once it fills a read
+
+
+def test_a_spliced_flow_pauses_while_the_pipe_is_full_and_resumes(
+    reactor: Reactor, pairs: list[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(channel_mod, "READ_SIZE", 512)
+    client, upstream, lb, svc = relay(reactor, pairs)
+    lb.setblocking(False)
+    payload = os.urandom(8 << 20)
+    sent = 0
+    for _ in range(500):  # the service reads nothing: the pipe fills, the client pauses
+        with contextlib.suppress(BlockingIOError):
+            sent += lb.send(payload[sent : sent + 65536])
+        reactor.dispatch()
+        if not client.reading:
+            break
+    assert client.splicing
+    assert not client.reading
+    assert upstream.piped > 0
+    assert upstream.writing
+    # the service catches up: nothing lost or reordered
+    assert pump(reactor, lb, svc, payload, sent) == payload
+    assert client.reading
+
+
+def test_writes_eof_and_close_wait_for_the_pipe(
+    reactor: Reactor, pairs: list[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(channel_mod, "READ_SIZE", 512)
+    client, upstream, lb, svc = relay(reactor, pairs)
+    lb.setblocking(False)
+    payload = os.urandom(8 << 20)
+    sent = 0
+    for _ in range(500):
+        with contextlib.suppress(BlockingIOError):
+            sent += lb.send(payload[sent : sent + 65536])
+        reactor.dispatch()
+        if upstream.piped:
+            break
+    assert upstream.piped
+    svc.setblocking(False)
+    got = bytearray(svc.recv(1 << 20))  # room in the socket, but the pipe's bytes come first
+    upstream.write(b"TAIL")
+    upstream.write_eof()
+    upstream.close()
+    assert upstream.eof_pending
+    assert upstream.closing
+    assert not upstream.closed
+    pipe = upstream.pipe
+    assert pipe is not None
+    for _ in range(100_000):
+        reactor.dispatch()
+        try:
+            chunk = svc.recv(1 << 20)
+        except BlockingIOError:
+            continue
+        if not chunk:
+            break
+        got += chunk
+    assert upstream.closed
+    assert bytes(got) == payload[: client.count] + b"TAIL"  # all of it, in order
+    with pytest.raises(OSError):  # the pipe went with the socket
+        os.fstat(pipe[0])
 
 
 def test_connection_lost_is_deferred_once_and_drops_the_protocol(
