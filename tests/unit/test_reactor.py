@@ -12,7 +12,7 @@ import contextlib
 import errno
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import SimpleNamespace
 from typing import Any
 
@@ -269,6 +269,21 @@ def pump(
     return bytes(got)
 
 
+def send_until(
+    reactor: Reactor, src: socket.socket, payload: bytes, done: Callable[[], bool]
+) -> int:
+    """Send ``payload`` into ``src`` while dispatching, until ``done()``; bytes sent."""
+    src.setblocking(False)
+    sent = 0
+    for _ in range(500):
+        with contextlib.suppress(BlockingIOError):
+            sent += src.send(payload[sent : sent + 65536])
+        reactor.dispatch()
+        if done():
+            break
+    return sent
+
+
 def test_a_bulk_flow_is_spliced_and_arrives_intact(
     reactor: Reactor, pairs: list[Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -287,15 +302,9 @@ def test_a_spliced_flow_pauses_while_the_pipe_is_full_and_resumes(
 ) -> None:
     monkeypatch.setattr(channel_mod, "READ_SIZE", 512)
     client, upstream, lb, svc = relay(reactor, pairs)
-    lb.setblocking(False)
     payload = os.urandom(8 << 20)
-    sent = 0
-    for _ in range(500):  # the service reads nothing: the pipe fills, the client pauses
-        with contextlib.suppress(BlockingIOError):
-            sent += lb.send(payload[sent : sent + 65536])
-        reactor.dispatch()
-        if not client.reading:
-            break
+    # the service reads nothing: the pipe fills, the client pauses
+    sent = send_until(reactor, lb, payload, lambda: not client.reading)
     assert client.splicing
     assert not client.reading
     assert upstream.piped > 0
@@ -310,15 +319,8 @@ def test_writes_eof_and_close_wait_for_the_pipe(
 ) -> None:
     monkeypatch.setattr(channel_mod, "READ_SIZE", 512)
     client, upstream, lb, svc = relay(reactor, pairs)
-    lb.setblocking(False)
     payload = os.urandom(8 << 20)
-    sent = 0
-    for _ in range(500):
-        with contextlib.suppress(BlockingIOError):
-            sent += lb.send(payload[sent : sent + 65536])
-        reactor.dispatch()
-        if upstream.piped:
-            break
+    send_until(reactor, lb, payload, lambda: upstream.piped > 0)
     assert upstream.piped
     svc.setblocking(False)
     got = bytearray(svc.recv(1 << 20))  # room in the socket, but the pipe's bytes come first
