@@ -84,6 +84,9 @@ class Acceptor:
             {"message": "error accepting a connection", "exception": exc}
         )
 
+    def abort(self) -> None:
+        self.close()
+
     def close(self) -> None:
         """Stop accepting and close the listening socket (idempotent).
 

@@ -21,7 +21,8 @@ The sockets are edge-triggered (``EPOLLET``): an event comes when something *new
 read must leave nothing behind that no new event will announce. Hence the read loop in
 :meth:`Channel.on_event`: it reads again after a full ``READ_SIZE`` read, and when the
 event says the peer has shut down (``EPOLLRDHUP``/``EPOLLHUP``/``EPOLLERR``, reported as
-of the moment of the poll) until ``recv`` returns the EOF or fails. Anything arriving after
+of the moment of the poll) or sent urgent data (``EPOLLPRI``: a read stops short at the
+urgent mark) until ``recv`` says ``EAGAIN``, returns the EOF or fails. Anything arriving after
 the poll is a new event. Pausing reading drops ``IN`` from the mask and resuming adds it
 back; that ``EPOLL_CTL_MOD`` reports bytes that came in between.
 
@@ -30,16 +31,18 @@ queued), that direction moves its bytes with ``splice(2)`` into a pipe held by t
 side and from there into its socket, without copying them through user space. The pipe is
 that side's send buffer: while it holds bytes, the reading side is paused, and the EOF,
 ``close`` and ``write_eof`` wait for it like they wait for queued bytes. Connections that
-never fill a read (requests and answers of a few KB) never get a pipe.
+never fill a read (requests and answers of a few KB) never get a pipe. Either way one event
+reads at most ``READ_ROUNDS`` times; a flow with more to come is re-armed (``EPOLL_CTL_MOD``
+reports it again) and waits for its next turn.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import fcntl
 import os
+import select
 import socket
 import types
 from _socket import socket as RawSocket  # noqa: N812 - the C socket: no Python-level __init__/close
@@ -60,10 +63,12 @@ HIGH_WATER = 256 * 1024  # pause the other side's reading above this much unsent
 LOW_WATER = 64 * 1024
 PIPE_SIZE = 1 << 20  # iperf3 probes against recv/send: 64 KiB pipe 0.94x, 1 MiB 1.04-1.06x
 SPLICE_SIZE = 1 << 20  # per splice(2) call; the pipe's capacity bounds it
+READ_ROUNDS = 16  # reads (or splices) per event at most, so one bulk flow cannot hog a dispatch
 SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 NO_SPLICE = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP}  # this socket type cannot splice
-READ = IN | RDHUP  # what a reading channel watches for (with ET, and OUT while writing)
-SHUT = RDHUP | ERR_HUP  # in an event: the peer shut down or failed, read to the end
+PRI = select.EPOLLPRI  # urgent (out-of-band) data came: reads stop short at its mark
+READ = IN | RDHUP | PRI  # what a reading channel watches for (with ET, and OUT while writing)
+DRAIN = RDHUP | ERR_HUP | PRI  # in an event: a short read is not the end, read to EAGAIN
 
 
 def _own_code(func: types.FunctionType) -> types.FunctionType:
@@ -155,8 +160,13 @@ class Channel:
         ``write`` (no protocol call in between). Reads until nothing is left that no later
         event would announce (see the module docstring).
         """
-        while mask & (IN | SHUT) and self.reading:
-            if self.splicing and self._spliced():
+        rounds = 0
+        while mask & (IN | DRAIN) and self.reading:
+            rounds += 1
+            if rounds > READ_ROUNDS:  # a bulk flow had its share: the others' turn
+                self.reactor.modify(self.sock.fileno(), self.mask | ET)  # re-armed: comes again
+                break
+            if self.splicing and self._spliced(mask):
                 break
             try:
                 data = self.sock.recv(READ_SIZE, DONTWAIT)
@@ -174,7 +184,7 @@ class Channel:
                         self._begin_splice(peer)
                 else:
                     self._got_data(data)
-                if len(data) < READ_SIZE and not mask & SHUT:
+                if len(data) < READ_SIZE and not mask & DRAIN:
                     break  # the queue was empty: what comes next is a new event
             else:
                 self._end_of_stream()
@@ -200,24 +210,32 @@ class Channel:
                 pipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
             except OSError:  # out of descriptors: stay with recv/send
                 return
-            peer.pipe = pipe
-            with contextlib.suppress(OSError):  # over the user's pipe quota: a small pipe
+            try:
                 fcntl.fcntl(pipe[1], fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+            except OSError:  # over the user's pipe quota: a small pipe is slower than copying
+                os.close(pipe[0])
+                os.close(pipe[1])
+                return
+            peer.pipe = pipe
             self.sock.setblocking(False)  # splice(2) has no MSG_DONTWAIT for the sockets
             peer.sock.setblocking(False)
         self.splicing = True
 
-    def _spliced(self) -> bool:
+    def _spliced(self, mask: int) -> bool:
         """Splice what the socket holds into the peer's pipe and on to the peer's socket.
 
-        False if this direction cannot splice (any more): the caller reads with recv.
+        False if the caller should read with recv: this direction cannot splice (any
+        more), or splicing stopped at an urgent mark (``PRI``), which only a read steps over
+        (the urgent byte itself is dropped, as by any read without ``MSG_OOB``).
         """
         peer = self.peer
         if peer is None or peer.pipe is None or peer.closing:  # recv/write say what happens
             self.splicing = False
             return False
         pipe_in, fd = peer.pipe[1], self.sock.fileno()
-        while self.reading:
+        for _ in range(READ_ROUNDS):
+            if not self.reading:
+                return True
             if peer.piped and not peer._drain_pipe():
                 if not peer.closed and not peer.paused_peer:
                     peer.paused_peer = True  # the peer's socket is full: wait for it
@@ -226,7 +244,7 @@ class Channel:
             try:
                 n = os.splice(fd, pipe_in, SPLICE_SIZE, flags=SPLICE_FLAGS)
             except BlockingIOError:  # nothing left to read (the pipe is empty here)
-                return True
+                return not mask & PRI
             except OSError as exc:
                 if exc.errno in NO_SPLICE and not peer.piped:
                     self.splicing = False
@@ -234,10 +252,14 @@ class Channel:
                 self._teardown(exc)
                 return True
             if not n:
+                if mask & PRI:  # maybe only the urgent mark, with the FIN behind it
+                    return False
                 self._end_of_stream()
                 return True
             self.count += n
             peer.piped += n
+        if self.reading:  # its share is used up: re-armed, it comes again
+            self.reactor.modify(fd, self.mask | ET)
         return True
 
     def _drain_pipe(self) -> bool:

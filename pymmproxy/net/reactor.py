@@ -43,6 +43,7 @@ class Handler(Protocol):
 
     def on_event(self, mask: int) -> None: ...
     def fatal(self, exc: Exception) -> None: ...
+    def abort(self) -> None: ...
 
 
 class Reactor:
@@ -100,9 +101,16 @@ class Reactor:
                         handler.fatal(exc)
 
     def close(self) -> None:
-        """Leave the loop and close the set (sockets still in it are closed by their owners)."""
+        """Abort what is still in the set and close it (its instance is gone).
+
+        Live connections were aborted by their owners already; what is left is, say, an
+        upstream still flushing to a target that stopped reading, whose client side is
+        gone: aborting it closes its socket and its splice pipe now, not at some GC.
+        """
         if self.closed:
             return
+        for handler in list(self.handlers.values()):
+            handler.abort()
         self.closed = True
         if not self.loop.is_closed():
             self.loop.remove_reader(self.ep.fileno())

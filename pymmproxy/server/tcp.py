@@ -194,7 +194,8 @@ class ClientProtocol(asyncio.Protocol):
             upstream.write_eof()
         elif self.paused:
             self.paused = False
-            self.transport.resume_reading()
+            if not upstream.paused_peer:  # else the upstream resumes it once it drains
+                self.transport.resume_reading()
 
     def upstream_eof(self) -> None:
         self.up_eof = True

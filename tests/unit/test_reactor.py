@@ -14,7 +14,7 @@ import os
 import socket
 from collections.abc import Callable, Iterator
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import uvloop
@@ -25,6 +25,7 @@ from pymmproxy.net.acceptor import Acceptor
 from pymmproxy.net.channel import HIGH_WATER, Channel, ClientSide
 from pymmproxy.net.reactor import IN, Reactor
 from pymmproxy.net.upstream import Upstream
+from pymmproxy.server import tcp
 
 
 @pytest.fixture
@@ -97,6 +98,9 @@ class Boom:
     def fatal(self, exc: Exception) -> None:
         self.fatal_with = exc
 
+    def abort(self) -> None:
+        pass
+
 
 def test_a_raising_handler_does_not_stop_the_others(
     reactor: Reactor, loop: asyncio.AbstractEventLoop, pairs: list[Any]
@@ -132,13 +136,28 @@ def started(
     return chan, proto, theirs
 
 
+class Plain(Channel):
+    """A service-side channel that reports to no one (these tests watch the sockets)."""
+
+    __slots__ = ()
+
+    def _got_data(self, data: bytes) -> None:
+        pass
+
+    def _got_eof(self) -> None:
+        pass
+
+    def _lost(self, exc: Exception | None) -> None:
+        pass
+
+
 def relay(reactor: Reactor, pairs: list[Any]) -> tuple[ClientSide, Channel, Any, Any]:
     """A relaying pair of channels, and the load balancer's and the service's ends."""
     lb_ours, lb = pair(pairs)
     svc_ours, svc = pair(pairs)
     client = ClientSide(lb_ours, reactor, Recorder())
     client.start(("lb", 1))
-    upstream = Channel(svc_ours, reactor, None)
+    upstream = Plain(svc_ours, reactor, None)
     upstream.reading = True
     upstream.register()
     client.peer, upstream.peer = upstream, client
@@ -345,6 +364,100 @@ def test_writes_eof_and_close_wait_for_the_pipe(
     assert bytes(got) == payload[: client.count] + b"TAIL"  # all of it, in order
     with pytest.raises(OSError):  # the pipe went with the socket
         os.fstat(pipe[0])
+
+
+@pytest.mark.parametrize("splicing", [False, True], ids=["recv", "splice"])
+def test_bytes_behind_an_urgent_mark_are_relayed(
+    reactor: Reactor, pairs: list[Any], monkeypatch: pytest.MonkeyPatch, splicing: bool
+) -> None:
+    """A read stops short at an urgent (MSG_OOB) mark: not the end of what is queued."""
+    monkeypatch.setattr(channel_mod, "READ_SIZE", 512)
+    client, _upstream, lb, svc = relay(reactor, pairs)
+    if splicing:
+        assert pump(reactor, lb, svc, b"s" * 4096) == b"s" * 4096
+    assert client.splicing == splicing
+    svc.setblocking(False)
+    lb.send(b"hello")
+    lb.send(b"!", socket.MSG_OOB)
+    lb.send(b"world")
+    got = bytearray()
+    for _ in range(5):
+        reactor.dispatch()
+        with contextlib.suppress(BlockingIOError):
+            got += svc.recv(100)
+    assert bytes(got) == b"helloworld"  # the urgent byte itself is not relayed
+
+
+def test_closing_the_reactor_aborts_an_orphaned_flushing_channel(
+    reactor: Reactor, pairs: list[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An upstream still flushing to a target that stopped reading, its client side gone."""
+    monkeypatch.setattr(channel_mod, "READ_SIZE", 512)
+    client, upstream, lb, _svc = relay(reactor, pairs)
+    send_until(reactor, lb, os.urandom(8 << 20), lambda: upstream.piped > 0)
+    pipe = upstream.pipe
+    assert pipe is not None
+    client.abort()
+    upstream.close()
+    assert upstream.closing
+    assert not upstream.closed
+    reactor.close()
+    assert upstream.closed
+    for fd in pipe:
+        with pytest.raises(OSError):
+            os.fstat(fd)
+
+
+def test_early_bytes_that_fill_the_upstream_keep_the_client_paused(
+    reactor: Reactor, loop: asyncio.AbstractEventLoop, pairs: list[Any]
+) -> None:
+    """More than MAX_EARLY_BYTES came while connecting, and the target is slow to read."""
+    lb_ours, lb = pair(pairs)
+    svc_ours, svc = pair(pairs)
+    stats = SimpleNamespace(relayed=0, connect_time=None)
+    proto = tcp.ClientProtocol(cast("Any", SimpleNamespace(loop=loop, stats=stats)))
+    client = ClientSide(lb_ours, reactor, proto)
+    proto.transport = client
+    client.reading = True
+    client.register()
+    early = os.urandom(tcp.MAX_EARLY_BYTES + (1 << 20))
+    proto.state, proto.buf, proto.paused = tcp._CONNECTING, early, True
+    client.pause_reading()
+    upstream = Upstream(svc_ours, reactor, proto)
+    upstream.start(connected=True)  # upstream_made: the early bytes overflow its buffer
+    assert upstream.paused_peer
+    assert not client.reading  # stays paused until the upstream drains
+    more = os.urandom(1 << 20)
+    assert pump(reactor, lb, svc, more) == early + more
+    assert client.reading
+
+
+@pytest.mark.parametrize("splicing", [False, True], ids=["recv", "splice"])
+def test_one_event_reads_a_bounded_share_and_comes_again(
+    reactor: Reactor, pairs: list[Any], monkeypatch: pytest.MonkeyPatch, splicing: bool
+) -> None:
+    """A flow that always has more cannot hog a dispatch; edge-triggered, it is re-armed."""
+    monkeypatch.setattr(channel_mod, "READ_SIZE", 512)
+    client, _upstream, lb, svc = relay(reactor, pairs)
+    if splicing:
+        assert pump(reactor, lb, svc, b"s" * 4096) == b"s" * 4096
+    else:  # full reads would switch it to splicing
+        monkeypatch.setattr(ClientSide, "_begin_splice", lambda *_: None)
+    assert client.splicing == splicing
+    monkeypatch.setattr(channel_mod, "READ_SIZE", 4)
+    monkeypatch.setattr(channel_mod, "SPLICE_SIZE", 4)
+    before = client.count
+    payload = os.urandom(1000)
+    lb.send(payload)
+    client.on_event(IN)
+    assert client.count - before == channel_mod.READ_ROUNDS * 4  # its share, then it yields
+    svc.setblocking(False)
+    got = bytearray()
+    for _ in range(20):
+        reactor.dispatch()
+        with contextlib.suppress(BlockingIOError):
+            got += svc.recv(4096)
+    assert bytes(got) == payload
 
 
 def test_connection_lost_is_deferred_once_and_drops_the_protocol(
@@ -582,6 +695,9 @@ class Forwarder:
 
     def fatal(self, exc: Exception) -> None:
         raise exc
+
+    def abort(self) -> None:
+        pass
 
 
 def test_what_becomes_ready_during_a_dispatch_is_handled_in_it(
