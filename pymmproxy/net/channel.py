@@ -233,13 +233,10 @@ class Channel:
             self.splicing = False
             return False
         pipe_in, fd = peer.pipe[1], self.sock.fileno()
+        if peer.piped and not peer._drain_pipe():  # left by a fallback write: it goes first
+            return self._wait_for_pipe(peer)
         for _ in range(READ_ROUNDS):
             if not self.reading:
-                return True
-            if peer.piped and not peer._drain_pipe():
-                if not peer.closed and not peer.paused_peer:
-                    peer.paused_peer = True  # the peer's socket is full: wait for it
-                    peer._pause_peer()
                 return True
             try:
                 n = os.splice(fd, pipe_in, SPLICE_SIZE, flags=SPLICE_FLAGS)
@@ -258,8 +255,17 @@ class Channel:
                 return True
             self.count += n
             peer.piped += n
+            if not peer._drain_pipe():
+                return self._wait_for_pipe(peer)
         if self.reading:  # its share is used up: re-armed, it comes again
             self.reactor.modify(fd, self.mask | ET)
+        return True
+
+    def _wait_for_pipe(self, peer: Channel) -> bool:
+        """The peer's socket is full: stop reading until its pipe drains (it resumes us)."""
+        if not peer.closed and not peer.paused_peer:
+            peer.paused_peer = True
+            peer._pause_peer()
         return True
 
     def _drain_pipe(self) -> bool:

@@ -458,6 +458,12 @@ def test_one_event_reads_a_bounded_share_and_comes_again(
         with contextlib.suppress(BlockingIOError):
             got += svc.recv(4096)
     assert bytes(got) == payload
+    exact = os.urandom(channel_mod.READ_ROUNDS * 4)  # the share ends with the socket empty
+    lb.send(exact)
+    client.on_event(IN)
+    for _ in range(5):
+        reactor.dispatch()
+    assert svc.recv(4096) == exact
 
 
 def test_connection_lost_is_deferred_once_and_drops_the_protocol(
