@@ -366,16 +366,26 @@ def test_writes_eof_and_close_wait_for_the_pipe(
         os.fstat(pipe[0])
 
 
+def relay_in_mode(
+    reactor: Reactor, pairs: list[Any], monkeypatch: pytest.MonkeyPatch, *, splicing: bool
+) -> tuple[ClientSide, socket.socket, socket.socket]:
+    """A relaying pair whose client side splices (after one full read) or only copies."""
+    monkeypatch.setattr(channel_mod, "READ_SIZE", 512)
+    client, _upstream, lb, svc = relay(reactor, pairs)
+    if splicing:
+        assert pump(reactor, lb, svc, b"s" * 4096) == b"s" * 4096
+    else:  # full reads would switch it to splicing
+        monkeypatch.setattr(ClientSide, "_begin_splice", lambda *_: None)
+    assert client.splicing == splicing
+    return client, lb, svc
+
+
 @pytest.mark.parametrize("splicing", [False, True], ids=["recv", "splice"])
 def test_bytes_behind_an_urgent_mark_are_relayed(
     reactor: Reactor, pairs: list[Any], monkeypatch: pytest.MonkeyPatch, splicing: bool
 ) -> None:
     """A read stops short at an urgent (MSG_OOB) mark: not the end of what is queued."""
-    monkeypatch.setattr(channel_mod, "READ_SIZE", 512)
-    client, _upstream, lb, svc = relay(reactor, pairs)
-    if splicing:
-        assert pump(reactor, lb, svc, b"s" * 4096) == b"s" * 4096
-    assert client.splicing == splicing
+    _client, lb, svc = relay_in_mode(reactor, pairs, monkeypatch, splicing=splicing)
     svc.setblocking(False)
     lb.send(b"hello")
     lb.send(b"!", socket.MSG_OOB)
@@ -437,13 +447,7 @@ def test_one_event_reads_a_bounded_share_and_comes_again(
     reactor: Reactor, pairs: list[Any], monkeypatch: pytest.MonkeyPatch, splicing: bool
 ) -> None:
     """A flow that always has more cannot hog a dispatch; edge-triggered, it is re-armed."""
-    monkeypatch.setattr(channel_mod, "READ_SIZE", 512)
-    client, _upstream, lb, svc = relay(reactor, pairs)
-    if splicing:
-        assert pump(reactor, lb, svc, b"s" * 4096) == b"s" * 4096
-    else:  # full reads would switch it to splicing
-        monkeypatch.setattr(ClientSide, "_begin_splice", lambda *_: None)
-    assert client.splicing == splicing
+    client, lb, svc = relay_in_mode(reactor, pairs, monkeypatch, splicing=splicing)
     monkeypatch.setattr(channel_mod, "READ_SIZE", 4)
     monkeypatch.setattr(channel_mod, "SPLICE_SIZE", 4)
     before = client.count
