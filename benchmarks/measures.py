@@ -190,22 +190,28 @@ def parse_schedstat(text: str) -> tuple[int, int]:
     return int(fields[0]), int(fields[1])
 
 
+def tree_tasks(root: int) -> list[Path]:
+    """``/proc/PID/task/TID`` of every thread of ``root`` and its descendants."""
+    tasks: list[Path] = []
+    for pid in tree_pids(root):
+        try:
+            tasks.extend(Path(f"/proc/{pid}/task").iterdir())
+        except OSError:  # exited meanwhile
+            continue
+    return tasks
+
+
 def tree_sched_ns(root: int) -> tuple[int, int] | None:
     """On-CPU and waiting-for-a-CPU nanoseconds summed over every thread of the tree
     (None when the kernel keeps no schedstats)."""
     run = wait = 0
     seen = False
-    for pid in tree_pids(root):
+    for task in tree_tasks(root):
         try:
-            tasks = list(Path(f"/proc/{pid}/task").iterdir())
-        except OSError:
+            r, w = parse_schedstat((task / "schedstat").read_text())
+        except (OSError, IndexError, ValueError):
             continue
-        for task in tasks:
-            try:
-                r, w = parse_schedstat((task / "schedstat").read_text())
-            except (OSError, IndexError, ValueError):
-                continue
-            run, wait, seen = run + r, wait + w, True
+        run, wait, seen = run + r, wait + w, True
     return (run, wait) if seen else None
 
 

@@ -73,12 +73,16 @@ def parse(lines: Iterable[str]) -> Iterator[Event]:
 class Split:
     """Idle CPU-seconds by what the candidate's threads did meanwhile (see the docstring)."""
 
+    cpus: int
     seconds: float = 0.0  # wall time covered (from the first moment every CPU was seen)
-    cpu_seconds: float = 0.0  # seconds x CPUs
     waiting: float = 0.0
     running: float = 0.0
     asleep: float = 0.0
     episodes: list[float] = field(default_factory=list)  # lengths of "waiting" stretches, s
+
+    @property
+    def cpu_seconds(self) -> float:
+        return self.seconds * self.cpus
 
     @property
     def idle(self) -> float:
@@ -93,7 +97,7 @@ def analyse(events: Iterable[Event], tids: set[int], cpus: int) -> Split:
     """Split the idle CPU time of a trace by the state of the threads ``tids``."""
     current: dict[int, int] = {}  # cpu -> tid on it (0: idle)
     state: dict[int, str] = {}  # tid -> "R" on a CPU, "W" runnable and queued, "S" asleep
-    out = Split()
+    out = Split(cpus)
     last: float | None = None
     since: float | None = None  # start of the current "waiting while a CPU idles" stretch
     for ev in events:
@@ -101,7 +105,6 @@ def analyse(events: Iterable[Event], tids: set[int], cpus: int) -> Split:
             dt = ev.time - last
             idle = sum(1 for tid in current.values() if tid == 0)
             out.seconds += dt
-            out.cpu_seconds += dt * cpus
             if idle:
                 states = {state.get(t, "S") for t in tids}
                 if "W" in states:
@@ -130,17 +133,6 @@ def analyse(events: Iterable[Event], tids: set[int], cpus: int) -> Split:
             out.episodes.append(ev.time - since)
             since = None
     return out
-
-
-def thread_ids(root: int) -> set[int]:
-    """Every thread of ``root`` and its descendants (forked workers)."""
-    tids: set[int] = set()
-    for pid in m.tree_pids(root):
-        try:
-            tids.update(int(t.name) for t in Path(f"/proc/{pid}/task").iterdir())
-        except OSError:
-            continue
-    return tids
 
 
 def quantile(values: list[float], q: float) -> float:
@@ -195,7 +187,7 @@ def trace(names: list[str], seconds: float, conns: int) -> list[tuple[str, float
                 for cand in cands:  # warm-up
                     m.run_wrk(topo.client, cand.lb_http_port, 1, connections=conns, threads=2)
                 for cand in cands:
-                    tids = thread_ids(procs[cand.name].popen.pid)
+                    tids = {int(t.name) for t in m.tree_tasks(procs[cand.name].popen.pid)}
                     rate, split = trace_one(topo, cand.lb_http_port, tids, seconds, conns)
                     rows.append((cand.name, rate, split))
             finally:

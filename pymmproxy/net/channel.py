@@ -138,7 +138,7 @@ class Channel:
         raise NotImplementedError
 
     def _pause_peer(self) -> None:
-        """Our unsent bytes passed ``HIGH_WATER``: the side that sends them stops reading."""
+        """Stop the side that sends us bytes from reading (see :meth:`_hold_peer`)."""
         if self.peer is not None:
             self.peer.pause_reading()
 
@@ -164,7 +164,7 @@ class Channel:
         while mask & (IN | DRAIN) and self.reading:
             rounds += 1
             if rounds > READ_ROUNDS:  # a bulk flow had its share: the others' turn
-                self.reactor.modify(self.sock.fileno(), self.mask | ET)  # re-armed: comes again
+                self._rearm()
                 break
             if self.splicing and self._spliced(mask):
                 break
@@ -192,6 +192,17 @@ class Channel:
             self._on_writable()
         if mask & ERR_HUP and not self.closed and not (self.reading or self.writing):
             self._hung_up()
+
+    def _rearm(self) -> None:
+        """Have the reactor report this socket again (edge-triggered, nothing new would)."""
+        self.reactor.modify(self.sock.fileno(), self.mask | ET)
+
+    def _hold_peer(self) -> None:
+        """Our unsent bytes (queued past ``HIGH_WATER``, or in a pipe our socket will not
+        take) are too many: the side that sends them stops reading until they drain."""
+        if not self.paused_peer:
+            self.paused_peer = True
+            self._pause_peer()
 
     def _end_of_stream(self) -> None:
         self.eof = True
@@ -233,8 +244,10 @@ class Channel:
             self.splicing = False
             return False
         pipe_in, fd = peer.pipe[1], self.sock.fileno()
-        if peer.piped and not peer._drain_pipe():  # left by a fallback write: it goes first
-            return self._wait_for_pipe(peer)
+        if peer.piped and not peer._drain_pipe():  # resumed before it drained: it goes first
+            if not peer.closed:
+                peer._hold_peer()
+            return True
         for _ in range(READ_ROUNDS):
             if not self.reading:
                 return True
@@ -243,7 +256,7 @@ class Channel:
             except BlockingIOError:  # nothing left to read (the pipe is empty here)
                 return not mask & PRI
             except OSError as exc:
-                if exc.errno in NO_SPLICE and not peer.piped:
+                if exc.errno in NO_SPLICE:  # the pipe is empty here: nothing to reorder
                     self.splicing = False
                     return False
                 self._teardown(exc)
@@ -255,17 +268,12 @@ class Channel:
                 return True
             self.count += n
             peer.piped += n
-            if not peer._drain_pipe():
-                return self._wait_for_pipe(peer)
+            if not peer._drain_pipe():  # its socket is full: we wait until the pipe drains
+                if not peer.closed:
+                    peer._hold_peer()
+                return True
         if self.reading:  # its share is used up: re-armed, it comes again
-            self.reactor.modify(fd, self.mask | ET)
-        return True
-
-    def _wait_for_pipe(self, peer: Channel) -> bool:
-        """The peer's socket is full: stop reading until its pipe drains (it resumes us)."""
-        if not peer.closed and not peer.paused_peer:
-            peer.paused_peer = True
-            peer._pause_peer()
+            self._rearm()
         return True
 
     def _drain_pipe(self) -> bool:
@@ -349,9 +357,8 @@ class Channel:
             self.out = out = bytearray(memoryview(data)[sent:])
             self.writing = True
             self._watch()
-        if not self.paused_peer and len(out) > HIGH_WATER:
-            self.paused_peer = True
-            self._pause_peer()
+        if len(out) > HIGH_WATER:
+            self._hold_peer()
 
     def _on_writable(self) -> None:
         if self.piped and not self._drain_pipe():
