@@ -34,7 +34,7 @@ class Candidate:
     name: str
     kind: str  # pymmproxy | go-mmproxy | haproxy | direct
     index: int
-    listeners: int = 1
+    listeners: int = 0  # pymmproxy's -listeners; 0: its default (one worker per usable CPU)
 
     @property
     def http_port(self) -> int:  # where the candidate listens (workload ns)
@@ -59,8 +59,8 @@ class Candidate:
 
 CANDIDATES: tuple[Candidate, ...] = (
     Candidate("go-mmproxy", "go-mmproxy", 0),
+    Candidate("pymmproxy", "pymmproxy", 2),  # as installed: -listeners auto
     Candidate("pymmproxy-1", "pymmproxy", 1, listeners=1),
-    Candidate("pymmproxy-2", "pymmproxy", 2, listeners=2),
     Candidate("haproxy", "haproxy", 3),
     Candidate("direct", "direct", 4),
 )
@@ -151,7 +151,8 @@ class Bench:
             "0",
         ]
         if cand.kind == "pymmproxy":
-            return [sys.executable, "-m", "pymmproxy", *flags, "-listeners", str(cand.listeners)]
+            workers = ["-listeners", str(cand.listeners)] if cand.listeners else []
+            return [sys.executable, "-m", "pymmproxy", *flags, *workers]
         if cand.kind == "go-mmproxy":
             return ["go-mmproxy", *flags]
         if cand.kind == "haproxy":

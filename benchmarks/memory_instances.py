@@ -94,7 +94,7 @@ def scenarios(n: int, work: Path) -> dict[str, list[list[str]]]:
         for i, name in enumerate(names)
     ]
     (work / "instances.tsv").write_text("".join(rows))
-    cfg = ["--config-dir", str(work)]
+    cfg = ["--config-dir", str(work), "-listeners", "1"]  # one process each: the floor
     go = [
         [GO, "-l", f"127.0.0.1:{BASE_PORT + i}", "-4", f"127.0.0.1:{ECHO_PORT}",
          "-6", f"[::1]:{ECHO_PORT}", "-mark", str(MARK), "-allowed-subnets", str(allow)]

@@ -217,7 +217,7 @@ def table(rows: list[tuple[str, float, Split]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.schedtrace", description=__doc__)
-    ap.add_argument("--only", default="pymmproxy-1,pymmproxy-2,haproxy,go-mmproxy")
+    ap.add_argument("--only", default="pymmproxy,pymmproxy-1,haproxy,go-mmproxy")
     ap.add_argument("--seconds", type=float, default=4.0, help="keep-alive load per candidate")
     ap.add_argument("--connections", type=int, default=50)
     args = ap.parse_args(argv)

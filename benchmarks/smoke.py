@@ -1,4 +1,4 @@
-"""``smoke() -> dict``: a tiny ``--quick`` run (pymmproxy-1 and direct) for a CI test.
+"""``smoke() -> dict``: a tiny ``--quick`` run (pymmproxy as installed, and direct) for a CI test.
 
 It checks that the harness works end to end (namespaces, pathway, HAProxy, nginx, wrk,
 iperf3, memory and CPU sampling, the report); it asserts no timing. About 25 s; < 60 s.
@@ -13,11 +13,11 @@ from typing import Any
 
 from benchmarks.run import Plan, Progress, run
 
-SMOKE_CANDIDATES = ("pymmproxy-1", "direct")
+SMOKE_CANDIDATES = ("pymmproxy", "direct")
 
 
 def smoke(out: Path | None = None, *, verbose: bool = True) -> dict[str, Any]:
-    """Run the quick plan for pymmproxy-1 and direct; return the result dict.
+    """Run the quick plan for pymmproxy and direct; return the result dict.
 
     The dict has ``results`` (per candidate), ``failed`` (candidate -> reason), ``markdown``
     and ``files`` (the report files written to ``out``; a temporary directory, removed

@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--allow-any", action="store_true", help="accept headers from any peer (unsafe)")
     add("-p", "--protocol", default="tcp", choices=["tcp", "udp"], help="tcp or udp")
     add("-v", "--verbose", type=_int("-v"), default=0, choices=[0, 1, 2], metavar="0|1|2")
-    add("-listeners", "--listeners", type=_int("listeners"), default=1, help="worker processes")
+    add("-listeners", "--listeners", type=_listeners, default=None, metavar="N|auto",
+        help="worker processes (default auto: one per usable CPU)")  # fmt: skip
     add("-close-after", "--close-after", type=_int("close-after"), default=60, metavar="SECONDS")
     add("--udp-max-clients", type=_int("udp-max-clients"), default=4096, metavar="N",
         help="UDP: most clients tracked at once; the longest idle is evicted")  # fmt: skip
@@ -87,6 +88,21 @@ def _int(name: str) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"{name}: {text!r} is not an integer") from None
 
     return conv
+
+
+def _listeners(text: str) -> int | None:
+    """``-listeners``: a count, or ``auto`` (None: one worker per usable CPU)."""
+    return None if text.strip().lower() == "auto" else _int("listeners")(text)
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask: taskset, cpusets), at least 1."""
+    return max(1, len(os.sched_getaffinity(0)))
+
+
+def listeners_from_args(args: argparse.Namespace) -> int:
+    """How many worker processes ``-listeners`` asks for (``auto``: one per usable CPU)."""
+    return usable_cpus() if args.listeners is None else int(args.listeners)
 
 
 def _float(name: str, *, zero: bool = False) -> Callable[[str], float]:
@@ -137,7 +153,7 @@ def settings_from_args(args: argparse.Namespace) -> InstanceSettings:
         mark=args.mark,
         transport=Transport(args.protocol),
         allowed=allowed,
-        listeners=args.listeners,
+        listeners=listeners_from_args(args),
         limits=limits_from_args(args),
         metrics=metrics_from_args(args),
     )
@@ -151,7 +167,7 @@ def metrics_from_args(args: argparse.Namespace) -> Endpoint | None:
 
 def limits_from_args(args: argparse.Namespace) -> Limits:
     """The per-daemon limits shared by flag-driven and instance-driven runs."""
-    if args.listeners < 1:
+    if args.listeners is not None and args.listeners < 1:
         raise UsageError("-listeners must be >= 1")
     if args.close_after < 1:
         raise UsageError("-close-after must be >= 1")

@@ -10,9 +10,10 @@ delivered to the event loop (``loop.add_signal_handler``), never polled:
   failing reload keeps the old state and logs why.
 * SIGUSR1: one ``daemon.stats`` line per listener.
 
-With ``-listeners N`` (N > 1) the process forks N workers after all imports (copy-on-write
-memory), each with its own ``SO_REUSEPORT`` listeners; the parent relays signals, reports
-READY once every worker is bound, and exits with the worst worker status.
+With ``-listeners N`` (N > 1; the default ``auto`` is one per usable CPU) the process forks N
+workers after all imports (copy-on-write memory), each with its own ``SO_REUSEPORT``
+listeners; the parent relays signals, reports READY once every worker is bound, and exits
+with the worst worker status.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import os
 import signal
@@ -205,6 +207,7 @@ def run(
 ) -> int:
     """Run the daemon (in-process, or as N forked workers); returns the exit status."""
     workers = settings.listeners
+    settings = dataclasses.replace(settings, limits=settings.limits.share(workers))
     # Bind once up front so a bad listen address fails before forking, with one line.
     bind(settings, reuse_port=workers > 1).close()
     log = get_logger(instance=settings.name) if settings.name else get_logger()

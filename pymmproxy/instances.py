@@ -39,7 +39,11 @@ def refuse_tsv_flags(argv: Sequence[str]) -> None:
 def run_instance(args: argparse.Namespace, argv: Sequence[str]) -> int:
     """Run one instance (``argv``: the command line ``args`` came from); a second start of a
     running instance exits 0 without starting."""
-    from pymmproxy.cli import limits_from_args, metrics_from_args  # noqa: PLC0415 - cli imports us lazily
+    from pymmproxy.cli import (  # noqa: PLC0415 - cli imports us lazily
+        limits_from_args,
+        listeners_from_args,
+        metrics_from_args,
+    )
 
     refuse_tsv_flags(argv)
     config_dir = resolve_config_dir(args.config_dir)
@@ -52,7 +56,7 @@ def run_instance(args: argparse.Namespace, argv: Sequence[str]) -> int:
         )
     settings = instance_settings(inst, config.allowed_for(inst), limits_from_args(args))
     settings = dataclasses.replace(
-        settings, listeners=args.listeners, metrics=metrics_from_args(args)
+        settings, listeners=listeners_from_args(args), metrics=metrics_from_args(args)
     )
     lock = instancelock.acquire(inst.name)
     if lock is None:

@@ -2,7 +2,8 @@
 
 Every instance (or the listed ones) gets its own listener, fwmark, targets, allow list,
 limits and ``instance=`` log field, all on one event loop; ``-listeners N`` forks N workers
-that each run all of them (``SO_REUSEPORT``). The limit flags of ``pymmproxy`` apply to
+that each run all of them (``SO_REUSEPORT``; ``auto``, the default, is one per usable CPU, or
+one process when an instance is a TPROXY port range). The limit flags of ``pymmproxy`` apply to
 every instance; flags that describe a single proxy (``-l``, ``-4``, ``--instance`` ...) are
 refused. An instance with ``ports=FIRST-LAST`` runs in TPROXY mode (:mod:`.server.tproxy`).
 
@@ -84,9 +85,17 @@ def load_specs(
                 "(its TPROXY rule belongs to one process, not to each worker)"
             )
         settings = instance_settings(inst, config.allowed_for(inst), limits)
-        settings = dataclasses.replace(settings, listeners=listeners, metrics=metrics)
+        settings = dataclasses.replace(
+            settings, listeners=listeners, metrics=metrics, limits=limits.share(listeners)
+        )
         specs[name] = Spec(settings, inst.ports)
     return specs
+
+
+def auto_workers(specs: dict[str, Spec], cpus: int) -> int:
+    """``-listeners auto``: one worker per CPU, or one process if an instance is a TPROXY
+    port range (its rule belongs to one process)."""
+    return 1 if any(spec.ports is not None for spec in specs.values()) else cpus
 
 
 class Serve(Lifecycle):
@@ -154,15 +163,21 @@ class Serve(Lifecycle):
 
 def main(argv: Sequence[str]) -> int:
     """Entry point of ``pymmproxy serve`` (errors propagate to :func:`pymmproxy.cli.main`)."""
-    from pymmproxy.cli import limits_from_args, metrics_from_args  # noqa: PLC0415 - lazily
+    from pymmproxy.cli import (  # noqa: PLC0415 - lazily
+        limits_from_args,
+        metrics_from_args,
+        usable_cpus,
+    )
 
     args = parse_args(argv)
     logsetup.configure(args.verbose, args.log_format)
     config_dir = resolve_config_dir(args.config_dir)
     names = selected(args.instances)
     limits = limits_from_args(args)
-    workers: int = args.listeners
     metrics = metrics_from_args(args)
+    workers: int = args.listeners or auto_workers(
+        load_specs(config_dir, names, limits, 1, metrics), usable_cpus()
+    )
     if metrics is not None:
         from pymmproxy.metrics import check  # noqa: PLC0415 - prometheus_client on demand
 

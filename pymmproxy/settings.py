@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from pymmproxy.errors import UsageError
 
@@ -84,6 +84,22 @@ class Limits:
         DEFAULT_MAX_PENDING_HEADERS  # connections still waiting for their header; 0 = unlimited
     )
     allow_any_source: bool = False  # spoof loopback/multicast/own addresses too (unsafe)
+
+    def share(self, workers: int) -> Limits:
+        """One of ``workers`` processes' part of the count limits, rounded up: the flags
+        bound the instance as a whole, however many workers serve it."""
+        if workers <= 1:
+            return self
+
+        def part(limit: int) -> int:
+            return -(-limit // workers)  # 0 (no limit) stays 0
+
+        return replace(
+            self,
+            max_connections=part(self.max_connections),
+            max_pending_headers=part(self.max_pending_headers),
+            udp_max_clients=part(self.udp_max_clients),
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,14 +31,14 @@ def test_benchmark_quick_runs_every_candidate(tmp_path: Path) -> None:
     assert results[0].with_suffix(".png").stat().st_size > 1000
     data = json.loads(results[0].read_text())
     assert not data["failed"], data["failed"]
-    for name in ("pymmproxy-1", "go-mmproxy", "haproxy", "direct"):
+    for name in ("pymmproxy", "pymmproxy-1", "go-mmproxy", "haproxy", "direct"):
         assert name in data["results"], sorted(data["results"])
     table = results[0].with_suffix(".md").read_text()
     assert "vs go-mmproxy" in table
     assert "udp" in table.lower()
     # the scheduler view of the load phases (this kernel keeps schedstats)
     assert "**Scheduling**" in table
-    ka = data["results"]["pymmproxy-1"]["keepalive"]
+    ka = data["results"]["pymmproxy"]["keepalive"]
     assert ka["on_cpu"] > 0
     assert 0 <= ka["host_idle"] <= 1
     assert 0 < ka["host_busy"] <= os.cpu_count()  # CPU-seconds per second, whole host

@@ -42,7 +42,7 @@ def echoes(s: socket.socket, data: bytes = b"still here") -> bool:
 
 
 def test_max_connections_refuses_new_keeps_existing(wl: Workload) -> None:
-    wl.daemon("-4", f"127.0.0.1:{ECHO}", "--max-connections", "5", port=PORT)
+    wl.daemon("-4", f"127.0.0.1:{ECHO}", "--max-connections", "5", "-listeners", "1", port=PORT)
     kept = [relayed(wl, PORT, "192.0.2.90", 42000 + i) for i in range(5)]
     try:
         for _ in range(3):
@@ -63,7 +63,9 @@ def test_max_connections_refuses_new_keeps_existing(wl: Workload) -> None:
 
 
 def test_max_pending_headers_refuses_new_keeps_pending(wl: Workload) -> None:
-    wl.daemon("-4", f"127.0.0.1:{ECHO}", "--max-pending-headers", "10", port=PORT + 1)
+    wl.daemon(
+        "-4", f"127.0.0.1:{ECHO}", "--max-pending-headers", "10", "-listeners", "1", port=PORT + 1
+    )
     raw = [encode_v2(header("192.0.2.91", 42100 + i)) for i in range(10)]
     pending = [open_conn(wl, PORT + 1) for _ in range(10)]
     for s, h in zip(pending, raw, strict=True):
@@ -147,7 +149,7 @@ def test_fd_exhaustion_backs_off_and_recovers(wl: Workload) -> None:
     allow.write_text("198.51.100.0/24\n")
     argv = ["prlimit", "--nofile=64:64", PY, "-m", "pymmproxy", "-l", f"[::]:{port}",
             "-4", f"127.0.0.1:{WHOAMI}", "-mark", str(MARK), "-allowed-subnets", str(allow),
-            "--header-timeout", "30"]  # fmt: skip
+            "--header-timeout", "30", "-listeners", "1"]  # fmt: skip
     proc = wl.spawn(argv, f"daemon-{port}.log")
     wait_port(wl.ns, LB_V4, port)
     pid = proc.pid  # ip netns exec and prlimit both exec in place

@@ -58,7 +58,7 @@ def wl(workload: Workload) -> Workload:
 
 
 def test_scrape_after_traffic(wl: Workload) -> None:
-    wl.daemon("-4", f"127.0.0.1:{WHOAMI}", "-6", f"[::1]:{WHOAMI}",
+    wl.daemon("-4", f"127.0.0.1:{WHOAMI}", "-6", f"[::1]:{WHOAMI}", "-listeners", "1",
               "--metrics", f"127.0.0.1:{METRICS}", port=PORT)  # fmt: skip
     wait_port(wl.ns, "127.0.0.1", METRICS)
     for i in range(3):

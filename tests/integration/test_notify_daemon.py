@@ -69,11 +69,16 @@ def free_port() -> int:
 
 
 @contextmanager
-def daemon(manager: Manager, port: int, *extra: str) -> Iterator[subprocess.Popen[bytes]]:
-    """The daemon with ``NOTIFY_SOCKET`` set; killed if a test leaves it running."""
+def daemon(
+    manager: Manager, port: int, *extra: str, cpus: set[int] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """The daemon with ``NOTIFY_SOCKET`` set (on ``cpus`` only, if given); killed if a test
+    leaves it running."""
     env = {**os.environ, "NOTIFY_SOCKET": str(manager.path)}
     argv = [PY, "-m", "pymmproxy", "-l", f"127.0.0.1:{port}", "-4", "127.0.0.1:9",
             "-6", "none", "--allow-any", "--drain-timeout", "2", *extra]  # fmt: skip
+    if cpus is not None:  # taskset execs the daemon in place: same pid
+        argv = ["taskset", "-c", ",".join(map(str, sorted(cpus))), *argv]
     log = manager.path.with_name("daemon.log")
     with log.open("wb") as out:
         proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -136,7 +141,7 @@ def children(pid: int) -> list[int]:
 
 def test_ready_after_listening_then_status_then_stopping(manager: Manager) -> None:
     port = free_port()
-    with daemon(manager, port) as proc:
+    with daemon(manager, port, "-listeners", "1") as proc:
         manager.wait_for("READY", 10)
         assert connects(port), "READY=1 was sent before the port accepted connections"
         status = manager.wait_for("STATUS", STATUS_WAIT)
@@ -164,6 +169,20 @@ def test_ready_once_after_every_worker_listens(manager: Manager) -> None:
         assert re.fullmatch(f"{worker_line}(; {worker_line})?", status), status
         stop(proc, manager)
     assert manager.count("READY") == 1
+
+
+@pytest.mark.parametrize("first_cpu_only", [True, False])
+def test_default_is_one_worker_per_usable_cpu(manager: Manager, first_cpu_only: bool) -> None:
+    """No ``-listeners``: as many listening workers as CPUs we may run on (``taskset``)."""
+    port = free_port()
+    cpus = {min(os.sched_getaffinity(0))} if first_cpu_only else None
+    with daemon(manager, port, cpus=cpus) as proc:
+        manager.wait_for("READY", 10)
+        expected = 1 if first_cpu_only else len(os.sched_getaffinity(0))
+        assert len(listening_inodes(port)) == expected
+        assert len(children(proc.pid)) == (0 if expected == 1 else expected)
+        assert connects(port)
+        stop(proc, manager)
 
 
 def test_workers_leave_when_the_parent_is_killed(manager: Manager) -> None:

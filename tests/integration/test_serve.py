@@ -128,7 +128,7 @@ def served(workload: Workload) -> Iterator[Served]:
     cfg = wl.tmp / "serve-config"
     write_config(cfg, INSTANCES)
     argv = [PY, "-m", "pymmproxy", "serve", "--config-dir", str(cfg), "-v", "2",
-            "--metrics", f"127.0.0.1:{METRICS}"]  # fmt: skip
+            "-listeners", "1", "--metrics", f"127.0.0.1:{METRICS}"]  # fmt: skip
     proc = wl.spawn([*argv, "--log-format", "json", "--drain-timeout", "20"], "daemon-serve.log")
     for _, _, port, _ in INSTANCES:
         wait_port(wl.ns, LB_V4, port)

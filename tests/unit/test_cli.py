@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -57,6 +58,19 @@ def test_go_mmproxy_defaults(allow: Path) -> None:
     assert str(s.target4) == "127.0.0.1:443"
     assert str(s.target6) == "[::1]:443"
     assert s.mark == 0
+
+
+def test_listeners_default_to_one_worker_per_usable_cpu(
+    allow: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``-listeners auto`` (the default) counts the CPUs we may run on, not the host's."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 2, 5})
+    assert settings("-allowed-subnets", str(allow)).listeners == 3
+    assert settings("-allowed-subnets", str(allow), "-listeners", "auto").listeners == 3
+    assert settings("-allowed-subnets", str(allow), "-listeners=AUTO").listeners == 3
+    assert settings("-allowed-subnets", str(allow), "-listeners", "1").listeners == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set())
+    assert settings("-allowed-subnets", str(allow)).listeners == 1
 
 
 def test_target_none_disables_a_family(allow: Path) -> None:

@@ -11,7 +11,7 @@ from pymmproxy.conffiles import load_instances
 from pymmproxy.errors import ConfigError, PymmproxyError, UpstreamError, UsageError
 from pymmproxy.pathway import tproxy
 from pymmproxy.pathway.plan import Family
-from pymmproxy.serve import load_specs, parse_args, selected
+from pymmproxy.serve import auto_workers, load_specs, parse_args, selected
 from pymmproxy.server.registry import Spec
 from pymmproxy.server.tproxy import pick_port
 from pymmproxy.settings import Endpoint, Limits
@@ -62,6 +62,24 @@ def test_load_specs(tmp_path: Path) -> None:
     assert list(load_specs(tmp_path, ["ssh"], Limits(), 1)) == ["ssh"]
     with pytest.raises(UsageError, match="no instance 'nope'"):
         load_specs(tmp_path, ["nope"], Limits(), 1)
+
+
+def test_auto_workers_one_per_cpu_but_one_process_for_tproxy(tmp_path: Path) -> None:
+    """``serve`` without ``-listeners``: a TPROXY instance (its rule belongs to one process)
+    keeps everything in one process; otherwise one worker per CPU."""
+    specs = load_specs(config(tmp_path), None, Limits(), 1)
+    assert auto_workers(specs, 4) == 1
+    assert auto_workers({"ssh": specs["ssh"]}, 4) == 4
+    assert parse_args([]).listeners is None
+    assert parse_args(["-listeners", "auto"]).listeners is None
+
+
+def test_load_specs_shares_count_limits_among_workers(tmp_path: Path) -> None:
+    """Count limits bound the instance: each of N workers gets its part, rounded up."""
+    limits = Limits(max_connections=1000, max_pending_headers=5, udp_max_clients=1)
+    got = load_specs(config(tmp_path), ["ssh"], limits, 3)["ssh"].settings.limits
+    assert (got.max_connections, got.max_pending_headers, got.udp_max_clients) == (334, 2, 1)
+    assert load_specs(tmp_path, ["ssh"], limits, 1)["ssh"].settings.limits == limits
 
 
 def test_load_specs_gives_every_instance_the_metrics_endpoint(tmp_path: Path) -> None:
