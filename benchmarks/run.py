@@ -32,6 +32,7 @@ from benchmarks import measures as m
 from benchmarks.candidates import CANDIDATES, NAMES, Bench, Candidate, Proc, check_tools
 from benchmarks.report import write_reports
 from benchmarks.topology import BenchError, Topology
+from pymmproxy.cpus import usable_cpus
 from pymmproxy.lab.nsexec import LabError
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -114,7 +115,10 @@ class Runner:
         self.cands = list(cands)
         self.procs: dict[str, tuple[Proc | None, Proc | None]] = {}
         self.results: dict[str, dict[str, Any]] = {
-            c.name: {"kind": c.kind, "listeners": c.listeners if c.is_proxy else None}
+            c.name: {  # pymmproxy's worker processes (its default: one per usable CPU)
+                "kind": c.kind,
+                "listeners": (c.listeners or usable_cpus()) if c.kind == "pymmproxy" else None,
+            }
             for c in cands
         }
         self.failed: dict[str, str] = {}

@@ -16,6 +16,7 @@ from importlib import import_module
 from typing import NoReturn
 
 from pymmproxy import __version__
+from pymmproxy.cpus import usable_cpus
 from pymmproxy.errors import PymmproxyError, UsageError
 from pymmproxy.settings import (
     DEFAULT_MAX_PENDING_HEADERS,
@@ -93,11 +94,6 @@ def _int(name: str) -> Callable[[str], int]:
 def _listeners(text: str) -> int | None:
     """``-listeners``: a count, or ``auto`` (None: one worker per usable CPU)."""
     return None if text.strip().lower() == "auto" else _int("listeners")(text)
-
-
-def usable_cpus() -> int:
-    """The CPUs this process may run on (its affinity mask: taskset, cpusets), at least 1."""
-    return max(1, len(os.sched_getaffinity(0)))
 
 
 def listeners_from_args(args: argparse.Namespace) -> int:

@@ -210,6 +210,10 @@ def run(
     settings = dataclasses.replace(settings, limits=settings.limits.share(workers))
     # Bind once up front so a bad listen address fails before forking, with one line.
     bind(settings, reuse_port=workers > 1).close()
+    if settings.metrics is not None:  # and every worker's metrics port
+        from pymmproxy.metrics import check  # noqa: PLC0415 - prometheus_client on demand
+
+        check(settings.metrics, workers)
     log = get_logger(instance=settings.name) if settings.name else get_logger()
 
     def factory(on_ready: Callable[[], None] | None, _index: int) -> Lifecycle:
@@ -221,8 +225,15 @@ def run(
     return run_app(factory, workers, log)
 
 
-def run_app(factory: AppFactory, workers: int, log: BoundLogger) -> int:
-    """Run ``factory``'s app in this process (``workers <= 1``) or in N forked workers."""
+def run_app(
+    factory: AppFactory,
+    workers: int,
+    log: BoundLogger,
+    *,
+    before_reload: Callable[[], bool] | None = None,
+) -> int:
+    """Run ``factory``'s app in this process (``workers <= 1``) or in N forked workers;
+    with workers, ``before_reload`` runs in the parent on SIGHUP: False keeps it from them."""
     # Everything alive now (modules, config) lives until exit: move it out of the cyclic
     # GC's sight, so collections only walk what connections allocate, and forked workers
     # do not dirty (copy) the shared pages by touching GC headers.
@@ -231,10 +242,16 @@ def run_app(factory: AppFactory, workers: int, log: BoundLogger) -> int:
     if workers <= 1:
         uvloop.run(factory(None, 0).run())
         return 0
-    return _run_workers(factory, workers, log, Notifier())
+    return _run_workers(factory, workers, log, Notifier(), before_reload)
 
 
-def _run_workers(factory: AppFactory, workers: int, log: BoundLogger, notifier: Notifier) -> int:
+def _run_workers(
+    factory: AppFactory,
+    workers: int,
+    log: BoundLogger,
+    notifier: Notifier,
+    before_reload: Callable[[], bool] | None = None,
+) -> int:
     """Fork the workers; relay signals to them; READY once all are bound; sum their STATUS.
 
     Workers write one line per event into a shared pipe (``ready I`` / ``status I TEXT``;
@@ -275,6 +292,8 @@ def _run_workers(factory: AppFactory, workers: int, log: BoundLogger, notifier: 
     def forward(signum: int, _frame: object) -> None:
         if signum in _STOP_SIGNALS:
             notifier.stopping()
+        elif signum == signal.SIGHUP and before_reload is not None and not before_reload():
+            return
         for child in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(child, signum)

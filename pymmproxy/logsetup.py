@@ -40,7 +40,9 @@ def configure(verbosity: int = 0, log_format: LogFormat = "auto") -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        # One write() per line (PrintLogger writes the newline apart): forked workers share
+        # stderr, and two lines must never merge into one.
+        logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
 

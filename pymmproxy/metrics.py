@@ -119,10 +119,23 @@ class MetricsServer:
             self._server.close()
 
 
-def check(endpoint: Endpoint) -> None:
-    """PymmproxyError now if ``endpoint`` cannot be served (checked before starting, so a
-    taken port fails the command instead of every instance that would report on it)."""
-    _bind(endpoint, 1)[0].close()
+def check(endpoint: Endpoint, workers: int = 1) -> None:
+    """PymmproxyError now if ``endpoint`` cannot be served, or with N workers any port of
+    ``PORT..PORT+N-1`` (checked before starting or forking, so a taken port fails the
+    command instead of a worker, or every instance that would report on it)."""
+    if endpoint.port + workers - 1 > 65535:
+        raise PymmproxyError(f"--metrics {endpoint}: {workers} workers need ports up to "
+                             f"{endpoint.port + workers - 1}, past 65535")  # fmt: skip
+    for port in range(endpoint.port, endpoint.port + max(workers, 1)):
+        try:
+            _bind(Endpoint(endpoint.host, port), 1)[0].close()
+        except PymmproxyError as exc:
+            if workers <= 1:
+                raise
+            raise PymmproxyError(
+                f"{exc} (--metrics with {workers} workers takes ports {endpoint.port}.."
+                f"{endpoint.port + workers - 1}, one each; -listeners 1 needs one)"
+            ) from None
 
 
 def _bind(endpoint: Endpoint, span: int) -> tuple[socket.socket, Endpoint]:

@@ -1,4 +1,4 @@
-"""``pymmproxy serve [--instances A,B,...]``: instances of instances.tsv in one process.
+"""``pymmproxy serve [--instances A,B,...]``: instances of instances.tsv in one daemon.
 
 Every instance (or the listed ones) gets its own listener, fwmark, targets, allow list,
 limits and ``instance=`` log field, all on one event loop; ``-listeners N`` forks N workers
@@ -22,11 +22,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+
+from structlog.typing import FilteringBoundLogger as BoundLogger
 
 from pymmproxy import instancelock, logsetup
 from pymmproxy.conffiles import instance_settings, load_config, resolve_config_dir
+from pymmproxy.cpus import usable_cpus
 from pymmproxy.daemon import Lifecycle, run_app
 from pymmproxy.errors import PymmproxyError, UsageError
 from pymmproxy.instancelock import InstanceLock
@@ -47,7 +50,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
     parser = build_parser()
     parser.prog = "pymmproxy serve"
-    parser.description = "Run the instances of instances.tsv in one process."
+    parser.description = "Run the instances of instances.tsv in one daemon."
     parser.add_argument("--instances", metavar="A,B,...", help="only these instances")
     args = parser.parse_args(list(argv))
     if given := explicit(parser, argv, _REFUSED):  # even with its default value (-p tcp)
@@ -81,8 +84,9 @@ def load_specs(
         inst = config.instance(name)
         if inst.ports is not None and listeners > 1:
             raise UsageError(
-                f"instance {name} is a TPROXY port range (ports=): serve it with -listeners 1 "
-                "(its TPROXY rule belongs to one process, not to each worker)"
+                f"instance {name} is a TPROXY port range (ports=), whose rule belongs to one "
+                f"process, not to each of {listeners} workers: (re)start serve with "
+                "-listeners 1 (without -listeners it picks one process for such a config)"
             )
         settings = instance_settings(inst, config.allowed_for(inst), limits)
         settings = dataclasses.replace(
@@ -163,11 +167,7 @@ class Serve(Lifecycle):
 
 def main(argv: Sequence[str]) -> int:
     """Entry point of ``pymmproxy serve`` (errors propagate to :func:`pymmproxy.cli.main`)."""
-    from pymmproxy.cli import (  # noqa: PLC0415 - lazily
-        limits_from_args,
-        metrics_from_args,
-        usable_cpus,
-    )
+    from pymmproxy.cli import limits_from_args, metrics_from_args  # noqa: PLC0415 - lazily
 
     args = parse_args(argv)
     logsetup.configure(args.verbose, args.log_format)
@@ -181,7 +181,7 @@ def main(argv: Sequence[str]) -> int:
     if metrics is not None:
         from pymmproxy.metrics import check  # noqa: PLC0415 - prometheus_client on demand
 
-        check(metrics)
+        check(metrics, workers)
 
     def load() -> dict[str, Spec]:
         return load_specs(config_dir, names, limits, workers, metrics)
@@ -189,11 +189,11 @@ def main(argv: Sequence[str]) -> int:
     initial = load()
     log = get_logger()
     log.info("serve.start", config_dir=str(config_dir), instances=list(initial), workers=workers)
-    held: list[InstanceLock] = []
+    locks = ParentLocks(load, log)
     if workers > 1:  # fail before forking; the parent holds the locks for all workers
         for spec in initial.values():
             bind(spec.settings, reuse_port=True).close()
-        held = _lock_all(initial)
+        locks.take(initial)
 
     def factory(on_ready: Callable[[], None] | None, index: int) -> Lifecycle:
         registry = Registry(
@@ -204,19 +204,60 @@ def main(argv: Sequence[str]) -> int:
         return Serve(load, initial, registry, notifier=notifier, on_ready=on_ready)
 
     try:
-        return run_app(factory, workers, log)
+        return run_app(factory, workers, log, before_reload=locks.before_reload)
     finally:
-        for lock in held:
+        locks.release_all()
+
+
+class ParentLocks:
+    """The instance locks of a serve with workers, held by the parent (a worker takes none).
+
+    Taken at start for every instance, and on SIGHUP, before the workers hear of it, for
+    the instances the new config adds: if one of them already runs elsewhere (a
+    ``pymmproxy@NAME`` unit), no worker is told, so none starts it beside the other process
+    on the shared ``SO_REUSEPORT`` port. Locks of removed instances are let go.
+    """
+
+    def __init__(self, load: Callable[[], dict[str, Spec]], log: BoundLogger) -> None:
+        self.load, self.log = load, log
+        self.held: dict[str, InstanceLock] = {}
+
+    def take(self, names: Iterable[str]) -> None:
+        """Lock every name not held yet, or none of them (PymmproxyError)."""
+        new: dict[str, InstanceLock] = {}
+        for name in names:
+            if name in self.held:
+                continue
+            lock = instancelock.acquire(name)
+            if lock is None:
+                for other in new.values():
+                    other.release()
+                pid = instancelock.holder_pid(name)
+                raise PymmproxyError(
+                    f"instance {name} is already running{f' (pid {pid})' if pid else ''}"
+                )
+            new[name] = lock
+        self.held.update(new)
+
+    def before_reload(self) -> bool:
+        """Lock what the new config adds; False (the workers are not told) if one runs
+        elsewhere. A config that does not load is passed on: the workers log why."""
+        try:
+            specs = self.load()
+        except PymmproxyError:
+            return True
+        try:
+            self.take(specs)
+        except PymmproxyError as exc:
+            refused = str(exc)
+        else:
+            for name in [n for n in self.held if n not in specs]:
+                self.held.pop(name).release()
+            return True
+        self.log.error("serve.reload_failed", error=f"{refused}; kept the running config")
+        return False
+
+    def release_all(self) -> None:
+        for lock in self.held.values():
             lock.release()
-
-
-def _lock_all(specs: dict[str, Spec]) -> list[InstanceLock]:
-    held: list[InstanceLock] = []
-    for name in specs:
-        lock = instancelock.acquire(name)
-        if lock is None:
-            for other in held:
-                other.release()
-            raise PymmproxyError(f"instance {name} is already running; not starting serve")
-        held.append(lock)
-    return held
+        self.held.clear()

@@ -86,8 +86,10 @@ class Limits:
     allow_any_source: bool = False  # spoof loopback/multicast/own addresses too (unsafe)
 
     def share(self, workers: int) -> Limits:
-        """One of ``workers`` processes' part of the count limits, rounded up: the flags
-        bound the instance as a whole, however many workers serve it."""
+        """One of ``workers`` processes' part of the connection limits, rounded up, so the
+        flags bound the instance about as a whole. Not ``udp_max_clients``: the kernel
+        picks a worker by the sender's address, and a load balancer that sends every
+        client's datagrams from one socket sends them all to one worker."""
         if workers <= 1:
             return self
 
@@ -98,7 +100,6 @@ class Limits:
             self,
             max_connections=part(self.max_connections),
             max_pending_headers=part(self.max_pending_headers),
-            udp_max_clients=part(self.udp_max_clients),
         )
 
 

@@ -251,7 +251,7 @@ LINGER_RST = b"\x01\x00\x00\x00\x00\x00\x00\x00"
 @pytest.mark.parametrize("ending", ["half_close", "reset", "close"])
 def test_no_fd_leak_after_many_connections(wl: Workload, ending: str) -> None:
     port = PORT + 7 + ["half_close", "reset", "close"].index(ending)
-    proc = wl.daemon("-4", f"127.0.0.1:{ECHO}", port=port)
+    proc = wl.daemon("-4", f"127.0.0.1:{ECHO}", "-listeners", "1", port=port)
     fds = f"/proc/{proc.pid}/fd"  # ip netns exec execs in place: this is the daemon
     before = len(os.listdir(fds))
     for i in range(1000):

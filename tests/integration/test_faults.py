@@ -200,7 +200,7 @@ def _churn(port: int, count: int) -> dict[str, int]:
 
 
 def test_churn_10000_connections_no_fd_or_memory_leak(wl: Workload) -> None:
-    proc = wl.daemon("-4", f"127.0.0.1:{ECHO}", "-v", "0", port=PORT + 4)
+    proc = wl.daemon("-4", f"127.0.0.1:{ECHO}", "-v", "0", "-listeners", "1", port=PORT + 4)
     in_ns(wl, lambda: _churn(PORT + 4, 300))  # warm up allocator and caches
     time.sleep(0.3)
     fds_before, rss_before = fds(proc.pid), rss_kb(proc.pid)

@@ -14,7 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from pymmproxy.proxyproto import encode_v1, encode_v2
-from tests.integration.conftest import LB_V4, Workload, ns_socket, wait_port
+from tests.integration.conftest import LB_V4, PY, Workload, ns_socket, wait_port
 from tests.integration.test_daemon import header, local_header, open_conn, whoami
 from tests.integration.test_faults import closed_soon
 from tests.nsutil import recv_all
@@ -175,3 +175,24 @@ def _wait_for(cond: Callable[[], bool], timeout: float = 5.0) -> None:
     while not cond():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.05)
+
+
+def test_a_taken_worker_metrics_port_fails_the_start(wl: Workload) -> None:
+    """With N workers, every port of PORT..PORT+N-1 is checked before forking: a taken one
+    fails the command with one line, not one worker (and READY) later."""
+    port, mport = PORT + 2, METRICS + 10
+    taken = ns_socket(wl.ns)
+    with taken:
+        taken.bind(("127.0.0.1", mport + 1))
+        taken.listen()
+        allow = wl.tmp / f"allow-{port}.txt"
+        allow.write_text("198.51.100.0/24\n")
+        argv = [PY, "-m", "pymmproxy", "-l", f"[::]:{port}", "-4", f"127.0.0.1:{ECHO}",
+                "-allowed-subnets", str(allow), "-listeners", "2",
+                "--metrics", f"127.0.0.1:{mport}"]  # fmt: skip
+        proc = wl.spawn(argv, f"daemon-{port}.log")
+        assert proc.wait(timeout=30) == 1
+    lines = wl.log(f"daemon-{port}.log").strip().splitlines()
+    assert len(lines) == 1, lines
+    assert f"cannot listen on 127.0.0.1:{mport + 1}" in lines[0]
+    assert f"takes ports {mport}..{mport + 1}" in lines[0]

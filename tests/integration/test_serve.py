@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from pymmproxy import instancelock
 from pymmproxy.lab import CLIENT_V4, CLIENT_V6, LB_FRONT_V4, LB_FRONT_V6, Frontend, Lab
 from pymmproxy.proxyproto import Command, Family, Header, Transport, encode_v2
 from tests.e2e.helpers import body, next_sport, require_lab
@@ -258,3 +259,41 @@ def test_three_instances_through_haproxy(tmp_path: Path) -> None:
                 assert res["error"] is None, (name, res)
                 assert body(res) == f"{src} {sport}", (name, res)
         assert "Traceback" not in proc.log()
+
+
+def test_workers_keep_a_reload_that_adds_an_instance_running_elsewhere(
+    served: Served, tmp_path: Path
+) -> None:
+    """``serve -listeners 2``: the parent locks what SIGHUP adds before telling the workers;
+    an instance locked by another process (a ``pymmproxy@NAME`` unit) stops the reload, and
+    once it is free the next SIGHUP starts it in every worker."""
+    wl = served.wl
+    first = (f"e{SFX}", 123, 8205, f"{LB_V4}/32\n")
+    second = (f"f{SFX}", 124, 8206, f"{LB_V4}/32\n")
+    cfg = tmp_path / "cfg-workers"
+    write_config(cfg, (first,))
+    argv = [PY, "-m", "pymmproxy", "serve", "--config-dir", str(cfg), "-v", "1",
+            "-listeners", "2", "--log-format", "json"]  # fmt: skip
+    proc = wl.spawn(argv, "serve-workers.log")
+    run = Served(wl, cfg, proc, "serve-workers.log")
+    try:
+        wait_port(wl.ns, LB_V4, first[2])
+        elsewhere = instancelock.acquire(second[0])
+        assert elsewhere is not None
+        try:
+            write_config(cfg, (first, second))
+            proc.send_signal(signal.SIGHUP)
+            (failed,) = run.wait_event("serve.reload_failed", 1)
+            assert f"instance {second[0]} is already running" in str(failed["error"])
+            time.sleep(0.5)  # had a worker been told, it would be listening by now
+            with pytest.raises(OSError):
+                connect(wl, second[2], timeout=1).close()
+        finally:
+            elsewhere.release()
+        proc.send_signal(signal.SIGHUP)
+        wait_port(wl.ns, LB_V4, second[2])
+        assert len(run.wait_event("serve.reload", 2)) == 2  # both workers applied it
+        assert instancelock.acquire(second[0]) is None  # serve holds it now
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

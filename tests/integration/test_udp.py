@@ -144,7 +144,9 @@ def env(workload: Workload) -> Iterator[Env]:
             wl, proxy_argv(impl, port, target), f"{impl}-{target}.log"
         )
     procs["cap"] = spawn(
-        wl, proxy_argv("pymmproxy", CAP_PORT, "lo", "--udp-max-clients", str(CAP)), "cap.log"
+        wl,
+        proxy_argv("pymmproxy", CAP_PORT, "lo", "--udp-max-clients", str(CAP), "-listeners", "1"),
+        "cap.log",
     )
     try:
         for (impl, _), port in PORTS.items():

@@ -1,4 +1,4 @@
-"""``daemon.run`` hands each worker its part of the instance's count limits."""
+"""``daemon.run`` hands each worker its part of the instance's connection limits."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ class _Bound:
         pass
 
 
-@pytest.mark.parametrize(("workers", "expected"), [(1, (5, 10, 7)), (2, (3, 5, 4))])
+@pytest.mark.parametrize(("workers", "expected"), [(1, (5, 10, 7)), (2, (3, 5, 7))])
 def test_workers_get_their_part_of_the_count_limits(
     monkeypatch: pytest.MonkeyPatch, workers: int, expected: tuple[int, int, int]
 ) -> None:

@@ -7,14 +7,15 @@ from pathlib import Path
 
 import pytest
 
+from pymmproxy import instancelock
 from pymmproxy.conffiles import load_instances
 from pymmproxy.errors import ConfigError, PymmproxyError, UpstreamError, UsageError
 from pymmproxy.pathway import tproxy
 from pymmproxy.pathway.plan import Family
-from pymmproxy.serve import auto_workers, load_specs, parse_args, selected
+from pymmproxy.serve import ParentLocks, auto_workers, load_specs, parse_args, selected
 from pymmproxy.server.registry import Spec
 from pymmproxy.server.tproxy import pick_port
-from pymmproxy.settings import Endpoint, Limits
+from pymmproxy.settings import Endpoint, InstanceSettings, Limits
 
 ROWS = (
     "web 123 [::]:7999 127.0.0.1 9000 ::1 ports=8000-8099\n"
@@ -75,10 +76,11 @@ def test_auto_workers_one_per_cpu_but_one_process_for_tproxy(tmp_path: Path) -> 
 
 
 def test_load_specs_shares_count_limits_among_workers(tmp_path: Path) -> None:
-    """Count limits bound the instance: each of N workers gets its part, rounded up."""
-    limits = Limits(max_connections=1000, max_pending_headers=5, udp_max_clients=1)
+    """Connection limits bound the instance: each of N workers gets its part, rounded up;
+    the UDP flow cap stays per worker (one LB socket's datagrams all reach one worker)."""
+    limits = Limits(max_connections=1000, max_pending_headers=5, udp_max_clients=10)
     got = load_specs(config(tmp_path), ["ssh"], limits, 3)["ssh"].settings.limits
-    assert (got.max_connections, got.max_pending_headers, got.udp_max_clients) == (334, 2, 1)
+    assert (got.max_connections, got.max_pending_headers, got.udp_max_clients) == (334, 2, 10)
     assert load_specs(tmp_path, ["ssh"], limits, 1)["ssh"].settings.limits == limits
 
 
@@ -225,3 +227,60 @@ def test_serve_with_a_taken_metrics_port_fails_at_once(
     err = capsys.readouterr().err
     assert err.startswith(f"pymmproxy: cannot listen on 127.0.0.1:{port}: ")
     assert err.count("\n") == 1
+
+
+class _Log:
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+
+    def error(self, event: str, **fields: object) -> None:
+        self.errors.append(f"{event} {fields}")
+
+
+def test_parent_locks_keep_a_reload_that_adds_a_running_instance_from_the_workers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With workers the parent locks instances a reload adds, before telling the workers:
+    one that runs elsewhere stops the reload; removed ones are let go."""
+    run = tmp_path / "run"
+    monkeypatch.setattr(instancelock, "lock_dirs", lambda: [run])
+    current: dict[str, Spec] = {}
+
+    def load() -> dict[str, Spec]:
+        if "broken" in current:
+            raise ConfigError(Path("instances.tsv"), 3, "bad line")
+        return dict(current)
+
+    log = _Log()
+    locks = ParentLocks(load, log)  # type: ignore[arg-type]
+    spec = Spec(dataclasses.replace(_settings(), name="x"))
+    current.update(a=spec)
+    locks.take(current)
+    elsewhere = instancelock.acquire("b", dirs=[run])  # `pymmproxy@b` runs
+    assert elsewhere is not None
+    current.update(b=spec)
+    assert locks.before_reload() is False
+    assert set(locks.held) == {"a"}
+    assert "instance b is already running" in log.errors[0]
+    assert "kept the running config" in log.errors[0]
+    elsewhere.release()
+    assert locks.before_reload() is True
+    assert set(locks.held) == {"a", "b"}
+    assert instancelock.acquire("b", dirs=[run]) is None  # now ours
+    del current["a"]
+    assert locks.before_reload() is True
+    assert set(locks.held) == {"b"}
+    freed = instancelock.acquire("a", dirs=[run])
+    assert freed is not None
+    freed.release()
+    current["broken"] = spec  # the workers log why; the parent passes it on
+    assert locks.before_reload() is True
+    locks.release_all()
+    assert locks.held == {}
+    again = instancelock.acquire("b", dirs=[run])
+    assert again is not None
+    again.release()
+
+
+def _settings() -> InstanceSettings:
+    return InstanceSettings(Endpoint("127.0.0.1", 1), Endpoint("127.0.0.1", 2), None)
