@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from benchmarks import measures as m
 from benchmarks import schedtrace
+from benchmarks.candidates import CANDIDATES
 from benchmarks.report import check_targets, markdown, scheduling_markdown
+from benchmarks.run import Runner
 from benchmarks.topology import BenchError
 
 # Captured from wrk 4.1.0 (Debian 12) against a local HTTP server.
@@ -173,3 +176,26 @@ def test_schedtrace_splits_idle_time_by_the_candidates_state() -> None:
     assert "| pymmproxy-1 | 1,000 | 57.1% | 28.6% | 14.3% | 14.3% | 3, 1000000" in (
         schedtrace.table([("pymmproxy-1", 1000.0, split)])
     )
+
+
+def test_rates_are_the_median_round() -> None:
+    """One disturbed round (other work on the VM) does not move a candidate's rate."""
+
+    def ka(rps: float) -> dict[str, object]:
+        return {"requests": rps * 3, "seconds": 3.0, "p50_ms": 1.0, "p90_ms": 2.0,
+                "p99_ms": 3.0, "errors": 0, "socket_errors": {"read": 0}, "non2xx": 0,
+                "cpu_s": rps * 3 * 20e-6}  # fmt: skip
+
+    cand = CANDIDATES[0]
+    rounds = {
+        "keepalive": [ka(r) for r in (25_000, 26_000, 17_000, 24_000, 25_500)],
+        "close": [],
+        "bulk": [{"gbps": g, "bytes": 10**9, "cpu_s": 0.5} for g in (6.0, 2.0, 6.2)],
+    }
+    fake = SimpleNamespace(results={cand.name: {}}, rounds={cand.name: rounds})
+    Runner.aggregate(fake, cand)  # type: ignore[arg-type]
+    res = fake.results[cand.name]
+    assert res["keepalive"]["rps"] == pytest.approx(25_000)
+    assert res["cpu_us_per_request"] == pytest.approx(20)
+    assert res["bulk_gbps"] == pytest.approx(6.0)
+    assert res["cpu_ms_per_gb"] == pytest.approx(500)
