@@ -541,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
         "--rounds",
         type=int,
         default=None,
-        help="alternating rounds per timed measure (full 3, quick 1)",
+        help="alternating rounds per timed measure (full 5, quick 1)",
     )
     ap.add_argument(
         "--profile",

@@ -41,7 +41,9 @@ def quota_cpus(root: Path = CGROUP_ROOT, self_cgroup: Path = SELF_CGROUP) -> int
         if not controllers:
             limits.append(_walk(root, path, _v2))
         elif "cpu" in controllers.split(","):
-            limits.append(_walk(root / controllers, path, _v1))
+            mounts = (root / controllers, root / "cpu", root / "cpu,cpuacct")
+            mount = next((m for m in mounts if m.is_dir()), mounts[0])
+            limits.append(_walk(mount, path, _v1))
     found = [n for n in limits if n is not None]
     return min(found) if found else None
 

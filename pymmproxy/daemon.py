@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import gc
 import os
+import select
 import signal
 import sys
 import traceback
@@ -289,37 +290,94 @@ def _run_workers(
         pids.append(pid)
     os.close(pipe_w)
 
+    reloads: list[int] = []  # SIGHUPs for the loop below (before_reload locks and logs)
+
     def forward(signum: int, _frame: object) -> None:
+        if signum == signal.SIGHUP and before_reload is not None:
+            reloads.append(signum)  # not here: a handler can interrupt a log call or itself
+            return
         if signum in _STOP_SIGNALS:
             notifier.stopping()
-        elif signum == signal.SIGHUP and before_reload is not None and not before_reload():
-            return
-        for child in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(child, signum)
+        _signal_all(pids, signum)
 
-    for signum in (*_STOP_SIGNALS, signal.SIGHUP, signal.SIGUSR1):  # (USR1 would kill us)
-        signal.signal(signum, forward)
     ready: set[str] = set()
     statuses: dict[str, str] = {}
-    with os.fdopen(pipe_r, "r", encoding="utf-8", errors="replace") as pipe:
-        for line in pipe:
-            kind, _, rest = line.rstrip("\n").partition(" ")
-            worker, _, text = rest.partition(" ")
-            if kind == "ready":
-                ready.add(worker)
-                if len(ready) == workers:
-                    notifier.ready()
-                    log.info("daemon.workers_ready", workers=workers)
-            elif kind == "status":
-                statuses[worker] = text
-                notifier.status("; ".join(f"w{i}: {t}" for i, t in sorted(statuses.items())))
+
+    def on_line(line: str) -> None:
+        kind, _, rest = line.partition(" ")
+        worker, _, text = rest.partition(" ")
+        if kind == "ready":
+            ready.add(worker)
+            if len(ready) == workers:
+                notifier.ready()
+                log.info("daemon.workers_ready", workers=workers)
+        elif kind == "status":
+            statuses[worker] = text
+            notifier.status("; ".join(f"w{i}: {t}" for i, t in sorted(statuses.items())))
+
+    def on_wake() -> None:
+        while reloads:
+            reloads.clear()
+            if before_reload is not None and _may_reload(before_reload, log):
+                _signal_all(pids, signal.SIGHUP)
+
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    old_wakeup = signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+    for signum in (*_STOP_SIGNALS, signal.SIGHUP, signal.SIGUSR1):  # (USR1 would kill us)
+        signal.signal(signum, forward)
+    try:
+        _read_lines(pipe_r, wake_r, on_line, on_wake)
+    finally:
+        signal.set_wakeup_fd(old_wakeup)
+        for fd in (pipe_r, wake_r, wake_w):
+            os.close(fd)
     worst = 0
     for child in pids:
         _, status = os.waitpid(child, 0)
         code = os.waitstatus_to_exitcode(status)
         worst = max(worst, code if code >= 0 else 128 - code)
     return worst
+
+
+def _signal_all(pids: list[int], signum: int) -> None:
+    for child in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signum)
+
+
+def _may_reload(before_reload: Callable[[], bool], log: BoundLogger) -> bool:
+    """``before_reload()``; an unexpected error refuses the reload instead of ending the
+    parent (and with it every worker)."""
+    try:
+        return before_reload()
+    except Exception as exc:  # noqa: BLE001 - logged; the workers keep serving
+        error = f"{type(exc).__name__}: {exc}"
+    log.error("daemon.reload_failed", error=f"{error}; the workers were not told")
+    return False
+
+
+def _read_lines(
+    pipe: int, wake: int, on_line: Callable[[str], None], on_wake: Callable[[], None]
+) -> None:
+    """Hand each line of the workers' ``pipe`` to ``on_line`` until every worker closed it;
+    call ``on_wake`` whenever ``wake`` (the signal wake-up pipe) has news, outside any
+    signal handler."""
+    pending = b""
+    while True:
+        readable = select.select([pipe, wake], [], [])[0]
+        if wake in readable:
+            with contextlib.suppress(BlockingIOError):
+                while os.read(wake, 512):
+                    pass
+        on_wake()
+        if pipe not in readable:
+            continue
+        chunk = os.read(pipe, 65536)
+        if not chunk:
+            return
+        *lines, pending = (pending + chunk).split(b"\n")
+        for line in lines:
+            on_line(line.decode("utf-8", "replace"))
 
 
 def _die_with_parent(prctl: Any, parent: int) -> None:  # noqa: ANN401 - a ctypes function

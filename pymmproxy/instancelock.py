@@ -13,6 +13,7 @@ directory holds a live lock for the same name, and :func:`holder_pid` looks in a
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import stat
@@ -101,13 +102,19 @@ class InstanceLock:
         return self._fd is not None
 
     def release(self) -> None:
-        """Drop the lock (idempotent); the pid is erased first, the file stays."""
+        """Drop the lock (idempotent); the pid is erased first, the file stays.
+
+        Unlocked explicitly, not just closed: forked workers share the descriptor's lock,
+        and a close alone would leave it held for as long as any of them lives.
+        """
         if self._fd is None:
             return
         fd, self._fd = self._fd, None
         try:
             os.ftruncate(fd, 0)
         finally:
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
 
     def __enter__(self) -> InstanceLock:
@@ -165,6 +172,16 @@ def acquire(name: str, *, dirs: Sequence[Path] | None = None) -> InstanceLock | 
     if any(_held(d / path.name) for d in candidates if d != directory):
         lock.release()
         return None
+    return lock
+
+
+def require(name: str) -> InstanceLock:
+    """:func:`acquire`, or PymmproxyError naming the holder's pid if another process runs
+    instance ``name``."""
+    lock = acquire(name)
+    if lock is None:
+        pid = holder_pid(name)
+        raise PymmproxyError(f"instance {name} is already running{f' (pid {pid})' if pid else ''}")
     return lock
 
 

@@ -13,8 +13,9 @@ and drain, changed ones restart, untouched ones keep their connections. A broken
 (``file:line: ...``), a listed instance gone missing, an address that cannot be bound or a
 lock held elsewhere rejects the reload and the old set keeps running.
 
-With workers, each one reloads on its own; the parent holds the locks of the instances
-it started with, and worker 0 owns the TPROXY rules.
+With workers, the parent holds the instance locks and checks a SIGHUP's new instances
+(their locks, their addresses) before the workers hear of it (:class:`ParentGate`); each
+worker then reloads on its own, and worker 0 owns the TPROXY rules.
 """
 
 from __future__ import annotations
@@ -189,11 +190,11 @@ def main(argv: Sequence[str]) -> int:
     initial = load()
     log = get_logger()
     log.info("serve.start", config_dir=str(config_dir), instances=list(initial), workers=workers)
-    locks = ParentLocks(load, log)
+    gate = ParentGate(load, initial, log)
     if workers > 1:  # fail before forking; the parent holds the locks for all workers
         for spec in initial.values():
             bind(spec.settings, reuse_port=True).close()
-        locks.take(initial)
+        gate.take(initial)
 
     def factory(on_ready: Callable[[], None] | None, index: int) -> Lifecycle:
         registry = Registry(
@@ -204,60 +205,71 @@ def main(argv: Sequence[str]) -> int:
         return Serve(load, initial, registry, notifier=notifier, on_ready=on_ready)
 
     try:
-        return run_app(factory, workers, log, before_reload=locks.before_reload)
+        return run_app(factory, workers, log, before_reload=gate.before_reload)
     finally:
-        locks.release_all()
+        gate.release_all()
 
 
-class ParentLocks:
-    """The instance locks of a serve with workers, held by the parent (a worker takes none).
+class ParentGate:
+    """What the parent of a serve with workers settles before they hear of a SIGHUP.
 
-    Taken at start for every instance, and on SIGHUP, before the workers hear of it, for
-    the instances the new config adds: if one of them already runs elsewhere (a
-    ``pymmproxy@NAME`` unit), no worker is told, so none starts it beside the other process
-    on the shared ``SO_REUSEPORT`` port. Locks of removed instances are let go.
+    The parent holds the instance locks (a worker takes none). Before it tells the workers,
+    it locks the instances the new config adds and test-binds every listen address that is
+    new, so what would make a worker refuse the reload fails here, once, and no worker
+    applies a reload another refuses: an instance already running elsewhere (a
+    ``pymmproxy@NAME`` unit, which would otherwise share its ``SO_REUSEPORT`` port) or an
+    address another program holds. Locks of removed instances are let go as the workers are
+    told. A config that does not load is passed on: each worker logs why it keeps the old.
     """
 
-    def __init__(self, load: Callable[[], dict[str, Spec]], log: BoundLogger) -> None:
-        self.load, self.log = load, log
+    def __init__(
+        self, load: Callable[[], dict[str, Spec]], specs: dict[str, Spec], log: BoundLogger
+    ) -> None:
+        self.load, self.specs, self.log = load, specs, log
         self.held: dict[str, InstanceLock] = {}
 
-    def take(self, names: Iterable[str]) -> None:
-        """Lock every name not held yet, or none of them (PymmproxyError)."""
-        new: dict[str, InstanceLock] = {}
+    def take(self, names: Iterable[str]) -> list[str]:
+        """Lock every name not held yet (the ones it locked), or none (PymmproxyError)."""
+        new: list[str] = []
+        try:
+            for name in names:
+                if name in self.held:
+                    continue
+                self.held[name] = instancelock.require(name)
+                new.append(name)
+        except BaseException:
+            self.drop(new)
+            raise
+        return new
+
+    def drop(self, names: Iterable[str]) -> None:
         for name in names:
-            if name in self.held:
-                continue
-            lock = instancelock.acquire(name)
-            if lock is None:
-                for other in new.values():
-                    other.release()
-                pid = instancelock.holder_pid(name)
-                raise PymmproxyError(
-                    f"instance {name} is already running{f' (pid {pid})' if pid else ''}"
-                )
-            new[name] = lock
-        self.held.update(new)
+            self.held.pop(name).release()
 
     def before_reload(self) -> bool:
-        """Lock what the new config adds; False (the workers are not told) if one runs
-        elsewhere. A config that does not load is passed on: the workers log why."""
+        """True if the workers may reload (see the class docstring); False, logged, if not."""
         try:
             specs = self.load()
         except PymmproxyError:
             return True
+        known = {spec.key for spec in self.specs.values()}
         try:
-            self.take(specs)
+            new = self.take(specs)
+            try:
+                for spec in specs.values():
+                    if spec.key not in known:
+                        bind(spec.settings, reuse_port=True).close()
+            except PymmproxyError:
+                self.drop(new)
+                raise
         except PymmproxyError as exc:
             refused = str(exc)
         else:
-            for name in [n for n in self.held if n not in specs]:
-                self.held.pop(name).release()
+            self.drop([name for name in self.held if name not in specs])
+            self.specs = specs
             return True
         self.log.error("serve.reload_failed", error=f"{refused}; kept the running config")
         return False
 
     def release_all(self) -> None:
-        for lock in self.held.values():
-            lock.release()
-        self.held.clear()
+        self.drop(list(self.held))

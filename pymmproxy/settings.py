@@ -86,8 +86,8 @@ class Limits:
     allow_any_source: bool = False  # spoof loopback/multicast/own addresses too (unsafe)
 
     def share(self, workers: int) -> Limits:
-        """One of ``workers`` processes' part of the connection limits, rounded up, so the
-        flags bound the instance about as a whole. Not ``udp_max_clients``: the kernel
+        """One of ``workers`` processes' part of the connection limits, rounded up: the
+        flags bound the instance, not each worker. Not ``udp_max_clients``: the kernel
         picks a worker by the sender's address, and a load balancer that sends every
         client's datagrams from one socket sends them all to one worker."""
         if workers <= 1:

@@ -147,7 +147,7 @@ class Registry:
         sockets: dict[SocketKey, socket.socket] = {}
         try:
             for name in added if self.locks else ():
-                locks[name] = _lock(name)
+                locks[name] = instancelock.require(name)
             for name in starting:
                 spec = desired[name]
                 sock = self._sockets.get(spec.key) or sockets.get(spec.key)
@@ -241,11 +241,3 @@ class Registry:
     def abort(self) -> None:
         for listener in self.listeners():
             listener.abort()
-
-
-def _lock(name: str) -> InstanceLock:
-    lock = instancelock.acquire(name)
-    if lock is None:
-        pid = instancelock.holder_pid(name)
-        raise PymmproxyError(f"instance {name} is already running{f' (pid {pid})' if pid else ''}")
-    return lock

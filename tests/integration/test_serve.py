@@ -294,6 +294,20 @@ def test_workers_keep_a_reload_that_adds_an_instance_running_elsewhere(
         wait_port(wl.ns, LB_V4, second[2])
         assert len(run.wait_event("serve.reload", 2)) == 2  # both workers applied it
         assert instancelock.acquire(second[0]) is None  # serve holds it now
+        # The workers inherited the start-time lock of `first`: removing it frees it anyway,
+        # and adding it back takes it again.
+        write_config(cfg, (second,))
+        proc.send_signal(signal.SIGHUP)
+        run.wait_event("serve.reload", 4)
+        freed = instancelock.acquire(first[0])
+        assert freed is not None, "a removed instance's lock is still held"
+        freed.release()
+        write_config(cfg, (first, second))
+        proc.send_signal(signal.SIGHUP)
+        run.wait_event("serve.reload", 6)
+        wait_port(wl.ns, LB_V4, first[2])
+        assert instancelock.acquire(first[0]) is None
+        assert not run.events("serve.reload_failed")[1:]  # only the refused one above
     finally:
         proc.terminate()
         proc.wait(timeout=30)

@@ -39,6 +39,9 @@ def test_v1_cfs_quota(tmp_path: Path) -> None:
     assert quota_cpus(root, me) == 3
     write(root / "cpu,cpuacct/docker/abc/cpu.cfs_quota_us", "-1\n")
     assert quota_cpus(root, me) is None
+    write(me, "2:cpuacct,cpu:/docker/abc\n")  # listed in another order than mounted
+    write(root / "cpu,cpuacct/docker/abc/cpu.cfs_quota_us", "100000\n")
+    assert quota_cpus(root, me) == 1
 
 
 def test_no_quota_no_cgroup_or_garbage(tmp_path: Path) -> None:

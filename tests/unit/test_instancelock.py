@@ -189,3 +189,21 @@ def test_default_dirs_are_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     with held("a") as lock:
         assert lock.path == tmp_path / "d" / "a.lock"
         assert holder_pid("a") == os.getpid()
+
+
+def test_release_frees_the_lock_a_forked_child_shares(tmp_path: Path) -> None:
+    """``serve`` with workers: the workers inherit the parent's lock descriptors, so a
+    release must unlock, not only close (else the lock lives as long as any worker)."""
+    dirs = [tmp_path / "run"]
+    lock = held("vps01-web", dirs)
+    fd = lock._fd
+    assert fd is not None
+    child = subprocess.Popen(["sleep", "30"], pass_fds=(fd,))
+    try:
+        lock.release()
+        again = acquire("vps01-web", dirs=dirs)
+        assert again is not None, "the child kept the released lock"
+        again.release()
+    finally:
+        child.kill()
+        child.wait()

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from pymmproxy import instancelock
+from pymmproxy import instancelock, serve
 from pymmproxy.conffiles import load_instances
 from pymmproxy.errors import ConfigError, PymmproxyError, UpstreamError, UsageError
 from pymmproxy.pathway import tproxy
 from pymmproxy.pathway.plan import Family
-from pymmproxy.serve import ParentLocks, auto_workers, load_specs, parse_args, selected
+from pymmproxy.serve import ParentGate, auto_workers, load_specs, parse_args, selected
 from pymmproxy.server.registry import Spec
 from pymmproxy.server.tproxy import pick_port
 from pymmproxy.settings import Endpoint, InstanceSettings, Limits
@@ -237,13 +237,27 @@ class _Log:
         self.errors.append(f"{event} {fields}")
 
 
-def test_parent_locks_keep_a_reload_that_adds_a_running_instance_from_the_workers(
+def test_parent_gate_keeps_a_reload_the_workers_would_refuse_from_them(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """With workers the parent locks instances a reload adds, before telling the workers:
-    one that runs elsewhere stops the reload; removed ones are let go."""
+    """With workers the parent locks instances a reload adds and test-binds new addresses
+    before telling the workers: one running elsewhere, or a taken address, stops the
+    reload (and leaves no lock behind); removed ones are let go."""
     run = tmp_path / "run"
     monkeypatch.setattr(instancelock, "lock_dirs", lambda: [run])
+    taken: set[Endpoint] = set()
+
+    class _Bound:
+        def close(self) -> None:
+            pass
+
+    def fake_bind(settings: InstanceSettings, *, reuse_port: bool) -> _Bound:
+        assert reuse_port
+        if settings.listen in taken:
+            raise PymmproxyError(f"cannot listen on {settings.listen}: Address in use")
+        return _Bound()
+
+    monkeypatch.setattr(serve, "bind", fake_bind)
     current: dict[str, Spec] = {}
 
     def load() -> dict[str, Spec]:
@@ -251,32 +265,40 @@ def test_parent_locks_keep_a_reload_that_adds_a_running_instance_from_the_worker
             raise ConfigError(Path("instances.tsv"), 3, "bad line")
         return dict(current)
 
+    def spec(port: int) -> Spec:
+        return Spec(dataclasses.replace(_settings(), listen=Endpoint("127.0.0.1", port)))
+
     log = _Log()
-    locks = ParentLocks(load, log)  # type: ignore[arg-type]
-    spec = Spec(dataclasses.replace(_settings(), name="x"))
-    current.update(a=spec)
-    locks.take(current)
+    current.update(a=spec(1001))
+    gate = ParentGate(load, dict(current), log)  # type: ignore[arg-type]
+    gate.take(current)
     elsewhere = instancelock.acquire("b", dirs=[run])  # `pymmproxy@b` runs
     assert elsewhere is not None
-    current.update(b=spec)
-    assert locks.before_reload() is False
-    assert set(locks.held) == {"a"}
-    assert "instance b is already running" in log.errors[0]
-    assert "kept the running config" in log.errors[0]
+    current.update(b=spec(1002))
+    assert gate.before_reload() is False
+    assert set(gate.held) == {"a"}
+    assert "instance b is already running" in log.errors[-1]
+    assert "kept the running config" in log.errors[-1]
     elsewhere.release()
-    assert locks.before_reload() is True
-    assert set(locks.held) == {"a", "b"}
+    taken.add(Endpoint("127.0.0.1", 1002))  # another program has b's port
+    assert gate.before_reload() is False
+    assert "cannot listen on 127.0.0.1:1002" in log.errors[-1]
+    assert set(gate.held) == {"a"}  # b's lock was let go again
+    taken.clear()
+    assert gate.before_reload() is True
+    assert set(gate.held) == {"a", "b"}
     assert instancelock.acquire("b", dirs=[run]) is None  # now ours
+    taken.add(Endpoint("127.0.0.1", 1002))  # b's own workers listen there now: not re-checked
     del current["a"]
-    assert locks.before_reload() is True
-    assert set(locks.held) == {"b"}
+    assert gate.before_reload() is True
+    assert set(gate.held) == {"b"}
     freed = instancelock.acquire("a", dirs=[run])
     assert freed is not None
     freed.release()
-    current["broken"] = spec  # the workers log why; the parent passes it on
-    assert locks.before_reload() is True
-    locks.release_all()
-    assert locks.held == {}
+    current["broken"] = spec(1003)  # the workers log why; the parent passes it on
+    assert gate.before_reload() is True
+    gate.release_all()
+    assert gate.held == {}
     again = instancelock.acquire("b", dirs=[run])
     assert again is not None
     again.release()
