@@ -293,7 +293,7 @@ def _run_workers(
     reloads: list[int] = []  # SIGHUPs for the loop below (before_reload locks and logs)
 
     def forward(signum: int, _frame: object) -> None:
-        if signum == signal.SIGHUP and before_reload is not None:
+        if signum == signal.SIGHUP:
             reloads.append(signum)  # not here: a handler can interrupt a log call or itself
             return
         if signum in _STOP_SIGNALS:
@@ -316,9 +316,10 @@ def _run_workers(
             notifier.status("; ".join(f"w{i}: {t}" for i, t in sorted(statuses.items())))
 
     def on_wake() -> None:
-        while reloads:
+        # A worker ignores SIGHUP until its loop takes it over: hold reloads until all are up.
+        while reloads and len(ready) == workers:
             reloads.clear()
-            if before_reload is not None and _may_reload(before_reload, log):
+            if before_reload is None or _may_reload(before_reload, log):
                 _signal_all(pids, signal.SIGHUP)
 
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -360,24 +361,26 @@ def _read_lines(
     pipe: int, wake: int, on_line: Callable[[str], None], on_wake: Callable[[], None]
 ) -> None:
     """Hand each line of the workers' ``pipe`` to ``on_line`` until every worker closed it;
-    call ``on_wake`` whenever ``wake`` (the signal wake-up pipe) has news, outside any
-    signal handler."""
+    call ``on_wake`` after each wake-up (a signal's byte on ``wake``, or lines that may have
+    made it possible), outside any signal handler."""
+    poller = select.poll()  # not select(): descriptors past 1024 (a lock per instance)
+    poller.register(pipe, select.POLLIN)
+    poller.register(wake, select.POLLIN)
     pending = b""
     while True:
-        readable = select.select([pipe, wake], [], [])[0]
-        if wake in readable:
+        ready = {fd for fd, _ in poller.poll()}
+        if wake in ready:
             with contextlib.suppress(BlockingIOError):
                 while os.read(wake, 512):
                     pass
+        if pipe in ready:
+            chunk = os.read(pipe, 65536)
+            if not chunk:
+                return
+            *lines, pending = (pending + chunk).split(b"\n")
+            for line in lines:
+                on_line(line.decode("utf-8", "replace"))
         on_wake()
-        if pipe not in readable:
-            continue
-        chunk = os.read(pipe, 65536)
-        if not chunk:
-            return
-        *lines, pending = (pending + chunk).split(b"\n")
-        for line in lines:
-            on_line(line.decode("utf-8", "replace"))
 
 
 def _die_with_parent(prctl: Any, parent: int) -> None:  # noqa: ANN401 - a ctypes function

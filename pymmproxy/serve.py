@@ -215,11 +215,13 @@ class ParentGate:
 
     The parent holds the instance locks (a worker takes none). Before it tells the workers,
     it locks the instances the new config adds and test-binds every listen address that is
-    new, so what would make a worker refuse the reload fails here, once, and no worker
-    applies a reload another refuses: an instance already running elsewhere (a
-    ``pymmproxy@NAME`` unit, which would otherwise share its ``SO_REUSEPORT`` port) or an
-    address another program holds. Locks of removed instances are let go as the workers are
-    told. A config that does not load is passed on: each worker logs why it keeps the old.
+    new, so the refusals it can foresee happen here, once, and no worker applies a reload
+    the others refuse for them: an instance already running elsewhere (a ``pymmproxy@NAME``
+    unit, which would otherwise share its ``SO_REUSEPORT`` port) or an address another
+    program holds. Locks of removed instances are let go as the workers are told. A config
+    that does not load is passed on: each worker logs why it keeps the old. What changes
+    after this check (a port taken in between, the file edited again) can still make a
+    worker refuse; it logs ``serve.reload_failed`` and the next SIGHUP settles it.
     """
 
     def __init__(
