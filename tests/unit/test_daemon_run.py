@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -75,3 +82,60 @@ def test_read_lines_splits_the_workers_pipe_and_wakes_outside_handlers() -> None
             os.close(fd)
     assert lines == ["ready 0", "status 0 1 active", "status 1 \u00e9"]
     assert wakes
+
+
+_WORKERS = textwrap.dedent(
+    """
+    import asyncio, sys
+    from pymmproxy import daemon
+    from pymmproxy.logsetup import get_logger
+
+    class App(daemon.Lifecycle):
+        def __init__(self, on_ready, index):
+            super().__init__(get_logger(), None, on_ready)
+            self.index = index
+        async def start(self):
+            if self.index == 1:
+                await asyncio.sleep(1.5)  # a slow worker: SIGHUP comes before it is up
+            print(f"started {self.index}", flush=True)
+        def close(self): pass
+        async def drain(self): pass
+        def abort(self): pass
+        def reload(self): print(f"reload {self.index}", flush=True)
+        def dump(self): pass
+        def status(self): return "ok"
+
+    sys.exit(daemon.run_app(lambda on_ready, i: App(on_ready, i), 2, get_logger()))
+    """
+)
+
+
+def test_a_sighup_before_every_worker_is_up_reaches_all_of_them() -> None:
+    """A worker ignores SIGHUP until its loop takes it over: the parent holds it till then."""
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _WORKERS], stdout=subprocess.PIPE, text=True, cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )  # fmt: skip
+    assert proc.stdout is not None
+    try:
+        while (line := proc.stdout.readline()) and not line.startswith("started"):
+            pass
+        assert line == "started 0\n"
+        time.sleep(0.3)  # the parent's handlers are in place; worker 1 is still starting
+        proc.send_signal(signal.SIGHUP)
+        lines: list[str] = []
+        give_up = threading.Timer(5.0, proc.send_signal, (signal.SIGTERM,))  # ends the output
+        give_up.start()
+        while len(lines) < 3 and (line := proc.stdout.readline()):
+            if line.startswith(("started", "reload")):  # not the parent's log lines
+                lines.append(line)
+        give_up.cancel()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+    assert sorted(lines) == ["reload 0\n", "reload 1\n", "started 1\n"]
