@@ -128,10 +128,10 @@ class Lifecycle(abc.ABC):
 
     def _on_stop(self, signum: int) -> None:
         self._signals += 1
-        self.log.info("daemon.signal", signal=signal.Signals(signum).name)
         if self._signals > 1:
             self.abort()
-        self._stop.set()
+        self._stop.set()  # first: nothing below may keep the process from stopping
+        self.log.info("daemon.signal", signal=signal.Signals(signum).name)
 
     async def _tick(self) -> None:
         while True:
@@ -272,6 +272,10 @@ def _run_workers(
     for index in range(workers):
         pid = os.fork()
         if pid == 0:  # worker
+            # Until the worker's loop takes SIGTERM over (the parent forwards it at once), it
+            # ends the worker quietly: nothing is relayed yet, and the default action would
+            # make the parent report a worker killed by SIGTERM (exit status 143).
+            signal.signal(signal.SIGTERM, _exit_before_start)
             _die_with_parent(prctl, parent)
             os.close(pipe_r)
             code = 0
@@ -338,6 +342,10 @@ def _run_workers(
         code = os.waitstatus_to_exitcode(status)
         worst = max(worst, code if code >= 0 else 128 - code)
     return worst
+
+
+def _exit_before_start(_signum: int, _frame: object) -> None:
+    os._exit(0)
 
 
 def _signal_all(pids: list[int], signum: int) -> None:

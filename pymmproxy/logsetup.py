@@ -12,6 +12,7 @@ Verbosity follows go-mmproxy's ``-v``:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
@@ -20,6 +21,19 @@ from typing import Any, Literal
 import structlog
 
 LogFormat = Literal["json", "console", "auto"]
+
+
+class LineLogger(structlog.WriteLogger):
+    """structlog's ``WriteLogger`` (one ``write()`` per line: forked workers share stderr,
+    and two lines must never merge) that drops a line it cannot write: a closed or broken
+    stderr (EPIPE, EIO) must not stop a signal's handling or a connection."""
+
+    def msg(self, message: str) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            super().msg(message)
+
+    log = debug = info = warn = warning = msg
+    fatal = failure = err = error = critical = exception = msg
 
 
 def configure(verbosity: int = 0, log_format: LogFormat = "auto") -> None:
@@ -40,9 +54,7 @@ def configure(verbosity: int = 0, log_format: LogFormat = "auto") -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        # One write() per line (PrintLogger writes the newline apart): forked workers share
-        # stderr, and two lines must never merge into one.
-        logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
+        logger_factory=lambda *_args: LineLogger(sys.stderr),
         cache_logger_on_first_use=True,
     )
 

@@ -209,3 +209,31 @@ def alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_sigterm_stops_the_daemon_even_with_its_stderr_gone(workers: str) -> None:
+    """``pymmproxy ... 2>&1 | head``: once the reader is gone every log line fails (EPIPE);
+    the lines are dropped, and SIGTERM still drains and exits."""
+    port = free_port()
+    argv = [PY, "-m", "pymmproxy", "-l", f"127.0.0.1:{port}", "-4", "127.0.0.1:9",
+            "-6", "none", "--allow-any", "--drain-timeout", "2", "-v", "2",
+            "--log-format", "json", "-listeners", workers]  # fmt: skip
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert proc.stdout is not None
+    try:
+        up = b'"daemon.workers_ready"' if workers == "2" else b'"daemon.listening"'
+        while (line := proc.stdout.readline()) and up not in line:
+            pass
+        assert up in line, "it never came up"
+        proc.stdout.close()  # the reader leaves
+        deadline = time.monotonic() + 10
+        while not connects(port) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert connects(port)  # and logs conn.* lines into the broken pipe
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -86,9 +86,14 @@ def test_read_lines_splits_the_workers_pipe_and_wakes_outside_handlers() -> None
 
 _WORKERS = textwrap.dedent(
     """
-    import asyncio, sys
-    from pymmproxy import daemon
+    import asyncio, os, sys
+    from pymmproxy import daemon, logsetup
     from pymmproxy.logsetup import get_logger
+
+    logsetup.configure(0, "json")  # log lines to stderr: stdout carries only say()
+
+    def say(line):  # one write() per line: print() writes the newline apart
+        os.write(1, (line + "\\n").encode())
 
     class App(daemon.Lifecycle):
         def __init__(self, on_ready, index):
@@ -97,11 +102,11 @@ _WORKERS = textwrap.dedent(
         async def start(self):
             if self.index == 1:
                 await asyncio.sleep(1.5)  # a slow worker: SIGHUP comes before it is up
-            print(f"started {self.index}", flush=True)
+            say(f"started {self.index}")
         def close(self): pass
         async def drain(self): pass
         def abort(self): pass
-        def reload(self): print(f"reload {self.index}", flush=True)
+        def reload(self): say(f"reload {self.index}")
         def dump(self): pass
         def status(self): return "ok"
 

@@ -37,3 +37,17 @@ def test_each_line_is_one_write(monkeypatch: pytest.MonkeyPatch) -> None:
         assert text.endswith("\n")
         assert text.count("\n") == 1
         assert json.loads(text)["instance"] == "vps01-ssh"
+
+
+class _Broken(_Recorder):
+    def write(self, text: str) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+def test_a_line_that_cannot_be_written_is_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
+    """stderr gone (``pymmproxy ... 2>&1 | head``): logging must not raise into a signal
+    handler or a connection's callback."""
+    monkeypatch.setattr(sys, "stderr", _Broken())
+    logsetup.configure(0, "json")
+    logsetup.get_logger().info("daemon.signal", signal="SIGTERM")
+    logsetup.get_logger().error("daemon.reload_failed", error="x")
