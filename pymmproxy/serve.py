@@ -190,11 +190,9 @@ def main(argv: Sequence[str]) -> int:
     initial = load()
     log = get_logger()
     log.info("serve.start", config_dir=str(config_dir), instances=list(initial), workers=workers)
-    gate = ParentGate(load, initial, log)
+    gate = ParentGate(load, log)
     if workers > 1:  # fail before forking; the parent holds the locks for all workers
-        for spec in initial.values():
-            bind(spec.settings, reuse_port=True).close()
-        gate.take(initial)
+        gate.admit(initial)
 
     def factory(on_ready: Callable[[], None] | None, index: int) -> Lifecycle:
         registry = Registry(
@@ -224,11 +222,24 @@ class ParentGate:
     worker refuse; it logs ``serve.reload_failed`` and the next SIGHUP settles it.
     """
 
-    def __init__(
-        self, load: Callable[[], dict[str, Spec]], specs: dict[str, Spec], log: BoundLogger
-    ) -> None:
-        self.load, self.specs, self.log = load, specs, log
+    def __init__(self, load: Callable[[], dict[str, Spec]], log: BoundLogger) -> None:
+        self.load, self.log = load, log
+        self.specs: dict[str, Spec] = {}  # what the workers were last told to run
         self.held: dict[str, InstanceLock] = {}
+
+    def admit(self, specs: dict[str, Spec]) -> None:
+        """Lock the names not held yet and test-bind the addresses not served yet, or
+        neither (PymmproxyError): at start for every instance, on SIGHUP for what is new."""
+        known = {spec.key for spec in self.specs.values()}
+        new = self.take(specs)
+        try:
+            for spec in specs.values():
+                if spec.key not in known:
+                    bind(spec.settings, reuse_port=True).close()
+        except BaseException:
+            self.drop(new)
+            raise
+        self.specs = specs
 
     def take(self, names: Iterable[str]) -> list[str]:
         """Lock every name not held yet (the ones it locked), or none (PymmproxyError)."""
@@ -254,21 +265,12 @@ class ParentGate:
             specs = self.load()
         except PymmproxyError:
             return True
-        known = {spec.key for spec in self.specs.values()}
         try:
-            new = self.take(specs)
-            try:
-                for spec in specs.values():
-                    if spec.key not in known:
-                        bind(spec.settings, reuse_port=True).close()
-            except PymmproxyError:
-                self.drop(new)
-                raise
+            self.admit(specs)
         except PymmproxyError as exc:
             refused = str(exc)
         else:
             self.drop([name for name in self.held if name not in specs])
-            self.specs = specs
             return True
         self.log.error("serve.reload_failed", error=f"{refused}; kept the running config")
         return False

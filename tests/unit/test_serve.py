@@ -270,8 +270,8 @@ def test_parent_gate_keeps_a_reload_the_workers_would_refuse_from_them(
 
     log = _Log()
     current.update(a=spec(1001))
-    gate = ParentGate(load, dict(current), log)  # type: ignore[arg-type]
-    gate.take(current)
+    gate = ParentGate(load, log)  # type: ignore[arg-type]
+    gate.admit(dict(current))
     elsewhere = instancelock.acquire("b", dirs=[run])  # `pymmproxy@b` runs
     assert elsewhere is not None
     current.update(b=spec(1002))
