@@ -5,7 +5,9 @@
 delivered to the event loop (``loop.add_signal_handler``), never polled:
 
 * SIGTERM / SIGINT: stop accepting, tell systemd ``STOPPING=1``, let open connections
-  finish for up to the drain timeout, then abort the rest. A second signal aborts at once.
+  finish for up to the drain timeout, then abort the rest. A second signal aborts at once,
+  unless it comes within ``REPEAT_WINDOW`` of the first: a worker may get one stop twice
+  (from systemd's or a terminal's signal to the whole group, and from its parent).
 * SIGHUP: reload (for one listener: ask the reload callback for a new allow list); a
   failing reload keeps the old state and logs why.
 * SIGUSR1: one ``daemon.stats`` line per listener.
@@ -27,6 +29,7 @@ import os
 import select
 import signal
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,6 +47,9 @@ from pymmproxy.server.listener import Listener, bind, status_line
 from pymmproxy.settings import InstanceSettings
 
 STATUS_INTERVAL = 5.0
+REPEAT_WINDOW = 1.0  # s: a stop signal this soon after the first is the same stop
+RESPAWN_LIMIT = 5  # workers forked again within RESPAWN_WINDOW before the daemon gives up
+RESPAWN_WINDOW = 60.0
 PR_SET_PDEATHSIG = 1  # prctl(2)
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -74,8 +80,10 @@ class Lifecycle(abc.ABC):
         self.on_ready = on_ready
         #: set in forked workers: passes each STATUS line to the parent, which sums them up
         self.report_status: Callable[[str], None] | None = None
+        #: set in a worker forked again after SIGHUPs: :meth:`catch_up_reload` once started
+        self.catch_up = False
         self._stop = asyncio.Event()
-        self._signals = 0
+        self._first_stop: float | None = None  # monotonic time of the first stop signal
 
     @abc.abstractmethod
     async def start(self) -> None:
@@ -101,6 +109,11 @@ class Lifecycle(abc.ABC):
     def dump(self) -> None:
         """SIGUSR1."""
 
+    def catch_up_reload(self) -> None:
+        """A worker forked again after SIGHUPs: do what the others did (reload), unless
+        the factory already built this app from the state they reloaded to."""
+        self.reload()
+
     @abc.abstractmethod
     def status(self) -> str:
         """One line for systemd's STATUS= (called every STATUS_INTERVAL seconds)."""
@@ -108,6 +121,8 @@ class Lifecycle(abc.ABC):
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         await self.start()
+        if self.catch_up:
+            self.catch_up_reload()
         for signum in _STOP_SIGNALS:
             loop.add_signal_handler(signum, self._on_stop, signum)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
@@ -127,8 +142,10 @@ class Lifecycle(abc.ABC):
                 loop.remove_signal_handler(signum)
 
     def _on_stop(self, signum: int) -> None:
-        self._signals += 1
-        if self._signals > 1:
+        now = time.monotonic()
+        if self._first_stop is None:
+            self._first_stop = now
+        elif now - self._first_stop >= REPEAT_WINDOW:  # asked again: don't wait any longer
             self.abort()
         self._stop.set()  # first: nothing below may keep the process from stopping
         self.log.info("daemon.signal", signal=signal.Signals(signum).name)
@@ -256,92 +273,176 @@ def _run_workers(
     """Fork the workers; relay signals to them; READY once all are bound; sum their STATUS.
 
     Workers write one line per event into a shared pipe (``ready I`` / ``status I TEXT``;
-    each line is far below PIPE_BUF, so writes never interleave). The pipe closes when the
-    last worker exits.
+    each line is far below PIPE_BUF, so writes never interleave). A worker that exits while
+    the daemon is not stopping is logged and forked again (one that never got ready, or
+    more than ``RESPAWN_LIMIT`` in ``RESPAWN_WINDOW``, stops the daemon with its status
+    instead, so the supervisor sees the failure). The parent returns once every worker has
+    exited, with the worst status of the final ones.
     """
     pipe_r, pipe_w = os.pipe()
-    pids: list[int] = []
     import ctypes  # noqa: PLC0415 - only with workers; before forking, so they share it
 
     parent = os.getpid()
     prctl = ctypes.CDLL(None, use_errno=True).prctl
-    # SIGHUP/SIGUSR1 would end a process that has no handler for them yet: ignore them until
-    # the parent forwards (below) and each worker's loop takes them over.
-    for signum in (signal.SIGHUP, signal.SIGUSR1):
-        signal.signal(signum, signal.SIG_IGN)
-    for index in range(workers):
-        pid = os.fork()
-        if pid == 0:  # worker
-            # Until the worker's loop takes SIGTERM over (the parent forwards it at once), it
-            # ends the worker quietly: nothing is relayed yet, and the default action would
-            # make the parent report a worker killed by SIGTERM (exit status 143).
-            signal.signal(signal.SIGTERM, _exit_before_start)
-            _die_with_parent(prctl, parent)
-            os.close(pipe_r)
-            code = 0
-            try:
-                uvloop.run(_worker_app(factory, index, pipe_w).run())
-            except PymmproxyError as exc:
-                sys.stderr.write(f"pymmproxy: {exc}\n")
-                code = exc.exit_code
-            except KeyboardInterrupt:  # Ctrl-C before the worker's loop took SIGINT over
-                code = 130
-            except BaseException:  # noqa: BLE001 - never unwind into the parent's frames
-                traceback.print_exc()
-                code = 1
-            finally:
-                os._exit(code)
-        pids.append(pid)
-    os.close(pipe_w)
-
+    children: dict[int, int] = {}  # pid -> worker index
+    ready: set[str] = set()
+    statuses: dict[str, str] = {}
     reloads: list[int] = []  # SIGHUPs for the loop below (before_reload locks and logs)
+    state = _Supervision()
+    respawns: list[float] = []  # when workers were forked again
 
     def forward(signum: int, _frame: object) -> None:
         if signum == signal.SIGHUP:
             reloads.append(signum)  # not here: a handler can interrupt a log call or itself
             return
+        if signum == signal.SIGCHLD:  # its byte on the wake-up fd is all we need
+            return
         if signum in _STOP_SIGNALS:
+            state.stopping = True
             notifier.stopping()
-        _signal_all(pids, signum)
+        _signal_all(list(children), signum)
 
-    ready: set[str] = set()
-    statuses: dict[str, str] = {}
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def spawn(index: int) -> None:
+        pid = os.fork()
+        if pid:
+            children[pid] = index
+            return
+        # the worker: none of the parent's signal plumbing
+        signal.set_wakeup_fd(-1)
+        for fd in (pipe_r, wake_r, wake_w):
+            os.close(fd)
+        _worker_main(factory, index, pipe_w, prctl, parent, catch_up=state.reloaded)
+
+    # SIGHUP/SIGUSR1 would end a process that has no handler for them yet: ignore them until
+    # the parent forwards (below) and each worker's loop takes them over.
+    for signum in (signal.SIGHUP, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_IGN)
+    for index in range(workers):
+        spawn(index)
+    old_wakeup = signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+    for signum in (*_STOP_SIGNALS, signal.SIGHUP, signal.SIGUSR1, signal.SIGCHLD):
+        signal.signal(signum, forward)  # (USR1 would kill us)
 
     def on_line(line: str) -> None:
         kind, _, rest = line.partition(" ")
         worker, _, text = rest.partition(" ")
         if kind == "ready":
             ready.add(worker)
-            if len(ready) == workers:
+            if len(ready) == workers and not state.announced:
+                state.announced = True
                 notifier.ready()
                 log.info("daemon.workers_ready", workers=workers)
         elif kind == "status":
             statuses[worker] = text
             notifier.status("; ".join(f"w{i}: {t}" for i, t in sorted(statuses.items())))
 
-    def on_wake() -> None:
+    def stop_all(code: int) -> None:
+        state.stopping, state.worst = True, max(state.worst, code)
+        notifier.stopping()
+        _signal_all(list(children), signal.SIGTERM)
+
+    def reap() -> None:
+        while children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if not pid:
+                return
+            index = children.pop(pid, None)
+            if index is None:
+                continue
+            code = _exit_code(status)
+            if state.stopping:
+                state.worst = max(state.worst, code)
+                continue
+            was_ready = str(index) in ready
+            ready.discard(str(index))
+            statuses.pop(str(index), None)
+            now = time.monotonic()
+            respawns[:] = [t for t in respawns if now - t < RESPAWN_WINDOW]
+            if not was_ready or len(respawns) >= RESPAWN_LIMIT:
+                why = "before it was ready"
+                if was_ready:
+                    why = f"{RESPAWN_LIMIT} restarts in {RESPAWN_WINDOW:.0f}s"
+                log.error("daemon.worker_exited", worker=index, status=code, action="stop", why=why)
+                stop_all(code or 1)
+                continue
+            log.error("daemon.worker_exited", worker=index, status=code, action="restart")
+            respawns.append(now)
+            spawn(index)
+
+    def on_wake() -> bool:
+        reap()
         # A worker ignores SIGHUP until its loop takes it over: hold reloads until all are up.
-        while reloads and len(ready) == workers:
+        while reloads and len(ready) == workers and not state.stopping:
             reloads.clear()
             if before_reload is None or _may_reload(before_reload, log):
-                _signal_all(pids, signal.SIGHUP)
+                state.reloaded = True
+                _signal_all(list(children), signal.SIGHUP)
+        return bool(children)
 
-    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    old_wakeup = signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
-    for signum in (*_STOP_SIGNALS, signal.SIGHUP, signal.SIGUSR1):  # (USR1 would kill us)
-        signal.signal(signum, forward)
     try:
         _read_lines(pipe_r, wake_r, on_line, on_wake)
     finally:
         signal.set_wakeup_fd(old_wakeup)
-        for fd in (pipe_r, wake_r, wake_w):
+        for fd in (pipe_r, pipe_w, wake_r, wake_w):
             os.close(fd)
-    worst = 0
-    for child in pids:
-        _, status = os.waitpid(child, 0)
-        code = os.waitstatus_to_exitcode(status)
-        worst = max(worst, code if code >= 0 else 128 - code)
-    return worst
+    return state.worst
+
+
+@dataclass(slots=True)
+class _Supervision:
+    """What the parent of the workers knows besides its children."""
+
+    stopping: bool = False  # a stop was forwarded: exits are expected now
+    announced: bool = False  # READY=1 went out (once, not again after a restart)
+    reloaded: bool = False  # a SIGHUP was forwarded: a worker forked again catches up
+    worst: int = 0  # the worst exit status of the workers that ended the daemon
+
+
+def _worker_main(
+    factory: AppFactory,
+    index: int,
+    pipe: int,
+    prctl: Any,  # noqa: ANN401 - a ctypes function
+    parent: int,
+    *,
+    catch_up: bool,
+) -> None:
+    """A forked worker: run its app, then leave with ``os._exit`` (never return)."""
+    # Until the worker's loop takes SIGTERM over (the parent forwards it at once), it ends
+    # the worker quietly: nothing is relayed yet, and the default action would make the
+    # parent report a worker killed by SIGTERM (exit status 143).
+    signal.signal(signal.SIGTERM, _exit_before_start)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for signum in (signal.SIGHUP, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_IGN)
+    _die_with_parent(prctl, parent)
+    code = 0
+    try:
+        app = _worker_app(factory, index, pipe)
+        app.catch_up = catch_up
+        uvloop.run(app.run())
+    except PymmproxyError as exc:
+        sys.stderr.write(f"pymmproxy: {exc}\n")
+        code = exc.exit_code
+    except KeyboardInterrupt:  # Ctrl-C before the worker's loop took SIGINT over
+        code = 130
+    except BaseException:  # noqa: BLE001 - never unwind into the parent's frames
+        traceback.print_exc()
+        code = 1
+    finally:
+        os._exit(code)
+
+
+def _exit_code(status: int) -> int:
+    """A wait status as a shell would show it (killed by signal N: 128 + N)."""
+    code = os.waitstatus_to_exitcode(status)
+    return code if code >= 0 else 128 - code
 
 
 def _exit_before_start(_signum: int, _frame: object) -> None:
@@ -366,16 +467,16 @@ def _may_reload(before_reload: Callable[[], bool], log: BoundLogger) -> bool:
 
 
 def _read_lines(
-    pipe: int, wake: int, on_line: Callable[[str], None], on_wake: Callable[[], None]
+    pipe: int, wake: int, on_line: Callable[[str], None], on_wake: Callable[[], bool]
 ) -> None:
-    """Hand each line of the workers' ``pipe`` to ``on_line`` until every worker closed it;
-    call ``on_wake`` after each wake-up (a signal's byte on ``wake``, or lines that may have
-    made it possible), outside any signal handler."""
+    """Hand each line of the workers' ``pipe`` to ``on_line``; call ``on_wake`` after each
+    wake-up (a signal's byte on ``wake``, or lines that may have made it possible), outside
+    any signal handler, until it returns False (or the pipe's writers are all gone)."""
     poller = select.poll()  # not select(): descriptors past 1024 (a lock per instance)
     poller.register(pipe, select.POLLIN)
     poller.register(wake, select.POLLIN)
     pending = b""
-    while True:
+    while on_wake():
         ready = {fd for fd, _ in poller.poll()}
         if wake in ready:
             with contextlib.suppress(BlockingIOError):
@@ -388,7 +489,6 @@ def _read_lines(
             *lines, pending = (pending + chunk).split(b"\n")
             for line in lines:
                 on_line(line.decode("utf-8", "replace"))
-        on_wake()
 
 
 def _die_with_parent(prctl: Any, parent: int) -> None:  # noqa: ANN401 - a ctypes function

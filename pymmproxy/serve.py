@@ -144,6 +144,10 @@ class Serve(Lifecycle):
         counts = [listener.counts() for listener in self.registry.listeners()]
         return f"{len(self.registry.running)} instances: {status_line(counts)}"
 
+    def catch_up_reload(self) -> None:
+        """Nothing to do: a worker forked again starts from what the parent last admitted
+        (:attr:`ParentGate.specs`), not from the files, which may have changed since."""
+
     def reload(self) -> None:
         if self._stop.is_set():
             self.log.info("serve.reload_ignored", reason="stopping")
@@ -200,7 +204,9 @@ def main(argv: Sequence[str]) -> int:
             manage_rules=index == 0,
         )  # fmt: skip
         notifier = None if on_ready else Notifier()
-        return Serve(load, initial, registry, notifier=notifier, on_ready=on_ready)
+        # a worker forked again later starts from what the workers were last told
+        specs = gate.specs if workers > 1 else initial
+        return Serve(load, specs, registry, notifier=notifier, on_ready=on_ready)
 
     try:
         return run_app(factory, workers, log, before_reload=gate.before_reload)

@@ -66,22 +66,30 @@ def test_an_error_in_before_reload_refuses_the_reload_and_keeps_the_parent() -> 
 
 
 def test_read_lines_splits_the_workers_pipe_and_wakes_outside_handlers() -> None:
-    """Lines may arrive in pieces; the wake-up pipe's news reaches ``on_wake``."""
+    """Lines may arrive in pieces; the wake-up pipe's news reaches ``on_wake``, which says
+    when to stop (every worker reaped)."""
     pipe_r, pipe_w = os.pipe()
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK)
     lines: list[str] = []
     wakes: list[int] = []
-    os.write(wake_w, b"\x01")
     os.write(pipe_w, b"ready 0\nstatus 0 1 act")
-    os.write(pipe_w, "ive\nstatus 1 \u00e9\n".encode())
-    os.close(pipe_w)  # every worker gone
+
+    def on_wake() -> bool:
+        wakes.append(len(lines))
+        if len(wakes) == 2:  # after the first poll: the rest of the line, then a signal
+            os.write(pipe_w, "ive\nstatus 1 \u00e9\n".encode())
+            os.write(wake_w, b"\x11")
+        return "status 1 \u00e9" not in lines
+
     try:
-        daemon._read_lines(pipe_r, wake_r, lines.append, lambda: wakes.append(1))
+        daemon._read_lines(pipe_r, wake_r, lines.append, on_wake)
+        with pytest.raises(BlockingIOError):  # the signal's byte was read, not left behind
+            os.read(wake_r, 1)
     finally:
-        for fd in (pipe_r, wake_r, wake_w):
+        for fd in (pipe_r, pipe_w, wake_r, wake_w):
             os.close(fd)
     assert lines == ["ready 0", "status 0 1 active", "status 1 \u00e9"]
-    assert wakes
+    assert wakes[0] == 0  # called before the first poll (a worker may be gone already)
 
 
 _WORKERS = textwrap.dedent(
@@ -144,3 +152,154 @@ def test_a_sighup_before_every_worker_is_up_reaches_all_of_them() -> None:
             proc.wait()
         proc.stdout.close()
     assert sorted(lines) == ["reload 0\n", "reload 1\n", "started 1\n"]
+
+
+_SUPERVISED = textwrap.dedent(
+    """
+    import asyncio, os, sys
+    from pymmproxy import daemon, logsetup
+    from pymmproxy.errors import PymmproxyError
+    from pymmproxy.logsetup import get_logger
+
+    logsetup.configure(0, "json")
+    MODE = os.environ["MODE"]
+    daemon.RESPAWN_LIMIT = 2
+
+    def say(line):
+        os.write(1, (line + "\\n").encode())
+
+    class App(daemon.Lifecycle):
+        def __init__(self, on_ready, index):
+            super().__init__(get_logger(), None, on_ready)
+            self.index = index
+        async def start(self):
+            if MODE == "bad-start" and self.index == 1:
+                await asyncio.sleep(1.0)  # worker 0 is up by then: it drains, not _exits
+                raise PymmproxyError("cannot listen on 192.0.2.1:1: test")
+            say(f"started {self.index} {os.getpid()} catch_up={self.catch_up}")
+            # runs once run() waits for the stop, its signal handlers in place
+            asyncio.get_running_loop().call_soon(say, f"up {self.index}")
+            if MODE == "crash" and self.index == 1:
+                asyncio.get_running_loop().call_later(0.2, os._exit, 3)
+        def close(self): say(f"close {self.index}")
+        async def drain(self):
+            await asyncio.sleep(float(os.environ.get("DRAIN", "0.5")))
+            say(f"drained {self.index}")
+        def abort(self): say(f"abort {self.index}")
+        def reload(self): say(f"reload {self.index}")
+        def dump(self): pass
+        def status(self): return "ok"
+
+    sys.exit(daemon.run_app(lambda on_ready, i: App(on_ready, i), 2, get_logger()))
+    """
+)
+
+
+class _Supervised:
+    """The program above under ``MODE``, its stdout lines and its log (stderr)."""
+
+    def __init__(self, mode: str, drain: float = 0.5) -> None:
+        root = Path(__file__).resolve().parents[2]
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _SUPERVISED], stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True, cwd=root, start_new_session=True,
+            env={**os.environ, "PYTHONPATH": str(root), "MODE": mode,
+                 "DRAIN": str(drain)},
+        )  # fmt: skip
+        self.lines: list[str] = []
+
+    def until(self, prefix: str, count: int = 1, timeout: float = 10.0) -> list[str]:
+        """Read lines until ``count`` of them start with ``prefix``; those lines."""
+        assert self.proc.stdout is not None
+        give_up = threading.Timer(timeout, self.proc.kill)
+        give_up.start()
+        try:
+            while sum(x.startswith(prefix) for x in self.lines) < count:
+                line = self.proc.stdout.readline()
+                assert line, f"ended before {count} x {prefix!r}: {self.lines}"
+                self.lines.append(line.strip())
+        finally:
+            give_up.cancel()
+        return [x for x in self.lines if x.startswith(prefix)]
+
+    def finish(self) -> tuple[int, list[str], str]:
+        """Exit status, all stdout lines and stderr, once it ends (killed after 15 s)."""
+        try:
+            out, err = self.proc.communicate(timeout=15)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.communicate()
+        self.lines += out.splitlines()
+        return self.proc.returncode, self.lines, err
+
+
+def test_a_worker_that_dies_is_forked_again_and_catches_up_on_reloads() -> None:
+    sup = _Supervised("normal")
+    try:
+        started = sup.until("started", 2)
+        sup.until("up", 2)
+        sup.proc.send_signal(signal.SIGHUP)
+        sup.until("reload", 2)
+        victim = int(next(x for x in started if x.startswith("started 1")).split()[2])
+        os.kill(victim, signal.SIGKILL)
+        again = sup.until("started 1", 2)[-1]
+        assert again.endswith("catch_up=True")  # and reloads, like the others did
+        sup.until("reload 1", 2)
+        sup.until("up 1", 2)
+        sup.proc.send_signal(signal.SIGTERM)
+    finally:
+        code, _lines, err = sup.finish()
+    assert code == 0  # the restarted worker's predecessor does not count
+    assert '"daemon.worker_exited"' in err
+    assert '"status": 137' in err
+    assert '"action": "restart"' in err
+
+
+def test_a_worker_that_fails_to_start_stops_the_daemon_with_its_status() -> None:
+    sup = _Supervised("bad-start")
+    code, lines, err = sup.finish()
+    assert code == 1, err  # PymmproxyError's exit status
+    assert "cannot listen on 192.0.2.1:1: test" in err
+    assert '"why": "before it was ready"' in err
+    assert "drained 0" in " ".join(lines)  # the healthy worker drained, it was not killed
+
+
+def test_a_crash_loop_gives_up_after_the_respawn_limit() -> None:
+    sup = _Supervised("crash")
+    code, lines, err = sup.finish()
+    assert code == 3
+    assert sum(x.startswith("started 1") for x in lines if "catch_up" in x) == 3  # 1 + 2 again
+    assert err.count('"action": "restart"') == 2
+    assert '"action": "stop"' in err
+
+
+def test_one_stop_sent_to_the_whole_group_drains_instead_of_aborting() -> None:
+    """systemd (KillMode=control-group) or a terminal's Ctrl-C signal every process; the
+    parent forwards the same stop: a worker must not take that as a second request."""
+    sup = _Supervised("normal")
+    try:
+        sup.until("up", 2)
+        os.killpg(sup.proc.pid, signal.SIGTERM)
+    finally:
+        code, lines, _err = sup.finish()
+    assert code == 0
+    assert sorted(x for x in lines if x.startswith(("drained", "abort"))) == [
+        "drained 0", "drained 1"
+    ]  # fmt: skip
+
+
+def test_a_second_stop_after_the_repeat_window_aborts() -> None:
+    sup = _Supervised("normal", drain=3.0)
+    try:
+        started = sup.until("started", 2)
+        sup.until("up", 2)
+        sup.proc.send_signal(signal.SIGTERM)
+        sup.until("close", 2)
+        time.sleep(daemon.REPEAT_WINDOW + 0.2)
+        for line in started:  # an impatient operator's second kill, straight to the workers
+            os.kill(int(line.split()[2]), signal.SIGTERM)
+    finally:
+        code, lines, _err = sup.finish()
+    assert code == 0
+    assert sorted(x for x in lines if x.startswith("abort")) == ["abort 0", "abort 1"]
