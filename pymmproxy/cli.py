@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
         "PROXY header; more are refused at once (0 = no limit)")  # fmt: skip
     add("--idle-timeout", type=_float("idle-timeout", zero=True), default=0.0, metavar="SECONDS",
         help="close relayed connections silent this long (0 = never, like go-mmproxy)")  # fmt: skip
+    add("--keepalive", type=_int("keepalive"), default=15, metavar="SECONDS",
+        help="TCP keepalive probes after SECONDS idle, every SECONDS, on both sides "
+        "(go-mmproxy's 15; 0 = off): finds peers gone without a FIN")  # fmt: skip
     add("--allow-any-source", action="store_true",
         help="also spoof loopback, multicast, link-local and own addresses (unsafe)")  # fmt: skip
     add("--metrics", metavar="ADDR:PORT", help="serve Prometheus metrics (off by default)")
@@ -171,6 +174,8 @@ def limits_from_args(args: argparse.Namespace) -> Limits:
         raise UsageError("--max-connections must be >= 0")
     if args.udp_max_clients < 1:
         raise UsageError("--udp-max-clients must be >= 1")
+    if getattr(args, "keepalive", 0) < 0:
+        raise UsageError("--keepalive must be >= 0")
     if getattr(args, "max_pending_headers", 0) < 0:
         raise UsageError("--max-pending-headers must be >= 0")
     return Limits(
@@ -182,6 +187,7 @@ def limits_from_args(args: argparse.Namespace) -> Limits:
         udp_max_clients=args.udp_max_clients,
         max_pending_headers=getattr(args, "max_pending_headers", DEFAULT_MAX_PENDING_HEADERS),
         idle_timeout=getattr(args, "idle_timeout", 0.0),
+        keepalive=getattr(args, "keepalive", 15),
         allow_any_source=getattr(args, "allow_any_source", False),
     )
 

@@ -40,6 +40,7 @@ from structlog.typing import FilteringBoundLogger as BoundLogger
 
 from pymmproxy.errors import PymmproxyError
 from pymmproxy.logsetup import get_logger
+from pymmproxy.net.sockets import raise_nofile_limit
 from pymmproxy.notify import Notifier
 from pymmproxy.policy import AllowList
 from pymmproxy.server.context import InstanceContext
@@ -257,6 +258,7 @@ def run_app(
     # do not dirty (copy) the shared pages by touching GC headers.
     gc.collect()
     gc.freeze()
+    raise_nofile_limit()
     if workers <= 1:
         uvloop.run(factory(None, 0).run())
         return 0

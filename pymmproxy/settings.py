@@ -76,6 +76,7 @@ class Limits:
     header_timeout: float = 5.0
     connect_timeout: float = 10.0
     idle_timeout: float = 0.0  # 0 = off, like go-mmproxy
+    keepalive: int = 15  # TCP keepalive idle/interval seconds on both sides (Go's); 0 = off
     max_connections: int = 0  # 0 = unlimited
     drain_timeout: float = 30.0
     udp_close_after: float = 60.0

@@ -39,11 +39,13 @@ reports it again) and waits for its next turn.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import fcntl
 import os
 import select
 import socket
+import struct
 import types
 from _socket import socket as RawSocket  # noqa: N812 - the C socket: no Python-level __init__/close
 from typing import Any, cast
@@ -63,6 +65,8 @@ HIGH_WATER = 256 * 1024  # pause the other side's reading above this much unsent
 LOW_WATER = 64 * 1024
 PIPE_SIZE = 1 << 20  # iperf3 probes against recv/send: 64 KiB pipe 0.94x, 1 MiB 1.04-1.06x
 SPLICE_SIZE = 1 << 20  # per splice(2) call; the pipe's capacity bounds it
+LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
+FLUSH_TIMEOUT = 30.0  # s: a close still sending gives up (abort) after this long without progress
 READ_ROUNDS = 16  # reads (or splices) per event at most, so one bulk flow cannot hog a dispatch
 SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 NO_SPLICE = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP}  # this socket type cannot splice
@@ -243,6 +247,8 @@ class Channel:
         if peer is None or peer.pipe is None or peer.closing:  # recv/write say what happens
             self.splicing = False
             return False
+        if peer.out:  # bytes a read queued (past an urgent mark) go before any spliced ones
+            return False
         pipe_in, fd = peer.pipe[1], self.sock.fileno()
         if peer.piped and not peer._drain_pipe():  # resumed before it drained: it goes first
             if not peer.closed:
@@ -403,22 +409,40 @@ class Channel:
         except OSError as exc:
             self._teardown(exc)
 
+    def unsent(self) -> int:
+        """Bytes queued here (buffer and pipe) that the socket has not taken yet."""
+        return len(self.out) + self.piped
+
     # -- closing ----------------------------------------------------------------------------
     def is_closing(self) -> bool:
         return self.closing or self.closed
 
     def close(self) -> None:
-        """Close after the queued bytes are sent (like ``Transport.close``)."""
+        """Close after the queued bytes are sent (like ``Transport.close``), or abort if the
+        peer takes none of them for ``FLUSH_TIMEOUT`` (it stopped reading, or vanished)."""
         if self.closed or self.closing:
             return
         self.pause_reading()
         if self.out or self.piped:
             self.closing = True
+            self.reactor.loop.call_later(FLUSH_TIMEOUT, self._check_flush, self.unsent())
+        else:
+            self._teardown(None)
+
+    def _check_flush(self, left: int) -> None:
+        if self.closed:
+            return
+        now = self.unsent()  # nothing is added while closing: less means progress
+        if now < left:
+            self.reactor.loop.call_later(FLUSH_TIMEOUT, self._check_flush, now)
         else:
             self._teardown(None)
 
     def abort(self) -> None:
-        """Close now, dropping anything queued."""
+        """Close now with a reset (RST), dropping anything queued."""
+        if not self.closed:
+            with contextlib.suppress(OSError):
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
         self._teardown(None)
 
     def _teardown(self, exc: Exception | None) -> None:

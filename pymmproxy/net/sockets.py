@@ -7,7 +7,9 @@ packets so the pathway's ``ip rule fwmark M lookup M`` routes the replies back t
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import resource
 import socket
 from _socket import socket as RawSocket  # noqa: N812 - the C type: no Python-level __init__/close
 
@@ -21,6 +23,15 @@ IPV6_TRANSPARENT = getattr(socket, "IPV6_TRANSPARENT", 75)
 IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)
 SO_MARK = getattr(socket, "SO_MARK", 36)
 _CONNECT_OK = frozenset({0, errno.EINPROGRESS})
+
+
+def raise_nofile_limit() -> None:
+    """Lift the soft RLIMIT_NOFILE to the hard one, as Go programs do at start: a relayed
+    TCP connection holds two descriptors (four more while splicing), a UDP client one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):  # e.g. an unlimited hard limit
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def listen_socket(
@@ -69,7 +80,16 @@ def upstream_socket(
     kind: socket.SocketKind = socket.SOCK_STREAM,
 ) -> RawSocket:
     """:func:`connect_upstream` without the connect state (UDP connects at once)."""
-    return connect_upstream(family, target, source, mark, kind)[0]
+    return connect_upstream(family, target, source, mark, kind=kind)[0]
+
+
+def keep_alive(sock: socket.socket | RawSocket, seconds: int) -> None:
+    """TCP keepalive: a probe after ``seconds`` without traffic, then every ``seconds``
+    (the kernel's count, 9 by default, ends the connection); on a listening socket the
+    accepted ones inherit it."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, seconds)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, seconds)
 
 
 def connect_upstream(
@@ -77,6 +97,8 @@ def connect_upstream(
     target: tuple[str, int],
     source: tuple[str, int] | None,
     mark: int,
+    *,
+    keepalive: int = 0,
     kind: socket.SocketKind = socket.SOCK_STREAM,
 ) -> tuple[RawSocket, bool]:
     """A non-blocking socket bound to ``source`` (spoofed), connecting to ``target``.
@@ -88,12 +110,17 @@ def connect_upstream(
     taken, the bind falls back to port 0 (any port, same address). Raises
     :class:`UpstreamError` with a one-line reason.
     """
-    sock = RawSocket(family, kind | socket.SOCK_NONBLOCK)
+    try:
+        sock = RawSocket(family, kind | socket.SOCK_NONBLOCK)  # EMFILE, ENOBUFS ...
+    except OSError as exc:
+        raise UpstreamError(*_describe(exc, source, target)) from None
     try:
         if mark:
             sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
         if kind == socket.SOCK_STREAM:  # like the client side (uvloop) and go-mmproxy: no Nagle
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if keepalive:
+                keep_alive(sock, keepalive)
         if source is not None:
             if family == socket.AF_INET6:
                 sock.setsockopt(SOL_IPV6, IPV6_TRANSPARENT, 1)
@@ -142,5 +169,7 @@ def _describe(
         ), "spoof_denied"
     if exc.errno in {errno.EADDRNOTAVAIL, errno.EINVAL} and source is not None:
         return f"cannot bind {source[0]}:{source[1]}: {exc.strerror}", "bind_failed"
+    if exc.errno in {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}:
+        return f"no socket for the target: {exc.strerror}", "out_of_resources"
     reason = "target_refused" if exc.errno == errno.ECONNREFUSED else "upstream_error"
     return f"connect to {target[0]}:{target[1]} failed: {exc.strerror or exc}", reason

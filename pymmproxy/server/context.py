@@ -72,6 +72,7 @@ class InstanceContext:
         self.header_timeout = limits.header_timeout
         self.connect_timeout = limits.connect_timeout
         self.idle_timeout = limits.idle_timeout
+        self.keepalive = limits.keepalive
         self.max_connections = limits.max_connections
         self.max_pending_headers = limits.max_pending_headers
         self.target4 = _addr(settings.target4)

@@ -16,7 +16,7 @@ from collections import Counter
 
 from pymmproxy.logsetup import get_logger
 from pymmproxy.net.acceptor import Acceptor
-from pymmproxy.net.sockets import listen_socket
+from pymmproxy.net.sockets import keep_alive, listen_socket
 from pymmproxy.server.context import InstanceContext
 from pymmproxy.server.tcp import ClientProtocol
 from pymmproxy.server.tproxy import TproxyProtocol
@@ -65,6 +65,8 @@ class Listener:
                 )
             else:
                 self._server = Acceptor(sock, ctx.reactor, lambda: ClientProtocol(ctx), self.log)
+            if ctx.keepalive and sock.type == socket.SOCK_STREAM and sock.family != socket.AF_UNIX:
+                keep_alive(sock, ctx.keepalive)  # every accepted socket inherits it
         except BaseException:
             sock.close()
             raise

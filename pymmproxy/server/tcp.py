@@ -134,7 +134,9 @@ class ClientProtocol(asyncio.Protocol):
                 return
         if stats.connect_time is not None:
             self.connect_started = time.monotonic()
-        sock, connected = connect_upstream(family, target, source, ctx.mark)
+        sock, connected = connect_upstream(
+            family, target, source, ctx.mark, keepalive=ctx.keepalive
+        )
         self.state = _CONNECTING
         upstream = self.pending = Upstream(sock, ctx.reactor, self)
         if not connected:
@@ -205,7 +207,9 @@ class ClientProtocol(asyncio.Protocol):
             self.transport.write_eof()
 
     def upstream_lost(self, exc: Exception | None) -> None:
-        if exc is not None and self.state != _CLOSED:
+        if self.state == _CLOSED:  # our own _close() let it go: it decides how we close
+            return
+        if exc is not None:
             self._fail(os_reason(exc, before_data=self.bytes_down == 0), str(exc))
         else:
             self._close()
@@ -250,7 +254,14 @@ class ClientProtocol(asyncio.Protocol):
         if self.idle_checks >= IDLE_CHECKS:
             self.reason = "idle_timeout"
             self.ctx.stats.errors[self.reason] += 1
-            self._close()
+            # Bytes queued all that time: a peer that stopped reading would hold a graceful
+            # close (and our buffers) open for good. Else a FIN each way.
+            self._close(abort=self._stuck())
+
+    def _stuck(self) -> bool:
+        """Either side holds bytes its peer has not taken."""
+        up = self.upstream
+        return self.transport.unsent() > 0 or (up is not None and up.unsent() > 0)
 
     # -- failure and teardown --------------------------------------------------------------
     def _leave_header(self) -> None:

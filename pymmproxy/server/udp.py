@@ -29,9 +29,7 @@ longest, so a flood of spoofed headers cannot exhaust file descriptors.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
-import resource
 import socket
 from collections.abc import Hashable
 from typing import Any
@@ -269,14 +267,5 @@ class UdpListener(asyncio.DatagramProtocol):
 
 async def serve_udp(ctx: InstanceContext, sock: socket.socket) -> UdpListener:
     """Start relaying datagrams arriving on the bound UDP socket ``sock``."""
-    _raise_nofile_limit()
     _, protocol = await ctx.loop.create_datagram_endpoint(lambda: UdpListener(ctx, sock), sock=sock)
     return protocol
-
-
-def _raise_nofile_limit() -> None:
-    """One fd per client: lift the soft RLIMIT_NOFILE to the hard one (Go does this too)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        with contextlib.suppress(ValueError, OSError):  # e.g. an unlimited hard limit
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

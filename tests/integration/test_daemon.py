@@ -132,7 +132,7 @@ def test_bad_header_closes_only_that_connection(wl: Workload) -> None:
         good.sendall(encode_v2(header("192.0.2.63", 40013)))
         for garbage in (b"GET / HTTP/1.1\r\n\r\n", b"PROXY TCP4 1.2.3 4.5.6.7 1 2\r\n",
                         b"\r\n\r\n\x00\r\nQUIT\n\xff" + bytes(20)):  # fmt: skip
-            with open_conn(wl) as bad:
+            with open_conn(wl) as bad, _reset_is_close():  # refused with a reset
                 bad.sendall(garbage)
                 assert recv_all(bad) == b""
         good.sendall(b"GET / HTTP/1.0\r\n\r\n")
@@ -140,7 +140,7 @@ def test_bad_header_closes_only_that_connection(wl: Workload) -> None:
 
 
 def test_header_timeout_closes(wl: Workload) -> None:
-    with open_conn(wl) as s:
+    with open_conn(wl) as s, _reset_is_close():
         start = time.monotonic()
         s.sendall(b"PROXY TCP4 ")
         assert recv_all(s) == b""
@@ -163,7 +163,7 @@ def test_target_down_closes_promptly_and_daemon_recovers(wl: Workload) -> None:
 
 
 def test_no_target_for_family_closes(wl: Workload) -> None:
-    with open_conn(wl, PORT + 2) as s:
+    with open_conn(wl, PORT + 2) as s, _reset_is_close():
         s.sendall(encode_v2(header("2001:db8:1::65", 40016)) + b"x")
         s.shutdown(socket.SHUT_WR)
         assert recv_all(s) == b""

@@ -11,7 +11,7 @@ import pytest
 from pymmproxy.proxyproto import encode_v2
 from tests.integration.conftest import LB_V4, MARK, PY, Workload, wait_port
 from tests.integration.test_daemon import header, open_conn
-from tests.integration.test_faults import closed_soon, cpu_seconds, fds, in_ns
+from tests.integration.test_faults import closed_soon, cpu_seconds, fds, in_ns, settle_fds
 from tests.nsutil import recv_all
 
 pytestmark = [pytest.mark.netns]
@@ -47,8 +47,9 @@ def test_max_connections_refuses_new_keeps_existing(wl: Workload) -> None:
     try:
         for _ in range(3):
             with open_conn(wl, PORT) as extra:
-                extra.sendall(encode_v2(header("192.0.2.90", 42010)) + b"hi")
                 start = time.monotonic()
+                with contextlib.suppress(ConnectionResetError):  # reset at once: may be here
+                    extra.sendall(encode_v2(header("192.0.2.90", 42010)) + b"hi")
                 assert closed_soon(extra)
                 assert time.monotonic() - start < 0.5
         assert all(echoes(s) for s in kept)  # existing connections untouched
@@ -95,6 +96,35 @@ def test_idle_timeout_closes_silent_keeps_busy(wl: Workload) -> None:
     busy.close()
     silent.close()
     assert '"reason": "idle_timeout"' in wl.log(f"daemon-{PORT + 2}.log")
+
+
+def test_idle_timeout_aborts_a_connection_whose_peers_stopped_reading(wl: Workload) -> None:
+    """Bytes stuck both ways (the LB and the echo service both stopped reading): a graceful
+    close could never finish, so the idle timeout resets both sides and frees them."""
+    port = PORT + 6
+    proc = wl.daemon("-4", f"127.0.0.1:{ECHO}", "--idle-timeout", "1", "-listeners", "1", port=port)
+    with relayed(wl, port, "192.0.2.97", 42600):  # a baseline connection...
+        time.sleep(0.2)
+        base = fds(proc.pid)
+    settle_fds(proc.pid, base - 2)  # ...closed: its two sockets gone
+    base = fds(proc.pid)
+    stuck = relayed(wl, port, "192.0.2.97", 42601)
+    stuck.setblocking(False)
+    sent, last = 0, time.monotonic()
+    while time.monotonic() - last < 0.5:  # until every buffer on the way stays full
+        try:
+            sent += stuck.send(b"x" * 65536)
+            last = time.monotonic()
+        except BlockingIOError:
+            time.sleep(0.02)
+    assert sent > 1 << 20
+    assert settle_fds(proc.pid, base, timeout=4.0) == base  # both sockets closed
+    stuck.setblocking(True)
+    stuck.settimeout(3)
+    with pytest.raises(ConnectionResetError):  # reset, not a FIN behind megabytes
+        _drain(stuck)
+    stuck.close()
+    assert '"reason": "idle_timeout"' in wl.log(f"daemon-{port}.log")
 
 
 def test_idle_timeout_is_off_by_default(wl: Workload) -> None:
@@ -190,3 +220,34 @@ def test_fd_exhaustion_backs_off_and_recovers(wl: Workload) -> None:
     proc.terminate()
     assert proc.wait(10) == 0
     assert "Traceback" not in wl.log(f"daemon-{port}.log")
+
+
+def _drain(s: socket.socket) -> None:
+    """Read ``s`` to its end (raises if it ends in a reset)."""
+    while s.recv(1 << 20):
+        pass
+
+
+def _timers(out: str, pairs: list[tuple[str, str]]) -> list[str]:
+    """The TCP timer ``ss -tno`` shows per socket whose (local, peer) ends with a pair."""
+    timers = []
+    for line in out.splitlines():
+        local, peer = line.split()[2:4]
+        if any(local.endswith(a) and peer.endswith(b) for a, b in pairs):
+            timers.append(line.split("timer:(")[1].split(",")[0] if "timer:(" in line else "none")
+    return timers
+
+
+def test_both_sides_get_tcp_keepalive_and_it_can_be_turned_off(wl: Workload) -> None:
+    """Peers that vanish without a FIN (a rebooted LB, a dropped NAT entry) are found, as
+    go-mmproxy's Go runtime does: 15 s idle, then a probe every 15 s."""
+    for port, flags, expect in (
+        (PORT + 7, (), "keepalive"),
+        (PORT + 8, ("--keepalive", "0"), "none"),
+    ):
+        wl.daemon("-4", f"127.0.0.1:{ECHO}", *flags, port=port)
+        with relayed(wl, port, "192.0.2.98", 42700 + port) as s:
+            out = wl.ns.run(["ss", "-tnoH", "state", "established"]).stdout
+            accepted = (f":{port}", f":{s.getsockname()[1]}")  # from the load balancer
+            upstream = (f":{42700 + port}", f":{ECHO}")  # from the spoofed client's port
+            assert _timers(out, [accepted, upstream]) == [expect, expect], out

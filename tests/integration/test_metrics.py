@@ -106,13 +106,13 @@ def test_two_workers_reload_and_drain_together(wl: Workload) -> None:
         wait_port(wl.ns, "127.0.0.1", mport)
 
     def echo_once(i: int) -> bool:
-        with open_conn(wl, port) as s:
-            try:
+        try:
+            with open_conn(wl, port) as s:
                 s.sendall(encode_v2(header("192.0.2.111", 44100 + i)) + b"x")
                 s.shutdown(socket.SHUT_WR)
                 return recv_all(s) == b"x"
-            except OSError:  # reset by the proxy: refused
-                return False
+        except OSError:  # reset by the proxy: refused
+            return False
 
     assert all(echo_once(i) for i in range(40))
     per_worker = [value(scrape(wl, p), "pymmproxy_connections_relayed_total") for p in mports]

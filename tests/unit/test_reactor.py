@@ -12,6 +12,8 @@ import contextlib
 import errno
 import os
 import socket
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from types import SimpleNamespace
 from typing import Any, cast
@@ -19,8 +21,10 @@ from typing import Any, cast
 import pytest
 import uvloop
 
+from pymmproxy.errors import UpstreamError
 from pymmproxy.net import acceptor as acceptor_mod
 from pymmproxy.net import channel as channel_mod
+from pymmproxy.net import sockets
 from pymmproxy.net.acceptor import Acceptor
 from pymmproxy.net.channel import HIGH_WATER, Channel, ClientSide
 from pymmproxy.net.reactor import IN, Reactor
@@ -780,3 +784,74 @@ def test_relay_micro_benchmark_runs(capsys: pytest.CaptureFixture[str]) -> None:
     assert "own copies (shipped)" in out
     assert "shared functions" in out
     assert "shipped / shared:" in out
+
+
+def test_splicing_waits_while_the_writer_has_bytes_queued(
+    reactor: Reactor, pairs: list[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bytes a read queued (e.g. past an urgent mark) must leave before spliced ones."""
+    monkeypatch.setattr(channel_mod, "READ_SIZE", 512)
+    client, upstream, lb, svc = relay(reactor, pairs)
+    payload = os.urandom(1 << 20)
+    assert pump(reactor, lb, svc, payload) == payload
+    assert client.splicing
+    upstream.out = bytearray(b"B")  # queued by a read: the socket had no room then
+    upstream.writing = True
+    lb.send(b"C")
+    client.on_event(IN)
+    assert (bytes(upstream.out), upstream.piped) == (b"BC", 0)  # C queued behind B
+    upstream.on_event(channel_mod.OUT)
+    assert svc.recv(10) == b"BC"
+
+
+def test_a_close_that_cannot_flush_gives_up_without_progress(
+    reactor: Reactor, pairs: list[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A peer that stops reading cannot hold a closing channel (and its buffer) forever."""
+    monkeypatch.setattr(channel_mod, "FLUSH_TIMEOUT", 0.05)
+    _lb_ours, _lb = pair(pairs)
+    ours, svc = pair(pairs)
+    side = Plain(ours, reactor, None)
+    side.register()
+    side.write(os.urandom(4 << 20))  # far more than the socket takes: the rest is queued
+    queued = side.unsent()
+    assert queued > 0
+    side.close()
+    assert side.closing
+    assert not side.closed
+    svc.setblocking(False)
+    svc.recv(65536)  # some progress: the deadline starts again
+    side.on_event(channel_mod.OUT)
+    assert 0 < side.unsent() < queued
+    reactor.loop.run_until_complete(asyncio.sleep(0.08))
+    assert not side.closed  # it moved within the first period
+    reactor.loop.run_until_complete(asyncio.sleep(0.1))
+    assert side.closed  # no progress in the second: aborted
+
+
+def test_no_descriptor_for_the_upstream_is_an_upstream_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """EMFILE at socket() fails that connection with a reason, not a traceback."""
+
+    def out_of_fds(*_args: object) -> None:
+        raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+
+    monkeypatch.setattr(sockets, "RawSocket", out_of_fds)
+    with pytest.raises(UpstreamError) as info:
+        sockets.connect_upstream(socket.AF_INET, ("127.0.0.1", 9), ("192.0.2.1", 1), 0)
+    assert info.value.reason == "out_of_resources"
+    assert "Too many open files" in str(info.value)
+
+
+def test_the_soft_descriptor_limit_is_lifted_to_the_hard_one() -> None:
+    """As Go programs (go-mmproxy) do at start; run in a child to leave ours alone."""
+    code = (
+        "import resource; from pymmproxy.net.sockets import raise_nofile_limit\n"
+        "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))\n"
+        "raise_nofile_limit()\n"
+        "print(resource.getrlimit(resource.RLIMIT_NOFILE)[0] == hard)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True"
