@@ -85,10 +85,15 @@ def _parse_slow(data: bytes, max_length: int) -> tuple[Header, int] | int:
         raise BadCommandError(f"v2 command {vc & 0x0F} is neither LOCAL (0) nor PROXY (1)")
     if n < 14:
         return 14
+    local = vc & 0x0F == 0
     ft = data[13]
-    if ft >> 4 > 3:
+    # LOCAL (a health check): the spec has the receiver ignore the family and discard the
+    # block. One that does not describe a family's address (an unknown nibble, or a block
+    # too short for it) is accepted as such; one that does is still checked (TLVs, CRC).
+    ignored = local and (ft >> 4 > 3 or ft & 0x0F > 2)
+    if ft >> 4 > 3 and not ignored:
         raise BadFamilyError(f"v2 address family {ft >> 4} is not UNSPEC/INET/INET6/UNIX")
-    if ft & 0x0F > 2:
+    if ft & 0x0F > 2 and not ignored:
         raise BadTransportError(f"v2 transport {ft & 0x0F} is not UNSPEC/STREAM/DGRAM")
     if n < 16:
         return 16
@@ -96,12 +101,20 @@ def _parse_slow(data: bytes, max_length: int) -> tuple[Header, int] | int:
     total = 16 + length
     if total > max_length:
         raise HeaderTooLongError(f"v2 header of {total} bytes exceeds the limit of {max_length}")
-    family = _FAMILIES[ft >> 4]
-    addr_len = ADDRESS_LENGTHS[family]
-    if length < addr_len:
-        raise BadLengthError(f"v2 length {length} is below the {addr_len} bytes of {family.name}")
+    if not ignored:
+        family = _FAMILIES[ft >> 4]
+        addr_len = ADDRESS_LENGTHS[family]
+        ignored = local and length < addr_len
+        if length < addr_len and not ignored:
+            raise BadLengthError(
+                f"v2 length {length} is below the {addr_len} bytes of {family.name}"
+            )
     if n < total:
         return total
+    if ignored:
+        return make_header(
+            2, Command.LOCAL, Family.UNSPEC, Transport.UNSPEC, None, None, None, None, ()
+        ), total
 
     command = _COMMANDS[vc & 0x0F]
     src = dst = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from pymmproxy.errors import ProtocolError
 from pymmproxy.proxyproto import (
     NEED_DATA,
     TLV,
@@ -100,6 +101,23 @@ def test_local(fam: int) -> None:
     reject_all_ways(v2(0x20, fam, block + tlv(0x05, b"x" * 129)), "bad_tlv")
 
 
+@pytest.mark.parametrize(
+    ("fam", "block"),
+    [(0x11, b""), (0x21, INET_BLOCK), (0x31, b"x" * 10), (0x41, b""), (0x13, INET_BLOCK),
+     (0xFF, b"\x01\x02\x03")],
+)  # fmt: skip
+def test_local_ignores_a_family_it_does_not_carry(fam: int, block: bytes) -> None:
+    """The spec: a LOCAL receiver ignores the family and discards the block. A family
+    nibble out of range, or a block too short for the family, is a health check all the
+    same (go-mmproxy and HAProxy accept these too)."""
+    assert parse_all_ways(v2(0x20, fam, block)) == Header(
+        2, Command.LOCAL, Family.UNSPEC, Transport.UNSPEC, None, None, None, None
+    )
+    for bad in (0x21, 0x22):  # PROXY with the same bytes is still refused
+        with pytest.raises(ProtocolError):
+            parse_header(v2(bad, fam, block) + b"more")
+
+
 def test_local_health_check() -> None:
     # What load balancers send for health checks: LOCAL, AF_UNSPEC, no address.
     wire = SIG + b"\x20\x00\x00\x00"
@@ -166,8 +184,6 @@ def test_bad_fixed_fields(ver_cmd: int, fam: int, kind: str) -> None:
         (0x21, 0x21, 35),
         (0x21, 0x22, 12),
         (0x21, 0x31, 215),
-        (0x20, 0x11, 0),  # LOCAL: the family's block must still fit
-        (0x20, 0x21, 12),
     ],
 )
 def test_length_below_address_block(ver_cmd: int, fam: int, length: int) -> None:
