@@ -21,6 +21,7 @@ from pymmproxy.doctor.facts import (
 )
 from pymmproxy.pathway import ItemStatus, PathwayStatus
 from pymmproxy.pathway.firewall.base import CAP_NET_ADMIN
+from pymmproxy.pathway.ipv6 import Ipv6State
 from pymmproxy.pathway.plan import (
     ITEM_FWMARK_RULE,
     ITEM_LOCAL_ROUTE,
@@ -101,6 +102,19 @@ def check_backend(b: BackendFacts) -> list[Check]:
     return checks
 
 
+def check_ipv6(state: Ipv6State) -> list[Check]:
+    """A row only when IPv6 is off here: pathways then skip their IPv6 parts (not a fault)."""
+    if not state.off:
+        return []
+    detail = f"off on this host ({state.off}): IPv6 parts skipped"
+    return [Check("ipv6", "", "IPv6", Level.OK, detail)]
+
+
+def _families(items: list[ItemStatus]) -> str:
+    """``IPv4, IPv6``: the families of ``items``, each once, in order."""
+    return ", ".join(dict.fromkeys(f"IPv{i.family.value}" for i in items))
+
+
 def _missing(items: list[ItemStatus], mark: int) -> str:
     """``rule fwmark 7 lookup 7 (IPv4, IPv6)``: each missing entry once, with its families."""
     what = {
@@ -142,7 +156,7 @@ def check_pathway(m: MarkFacts) -> list[Check]:
         missing = [i for i in items if not i.present]
         name = f"pathway {m.mark}: {label}"
         if not missing:
-            detail = "present (IPv4, IPv6)"
+            detail = f"present ({_families(items)})"
             checks.append(Check(key, subject, name, Level.OK, detail))
             continue
         what = _missing(missing, m.mark)
@@ -158,7 +172,8 @@ def check_loopback(m: MarkFacts, st: PathwayStatus) -> Check:
     items = [i for i in st.items if i.item == ITEM_LOOPBACK_RULE]
     missing = [i for i in items if not i.present]
     if not missing:
-        detail = "from 127.0.0.0/8 and ::1/128 iif lo rules present"
+        nets = " and ".join(i.family.loopback_net for i in items)
+        detail = f"from {nets} iif lo rule{'s' if len(items) > 1 else ''} present"
         return Check("loopback", subject, name, Level.OK, detail)
     what = " and ".join(f"'from {i.family.loopback_net} iif lo'" for i in missing)
     what += " rules" if len(missing) > 1 else " rule"
@@ -262,7 +277,11 @@ def check_instance(f: InstanceFacts) -> list[Check]:
 
 def evaluate(facts: Facts) -> list[Check]:
     """All checks, in report order."""
-    checks = [check_privileges(facts.privileges), *check_backend(facts.backend)]
+    checks = [
+        check_privileges(facts.privileges),
+        *check_backend(facts.backend),
+        *check_ipv6(facts.ipv6),
+    ]
     for m in facts.marks:
         checks += check_pathway(m)
     for f in facts.instances:

@@ -64,8 +64,9 @@ def gather(args: argparse.Namespace) -> Facts:
         mark = parse_mark_arg(args.mark)
         if mark is None:
             raise UsageError(f"bad mark {args.mark!r}: expected a number")
-        only = (probes.mark(mark, args.backend),)
-        return Facts(probes.privileges(), probes.backend(args.backend), only)
+        ipv6 = probes.ipv6()
+        only = (probes.mark(mark, args.backend, ipv6=ipv6),)
+        return Facts(probes.privileges(), probes.backend(args.backend), only, ipv6=ipv6)
     config_dir = conffiles.resolve_config_dir(args.config_dir)
     pathways = conffiles.load_pathways(config_dir / conffiles.PATHWAYS_FILE)
     instances_file = config_dir / conffiles.INSTANCES_FILE
@@ -80,6 +81,7 @@ def gather(args: argparse.Namespace) -> Facts:
         chosen = list(instances.values())
         marks = list(pathways)
     default_allow = conffiles.allow_list_path(config_dir)
+    ipv6 = probes.ipv6()
 
     def udp_users(mark: int) -> tuple[str, ...]:
         return tuple(
@@ -89,11 +91,12 @@ def gather(args: argparse.Namespace) -> Facts:
     return Facts(
         probes.privileges(),
         probes.backend(args.backend),
-        tuple(probes.mark(m, args.backend, udp_users(m)) for m in marks),
+        tuple(probes.mark(m, args.backend, udp_users(m), ipv6) for m in marks),
         tuple(
             probes.instance(i, instances_file, i.allow_file or default_allow, args.timeout)
             for i in chosen
         ),
+        ipv6,
     )
 
 

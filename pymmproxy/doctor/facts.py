@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pymmproxy.conffiles import Instance
 from pymmproxy.pathway import PathwayStatus
 from pymmproxy.pathway.firewall.base import BackendName
+from pymmproxy.pathway.ipv6 import Ipv6State
 from pymmproxy.settings import Endpoint
 
 
@@ -82,3 +83,4 @@ class Facts:
     backend: BackendFacts
     marks: tuple[MarkFacts, ...] = ()
     instances: tuple[InstanceFacts, ...] = ()
+    ipv6: Ipv6State = field(default_factory=Ipv6State)  # off: pathways are IPv4 only

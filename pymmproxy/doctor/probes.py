@@ -25,14 +25,16 @@ from pymmproxy.doctor.facts import (
 from pymmproxy.errors import ConfigError, PymmproxyError
 from pymmproxy.pathway import status as pathway_status
 from pymmproxy.pathway.firewall import resolve_backend_name
-from pymmproxy.pathway.firewall.detect import detect_backend
+from pymmproxy.pathway.firewall.detect import (
+    LEGACY_TABLE_FILES,
+    detect_backend,
+    read_legacy_tables,
+)
+from pymmproxy.pathway.ipv6 import Ipv6State
+from pymmproxy.pathway.ipv6 import probe as probe_ipv6
 from pymmproxy.settings import Endpoint, Transport
 
 PROC_STATUS = Path("/proc/self/status")
-LEGACY_TABLE_FILES = (
-    (Path("/proc/net/ip_tables_names"), "IPv4"),
-    (Path("/proc/net/ip6_tables_names"), "IPv6"),
-)
 
 
 def privileges(status_file: Path = PROC_STATUS) -> Privileges:
@@ -53,29 +55,28 @@ def legacy_tables(
 ) -> tuple[str, ...] | None:
     """xtables-legacy tables of this namespace (what makes iptables-nft warn about them);
     None if the list is unreadable (it is root-only)."""
-    found: list[str] = []
-    for path, family in files:
-        try:
-            names = path.read_text(encoding="ascii").split()
-        except PermissionError:
-            return None
-        except OSError:  # ip_tables not loaded: no legacy tables anywhere
-            continue
-        found += [f"{name} ({family})" for name in names]
-    return tuple(found)
+    return read_legacy_tables(files)
 
 
 def backend(requested: str) -> BackendFacts:
     """The firewall backend ``pathway`` would use, and why."""
-    name = resolve_backend_name(requested)
-    reason = "requested" if requested != "auto" else f"auto: {detect_backend().reason}"
-    return BackendFacts(name, reason, legacy_tables())
+    if requested != "auto":
+        return BackendFacts(resolve_backend_name(requested), "requested", legacy_tables())
+    found = detect_backend()
+    return BackendFacts(found.backend, f"auto: {found.reason}", legacy_tables())
 
 
-def mark(mark: int, requested: str, udp_instances: tuple[str, ...] = ()) -> MarkFacts:
+def ipv6() -> Ipv6State:
+    """Whether IPv6 is off in this namespace (then pathways are IPv4 only)."""
+    return probe_ipv6()
+
+
+def mark(
+    mark: int, requested: str, udp_instances: tuple[str, ...] = (), ipv6: Ipv6State | None = None
+) -> MarkFacts:
     """``pathway.status`` of one mark; a failure to read it is a finding."""
     try:
-        st = pathway_status(mark, backend=requested)
+        st = pathway_status(mark, backend=requested, ipv6=ipv6)
     except PymmproxyError as exc:
         return MarkFacts(mark, None, str(exc), udp_instances)
     return MarkFacts(mark, st, "", udp_instances)

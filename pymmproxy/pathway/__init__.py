@@ -6,17 +6,20 @@ network namespace of the calling process. The state itself is described by
 (:mod:`.routing`), the CONNMARK entries through a firewall backend (:mod:`.firewall`).
 Failures raise :class:`~pymmproxy.errors.PathwayError` with a one-line message; a bad mark
 raises :class:`~pymmproxy.errors.UsageError`. ``add`` applies routes, rules, then firewall
-entries and stops at the first failure (no rollback): re-running ``add`` completes it and
-``del`` removes whatever part exists. ``del`` goes in the reverse order.
+entries, all or nothing: on a failure it undoes what it created itself (entries that were
+already there stay) and the error line says so, or names what it could not undo. ``del``
+goes in the reverse order and removes whatever part exists. Where IPv6 is off
+(:mod:`.ipv6`), ``add`` and ``status`` cover IPv4 only.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 
-from pymmproxy.errors import PathwayError, UsageError
+from pymmproxy.errors import PathwayError, PymmproxyError, UsageError
 from pymmproxy.pathway.firewall import (
     BackendName,
     FirewallBackend,
@@ -24,10 +27,21 @@ from pymmproxy.pathway.firewall import (
     resolve_backend_name,
 )
 from pymmproxy.pathway.firewall.detect import detect_backend
+from pymmproxy.pathway.ipv6 import Ipv6State
+from pymmproxy.pathway.ipv6 import probe as probe_ipv6
 from pymmproxy.pathway.plan import ITEMS, Family, FirewallSpec, Plan, plan
 from pymmproxy.pathway.routing import Routing, read_tcp_fwmark_accept
 
-__all__ = ["ItemStatus", "PathwayStatus", "add", "delete", "plan", "status"]
+__all__ = [
+    "Ipv6State",
+    "ItemStatus",
+    "PathwayStatus",
+    "add",
+    "delete",
+    "plan",
+    "probe_ipv6",
+    "status",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +63,7 @@ class PathwayStatus:
     backend_reason: str
     tcp_fwmark_accept: int | None
     items: tuple[ItemStatus, ...]
+    ipv6_note: str = ""  # "IPv6 off on this host (...): IPv6 parts skipped", or ""
 
     @property
     def complete(self) -> bool:
@@ -66,6 +81,13 @@ class PathwayStatus:
         ]
 
 
+def _describe(exc: Exception) -> str:
+    """The one-line reason of a lower-level failure."""
+    if isinstance(exc, PermissionError):
+        return "permission denied (need root or CAP_NET_ADMIN)"
+    return str(exc)
+
+
 @contextmanager
 def _reported(verb: str, mark: int) -> Iterator[None]:
     """Turn lower-level failures into a one-line ``pathway VERB MARK: ...`` PathwayError."""
@@ -73,14 +95,46 @@ def _reported(verb: str, mark: int) -> Iterator[None]:
         yield
     except UsageError:
         raise
-    except PermissionError:
-        raise PathwayError(
-            f"pathway {verb} {mark}: permission denied (need root or CAP_NET_ADMIN)"
-        ) from None
-    except PathwayError as exc:
-        raise PathwayError(f"pathway {verb} {mark}: {exc}") from exc
-    except OSError as exc:
-        raise PathwayError(f"pathway {verb} {mark}: {exc}") from exc
+    except (PathwayError, OSError) as exc:
+        raise PathwayError(f"pathway {verb} {mark}: {_describe(exc)}") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class _Change:
+    """One change ``add`` made, and how to take it back (returns whether it removed it)."""
+
+    text: str
+    undo: Callable[[], object]
+
+
+def _roll_back(changes: list[_Change]) -> str:
+    """Undo ``changes`` newest first; a note on the outcome for the error line."""
+    left: list[str] = []
+    undone = 0
+    for change in reversed(changes):
+        try:
+            undone += bool(change.undo())
+        except (PymmproxyError, OSError):
+            left.append(change.text)
+    if left:
+        return f"; rollback failed, still in place: {'; '.join(reversed(left))}"
+    if undone:
+        return f"; rolled back the {undone} change{'s' if undone > 1 else ''} made before"
+    return ""
+
+
+@contextmanager
+def _all_or_nothing(changes: list[_Change]) -> Iterator[None]:
+    """On a failure, undo ``changes`` and say how that went in the one error line."""
+    try:
+        yield
+    except UsageError:
+        raise
+    except (PathwayError, OSError) as exc:
+        note = _roll_back(changes)
+        if not note:
+            raise
+        raise PathwayError(f"{_describe(exc)}{note}") from exc
 
 
 def _fw_text(backend: FirewallBackend, spec: FirewallSpec, verb: str) -> str:
@@ -91,53 +145,76 @@ def _fw_text(backend: FirewallBackend, spec: FirewallSpec, verb: str) -> str:
     return f"nft: deleted from inet pymmproxy {spec.chain.lower()}: {spec.nft_rule()}"
 
 
-def add(mark: int, *, backend: str = "auto") -> list[str]:
-    """Create whatever of ``plan(mark)`` is missing; returns the changes as commands."""
-    p = plan(mark)
+def add(mark: int, *, backend: str = "auto", ipv6: Ipv6State | None = None) -> list[str]:
+    """Create whatever of the plan is missing; returns the changes as commands.
+
+    IPv6 parts are left out when IPv6 is off here (``ipv6``, probed when None). All or
+    nothing: on a failure, the changes this call made are undone before it raises.
+    """
+    state = probe_ipv6() if ipv6 is None else ipv6
+    p = plan(mark, state.families("add"))
     backend = resolve_backend_name(backend)  # a bad name fails before any change
-    changes: list[str] = []
-    with _reported("add", p.mark), Routing() as routing:
-        changes += [r.command("add") for r in p.routes if routing.add_route(r)]
-        changes += [r.command("add") for r in p.rules if routing.add_rule(r)]
-        with open_backend(backend) as fw:
-            changes += [_fw_text(fw, f, "add") for f in fw.add(p.firewall)]
-    return changes
+    made: list[_Change] = []
+    with (
+        _reported("add", p.mark),
+        Routing() as routing,
+        open_backend(backend) as fw,
+        _all_or_nothing(made),
+    ):
+        for route in p.routes:
+            if routing.add_route(route):
+                made.append(_Change(route.command("add"), partial(routing.del_route, route)))
+        for rule in p.rules:
+            if routing.add_rule(rule):
+                made.append(_Change(rule.command("add"), partial(routing.del_rule, rule)))
+        routed = [c.text for c in made]
+        found = fw.present(p.firewall)
+        missing = [f for f, ok in zip(p.firewall, found, strict=True) if not ok]
+        # legacy adds entry by entry: a failure half-way undoes the ones it made
+        made += [_Change(_fw_text(fw, f, "add"), partial(fw.delete, [f])) for f in missing]
+        created = fw.add(missing)
+    return routed + [_fw_text(fw, f, "add") for f in created]
 
 
-def delete(mark: int, *, backend: str = "auto") -> list[str]:
-    """Remove exactly the entries of ``plan(mark)``; returns what was removed."""
-    p = plan(mark)
+def delete(mark: int, *, backend: str = "auto", ipv6: Ipv6State | None = None) -> list[str]:
+    """Remove exactly the entries of the plan; returns what was removed.
+
+    Reaches IPv6 leftovers even when IPv6 is off, unless the kernel has no IPv6 at all.
+    """
+    state = probe_ipv6() if ipv6 is None else ipv6
+    p = plan(mark, state.families("del"))
     backend = resolve_backend_name(backend)
     changes: list[str] = []
-    with _reported("del", p.mark), Routing() as routing:
-        with open_backend(backend) as fw:
-            changes += [_fw_text(fw, f, "del") for f in fw.delete(p.firewall)]
+    with _reported("del", p.mark), Routing() as routing, open_backend(backend) as fw:
+        changes += [_fw_text(fw, f, "del") for f in fw.delete(p.firewall)]
         changes += [r.command("del") for r in p.rules if routing.del_rule(r)]
         changes += [r.command("del") for r in p.routes if routing.del_route(r)]
     return changes
 
 
-def _backend_reason(backend: str) -> str:
-    if backend != "auto":
-        return "requested"
-    return f"auto: {detect_backend().reason}"
+def _backend(requested: str) -> tuple[BackendName, str]:
+    """The backend to use and why (detected once for ``auto``)."""
+    if requested != "auto":
+        return resolve_backend_name(requested), "requested"
+    found = detect_backend()
+    return found.backend, f"auto: {found.reason}"
 
 
-def status(mark: int, *, backend: str = "auto") -> PathwayStatus:
-    """Read which entries of ``plan(mark)`` are present (changes no rule; note that a read
-    with the legacy backend instantiates the namespace's empty legacy mangle tables)."""
-    p: Plan = plan(mark)
-    reason = _backend_reason(backend)
-    backend = resolve_backend_name(backend)
+def status(mark: int, *, backend: str = "auto", ipv6: Ipv6State | None = None) -> PathwayStatus:
+    """Read which entries of the plan are present (changes nothing; only a legacy read
+    without root, which cannot see the table list, instantiates empty mangle tables)."""
+    state = probe_ipv6() if ipv6 is None else ipv6
+    p: Plan = plan(mark, state.families("status"))
+    name, reason = _backend(backend)
     items: list[ItemStatus] = []
     with _reported("status", p.mark), Routing() as routing:
         items += [ItemStatus(r.item, r.family, routing.has_rule(r), r.command()) for r in p.rules]
         items += [ItemStatus(r.item, r.family, routing.has_route(r), r.command()) for r in p.routes]
-        with open_backend(backend) as fw:
+        with open_backend(name) as fw:
             found = fw.present(p.firewall)
             items += [
                 ItemStatus(f.item, f.family, ok, _fw_text(fw, f, "add"))
                 for f, ok in zip(p.firewall, found, strict=True)
             ]
-            name = fw.name
-    return PathwayStatus(p.mark, name, reason, read_tcp_fwmark_accept(), tuple(items))
+    fwa = read_tcp_fwmark_accept()
+    return PathwayStatus(p.mark, name, reason, fwa, tuple(items), state.note)

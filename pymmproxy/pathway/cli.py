@@ -2,22 +2,27 @@
 
 A numeric argument is a fwmark (decimal or ``0x`` hex), anything else the name of an
 instance in ``instances.tsv``. ``add-all`` / ``del-all`` (and ``status`` without arguments)
-use every fwmark of ``pathways.conf``. Exit codes: 0 done / complete, 1 a pathway error or
-(``status``) something missing, 2 bad usage or configuration.
+use every fwmark of ``pathways.conf``. Every mark is tried even when one fails; each failure
+is one ``pymmproxy: ...`` line on stderr. Where IPv6 is off, ``add`` and ``status`` cover
+IPv4 only (``add`` says so in a warning line). Exit codes: 0 done / complete, 1 a pathway
+error for any mark or (``status``) something missing, 2 bad usage or configuration.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn, TextIO
 
 from pymmproxy import conffiles
-from pymmproxy.errors import UsageError, one_line_errors
+from pymmproxy.errors import PathwayError, UsageError, one_line_errors
 from pymmproxy.pathway import PathwayStatus, add, delete, status
 from pymmproxy.pathway.firewall import BACKEND_CHOICES
+from pymmproxy.pathway.ipv6 import Ipv6State
+from pymmproxy.pathway.ipv6 import probe as probe_ipv6
+from pymmproxy.pathway.plan import BOTH
 from pymmproxy.settings import MAX_MARK, MAX_MARK_TEXT, validate_mark
 
 COMMANDS = ("add", "del", "add-all", "del-all", "status")
@@ -94,39 +99,75 @@ def format_status(st: PathwayStatus) -> str:
     lines += [f"  {n:<{width}}  {_cell(v4):<8} {_cell(v6)}" for n, v4, v6 in st.rows()]
     fwa = "unreadable" if st.tcp_fwmark_accept is None else str(st.tcp_fwmark_accept)
     lines.append(f"  net.ipv4.tcp_fwmark_accept = {fwa} (not needed with the loopback rules)")
+    if st.ipv6_note:
+        lines.append(f"  {st.ipv6_note}")
     return "\n".join(lines)
 
 
-def run(args: argparse.Namespace, out: TextIO) -> int:
-    """Carry out parsed arguments; raises PymmproxyError on failure."""
-    config_dir = conffiles.resolve_config_dir(args.config_dir)
+def _marks(args: argparse.Namespace, config_dir: Path) -> list[int]:
+    """The marks a command works on (``-all`` and bare ``status``: pathways.conf)."""
     command: str = args.command
     if command.endswith("-all"):
         if args.targets:
             raise UsageError(f"{command} takes no MARK/INSTANCE (it reads pathways.conf)")
-        marks = _all_marks(config_dir)
-        if not marks:
-            out.write(f"no pathways in {config_dir / conffiles.PATHWAYS_FILE}\n")
-            return 0
-    elif args.targets:
-        marks = resolve_targets(args.targets, config_dir)
-    elif command == "status":
-        marks = _all_marks(config_dir)
-    else:
-        raise UsageError(f"{command} needs at least one MARK or INSTANCE")
+        return _all_marks(config_dir)
+    if args.targets:
+        return resolve_targets(args.targets, config_dir)
     if command == "status":
-        reports = [status(m, backend=args.backend) for m in marks]
-        out.write("\n\n".join(format_status(r) for r in reports) + "\n")
-        return 0 if all(r.complete for r in reports) else 1
-    action = add if command.startswith("add") else delete
+        return _all_marks(config_dir)
+    raise UsageError(f"{command} needs at least one MARK or INSTANCE")
+
+
+def _change(verb: str, mark: int, backend: str, ipv6: Ipv6State) -> list[str]:
+    """The output lines of ``add`` / ``del`` for one mark."""
+    action = add if verb == "add" else delete
+    changes = action(mark, backend=backend, ipv6=ipv6)
+    if changes:
+        return changes
+    return [f"pathway {mark}: {'already in place' if verb == 'add' else 'already absent'}"]
+
+
+def _each(marks: list[int], step: Callable[[int], list[str]], out: TextIO, err: TextIO) -> bool:
+    """Run ``step`` for every mark, even after one fails; whether all succeeded.
+
+    A step's lines go to ``out``, a failure is one ``pymmproxy: ...`` line on ``err``.
+    """
+    ok = True
     for mark in marks:
-        changes = action(mark, backend=args.backend)
-        for change in changes:
-            out.write(f"{change}\n")
-        if not changes:
-            state = "already in place" if action is add else "already absent"
-            out.write(f"pathway {mark}: {state}\n")
-    return 0
+        try:
+            lines = step(mark)
+        except PathwayError as exc:
+            err.write(f"pymmproxy: {exc}\n")
+            ok = False
+            continue
+        out.write("".join(f"{line}\n" for line in lines))
+    return ok
+
+
+def run(args: argparse.Namespace, out: TextIO, err: TextIO | None = None) -> int:
+    """Carry out parsed arguments; raises PymmproxyError on bad usage or configuration."""
+    err = sys.stderr if err is None else err
+    config_dir = conffiles.resolve_config_dir(args.config_dir)
+    command: str = args.command
+    marks = _marks(args, config_dir)
+    if not marks:
+        out.write(f"no pathways in {config_dir / conffiles.PATHWAYS_FILE}\n")
+        return 0
+    backend: str = args.backend
+    ipv6 = probe_ipv6()
+    if command == "status":
+        reports: list[PathwayStatus] = []
+
+        def show(mark: int) -> list[str]:
+            reports.append(status(mark, backend=backend, ipv6=ipv6))
+            return [*([""] if len(reports) > 1 else []), format_status(reports[-1])]
+
+        read_all = _each(marks, show, out, err)
+        return 0 if read_all and all(r.complete for r in reports) else 1
+    verb = "add" if command.startswith("add") else "del"
+    if ipv6.families(verb) != BOTH:
+        err.write(f"pymmproxy: warning: {ipv6.note}\n")
+    return 0 if _each(marks, lambda m: _change(verb, m, backend, ipv6), out, err) else 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -13,12 +13,14 @@ rule is what routes a local service's reply (source 127.0.0.1 / ::1, unmarked) b
 spoofed client instead of out of the default route; it also covers UDP, unlike the sysctl
 ``net.ipv4.tcp_fwmark_accept=1``, which pymmproxy only reads. With the nft backend the two
 firewall entries live in ``table inet pymmproxy`` instead (see :mod:`.firewall.nft`).
+A plan may leave out a family (IPv6 on a host where it is off, see :mod:`.ipv6`).
 """
 
 from __future__ import annotations
 
 import enum
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pymmproxy.settings import validate_mark
@@ -176,10 +178,14 @@ ITEM_RESTORE_MARK = "mangle restore-mark"
 ITEMS = (ITEM_FWMARK_RULE, ITEM_LOOPBACK_RULE, ITEM_LOCAL_ROUTE, ITEM_SAVE_MARK, ITEM_RESTORE_MARK)
 
 
-def plan(mark: int) -> Plan:
-    """The pathway of ``mark`` (validated with :func:`validate_mark`)."""
+#: Both address families, in apply order.
+BOTH = (Family.V4, Family.V6)
+
+
+def plan(mark: int, families: Sequence[Family] = BOTH) -> Plan:
+    """The pathway of ``mark`` (validated with :func:`validate_mark`) for ``families``."""
     mark = validate_mark(mark)
-    families = (Family.V4, Family.V6)
+    families = [fam for fam in BOTH if fam in families]
     rules = tuple(
         spec
         for fam in families

@@ -19,14 +19,13 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from pymmproxy.errors import PathwayError
-from pymmproxy.pathway.plan import RouteSpec, RuleSpec
+from pymmproxy.pathway.plan import Family, RouteSpec, RuleSpec
 
 FR_ACT_TO_TBL = 1
 RTN_LOCAL = 2
 RTPROT_BOOT = 3  # what ``ip route add`` uses
 RT_SCOPE_HOST = 254
 FULL_MASK = 0xFFFFFFFF
-_DENIED = frozenset({errno.EPERM, errno.EACCES})
 _ABSENT = frozenset({errno.ENOENT, errno.ESRCH})
 # Selectors we never set: a rule carrying one of them is somebody else's rule.
 _FOREIGN_RULE_ATTRS = (
@@ -40,12 +39,31 @@ FIB_RULE_INVERT = 0x2
 TCP_FWMARK_ACCEPT = Path("/proc/sys/net/ipv4/tcp_fwmark_accept")
 
 
-def _fail(exc: NetlinkError, what: str) -> Exception:
+_HINTS = {errno.ENETDOWN: "is lo up?"}
+_V6_HINTS = {
+    errno.EAFNOSUPPORT: "the kernel has no IPv6 (ipv6.disable=1?)",
+    errno.EACCES: "IPv6 is off on lo (net.ipv6.conf.lo.disable_ipv6=1?)",
+}
+
+
+def _fail(exc: NetlinkError, what: str, family: Family = Family.V4) -> Exception:
+    """``what`` (the equivalent ``ip`` command) and the kernel's reason, as one line.
+
+    Only EPERM means missing privileges (a PermissionError). Any other code is a
+    PathwayError naming the errno and, when the kernel sent one, its extended-ack text:
+    EACCES on an IPv6 route is IPv6 being off on the device, not a privilege problem.
+    """
     code = int(exc.code)
-    if code in _DENIED:
+    if code == errno.EPERM:
         return PermissionError(code, what)
-    hint = " (is lo up?)" if code == errno.ENETDOWN else ""
-    return PathwayError(f"{what}: {os.strerror(code)}{hint}")
+    name = errno.errorcode.get(code, f"errno {code}")
+    kernel = str(exc.args[1]) if len(exc.args) > 1 and exc.args[1] else ""
+    text = kernel if kernel and kernel != os.strerror(code) else os.strerror(code)
+    if code == errno.EACCES and text == os.strerror(code):
+        text = "refused by the kernel"
+    hints = _V6_HINTS if family is Family.V6 else {}
+    hint = hints.get(code) or _HINTS.get(code)
+    return PathwayError(f"{what}: {text} ({name}){f'; {hint}' if hint else ''}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,7 +135,7 @@ class Routing:
 
     def __init__(self) -> None:
         try:
-            self._ipr: Any = IPRoute()
+            self._ipr: Any = IPRoute(ext_ack=True)  # the kernel's own reason for a refusal
         except OSError as exc:
             raise PathwayError(f"cannot open rtnetlink socket: {exc}") from exc
         self._lo_index: int | None = None
@@ -136,7 +154,10 @@ class Routing:
     def _ifindex(self, name: str) -> int:
         if name == "lo" and self._lo_index is not None:
             return self._lo_index
-        found = self._ipr.link_lookup(ifname=name)
+        try:
+            found = self._ipr.link_lookup(ifname=name)
+        except NetlinkError as exc:
+            raise _fail(exc, f"ip link show {name}") from exc
         if not found:
             raise PathwayError(f"no interface {name!r}")
         index = int(found[0])
@@ -170,7 +191,7 @@ class Routing:
         except NetlinkError as exc:
             if exc.code == errno.EEXIST:
                 return False
-            raise _fail(exc, spec.command("add")) from exc
+            raise _fail(exc, spec.command("add"), spec.family) from exc
         return True
 
     def del_rule(self, spec: RuleSpec) -> bool:
@@ -180,7 +201,7 @@ class Routing:
         except NetlinkError as exc:
             if exc.code in _ABSENT:
                 return False
-            raise _fail(exc, spec.command("del")) from exc
+            raise _fail(exc, spec.command("del"), spec.family) from exc
         return True
 
     def has_rule(self, spec: RuleSpec) -> bool:
@@ -188,7 +209,7 @@ class Routing:
         try:
             dump = self._ipr.get_rules(family=spec.family.af)
         except NetlinkError as exc:
-            raise _fail(exc, f"{spec.family.ip_cmd} rule show") from exc
+            raise _fail(exc, f"{spec.family.ip_cmd} rule show", spec.family) from exc
         return any(self._rule_matches(msg, spec) for msg in dump)
 
     @staticmethod
@@ -230,7 +251,7 @@ class Routing:
         except NetlinkError as exc:
             if exc.code == errno.EEXIST:
                 return False
-            raise _fail(exc, spec.command("add")) from exc
+            raise _fail(exc, spec.command("add"), spec.family) from exc
         return True
 
     def del_route(self, spec: RouteSpec) -> bool:
@@ -242,7 +263,7 @@ class Routing:
         except NetlinkError as exc:
             if exc.code in _ABSENT:
                 return False
-            raise _fail(exc, spec.command("del")) from exc
+            raise _fail(exc, spec.command("del"), spec.family) from exc
         return True
 
     def has_route(self, spec: RouteSpec) -> bool:
@@ -252,7 +273,8 @@ class Routing:
         try:
             dump = self._ipr.get_routes(family=spec.family.af, table=spec.table)
         except NetlinkError as exc:
-            raise _fail(exc, f"{spec.family.ip_cmd} route show table {spec.table}") from exc
+            what = f"{spec.family.ip_cmd} route show table {spec.table}"
+            raise _fail(exc, what, spec.family) from exc
         for msg in dump:
             r = _route_view(msg)
             if r.table != spec.table or r.type != RTN_LOCAL or r.oif != oif:

@@ -6,14 +6,16 @@ is cross-checked with the host's own tools (``ip``, ``nft``, ``iptables-legacy-s
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from pymmproxy.pathway.firewall.detect import detect_backend
+from pymmproxy.pathway.firewall.detect import find_binary
 from pymmproxy.pathway.plan import plan
 from tests.nsutil import Netns, netns, nobody_python, require_root_and_tools
 
@@ -87,6 +89,11 @@ def foreign_state(ns: Netns, backend: str) -> None:
             "ip6tables-legacy -t mangle -A OUTPUT -m connmark --mark 0x7b"
             " -j CONNMARK --restore-mark --nfmask 0xff",
         )
+        # negated matches decode to ['!', '0x7b']: not ours, and no traceback either
+        ns.run(["iptables-legacy", "-t", "mangle", "-A", "PREROUTING", "-m", "mark", "!",
+                "--mark", "0x7b", "-j", "CONNMARK", "--save-mark"])  # fmt: skip
+        ns.run(["ip6tables-legacy", "-t", "mangle", "-A", "OUTPUT", "-m", "connmark", "!",
+                "--mark", "0x7b", "-j", "CONNMARK", "--restore-mark"])  # fmt: skip
 
 
 def assert_host_tools_see(ns: Netns, mark: int, backend: str) -> None:
@@ -167,8 +174,14 @@ def test_two_marks_coexist(ns: Netns, backend: str) -> None:
     assert ok(ns, "status", "124", "--backend", backend)[0].startswith("pathway 124: complete")
 
 
+def detected(ns: Netns) -> str:
+    """The backend ``auto`` picks inside ``ns`` (detection reads the namespace's tables)."""
+    code = "from pymmproxy.pathway.firewall.detect import detect_backend as d; print(d().backend)"
+    return ns.run([PY, "-c", code], cwd="/").stdout.strip()
+
+
 def test_all_marks_and_instances_from_config_with_auto_backend(ns: Netns, tmp_path: Path) -> None:
-    expected = detect_backend().backend
+    expected = detected(ns)
     (tmp_path / "pathways.conf").write_text("# pathways\n123\n124  # second\n")
     (tmp_path / "instances.tsv").write_text("web 126 0.0.0.0:8443 127.0.0.1 443 ::1\n")
     tmp_path.chmod(0o755)
@@ -207,3 +220,178 @@ def test_unprivileged_gets_a_clear_error(ns: Netns, command: str, backend: str) 
         f"pymmproxy: pathway {command} 123: permission denied (need root or CAP_NET_ADMIN)\n"
     )
     assert dump(ns) == before
+
+
+# -- IPv6 switched off inside the namespace -------------------------------------------------
+
+IPV6_OFF_NOTE = "IPv6 off on this host (net.ipv6.conf.lo.disable_ipv6=1): IPv6 parts skipped"
+
+
+def switch_ipv6_off(ns: Netns) -> None:
+    """``disable_ipv6=1`` for all devices and lo, in this namespace only."""
+    sh(ns, "sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.lo.disable_ipv6=1")
+    assert ns.run(["cat", "/proc/sys/net/ipv6/conf/lo/disable_ipv6"]).stdout == "1\n"
+
+
+def doctor_json(ns: Netns, backend: str) -> tuple[int, dict[str, Any]]:
+    argv = [PY, "-m", "pymmproxy", "doctor", "--json", "--mark", "123", "--backend", backend]
+    res = ns.run(argv, check=False, cwd="/")
+    assert res.returncode in (0, 1), res.stderr
+    return res.returncode, json.loads(res.stdout)
+
+
+def legacy_v4_mangle_only(ns: Netns, backend: str) -> None:
+    """For legacy: the v4 mangle table exists before (the kernel keeps it once made)."""
+    if backend == "legacy":
+        ns.run(["iptables-legacy", "-t", "mangle", "-S"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ipv6_off_adds_reads_and_deletes_the_ipv4_parts(ns: Netns, backend: str) -> None:
+    switch_ipv6_off(ns)
+    legacy_v4_mangle_only(ns, backend)
+    before = dump(ns)
+    warning = f"pymmproxy: warning: {IPV6_OFF_NOTE}\n"
+
+    first = cli(ns, "add", "123", "--backend", backend)
+    assert (first.returncode, first.stderr) == (0, warning)
+    added = first.stdout.splitlines()
+    assert len(added) == 5
+    assert not [c for c in added if "ip -6" in c or "ip6tables" in c or "ipv6" in c]
+    again = cli(ns, "add", "123", "--backend", backend)
+    assert (again.returncode, again.stderr, again.stdout) == (
+        0, warning, "pathway 123: already in place\n",
+    )  # fmt: skip
+
+    assert "100:\tfrom all fwmark 0x7b lookup 123\n" in ns.run(["ip", "rule"]).stdout
+    assert "lookup 123" not in ns.run(["ip", "-6", "rule"]).stdout
+    assert (
+        ns.run(["ip", "route", "show", "table", "123"]).stdout
+        == "local default dev lo scope host \n"
+    )
+    if backend == "nft":
+        ruleset = ns.run(["nft", "list", "table", "inet", "pymmproxy"]).stdout
+        assert ruleset.count("meta nfproto ipv4") == 2
+        assert "ipv6" not in ruleset
+    else:
+        assert "--save-mark" in ns.run(["iptables-legacy-save", "-t", "mangle"]).stdout
+        assert "mangle" not in ns.run(["cat", "/proc/net/ip6_tables_names"]).stdout
+
+    for _ in range(2):
+        status = ok(ns, "status", "123", "--backend", backend)
+        assert status[0].startswith(f"pathway 123: complete (firewall backend {backend}")
+        assert "  route local          present  -" in status
+        assert status[-1] == f"  {IPV6_OFF_NOTE}"
+        code, doc = doctor_json(ns, backend)
+        assert code == 0, doc
+        rows = {c["key"]: c for c in doc["checks"]}
+        assert rows["ipv6"]["level"] == "OK"
+        assert rows["ipv6"]["detail"] == (
+            "off on this host (net.ipv6.conf.lo.disable_ipv6=1): IPv6 parts skipped"
+        )
+        for key in ("rules", "routes", "connmark"):
+            assert (rows[key]["level"], rows[key]["detail"]) == ("OK", "present (IPv4)")
+        assert rows["loopback"]["detail"] == "from 127.0.0.0/8 iif lo rule present"
+
+    removed = ok(ns, "del", "123", "--backend", backend)
+    assert len(removed) == 5
+    assert dump(ns) == before
+    assert ok(ns, "del", "123", "--backend", backend) == ["pathway 123: already absent"]
+    assert dump(ns) == before
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_del_removes_ipv6_leftovers_after_ipv6_went_off(ns: Netns, backend: str) -> None:
+    if backend == "legacy":
+        sh(ns, "iptables-legacy -t mangle -S", "ip6tables-legacy -t mangle -S")
+    before = dump(ns)
+    ok(ns, "add", "123", "--backend", backend)
+    switch_ipv6_off(ns)  # the kernel drops the IPv6 route of lo; rules and mangle entries stay
+    assert "lookup 123" in ns.run(["ip", "-6", "rule"]).stdout
+    removed = ok(ns, "del", "123", "--backend", backend)
+    assert "ip -6 rule del fwmark 123 lookup 123 pref 100" in removed
+    assert not [c for c in removed if c.startswith("ip -6 route")]  # already gone
+    assert len(removed) == 9
+    after = dump(ns)
+    kept = ("rules4", "rules6", "nft", "legacy4", "legacy6")  # routes: lo lost its IPv6 ones
+    assert {k: after[k] for k in kept} == {k: before[k] for k in kept}
+    assert "table 123" not in after["routes4"] + after["routes6"]
+
+
+def test_kernel_refusal_names_the_entry_and_is_no_permission_error(ns: Netns) -> None:
+    switch_ipv6_off(ns)
+    code = (
+        "from pymmproxy.pathway.routing import Routing\n"
+        "from pymmproxy.pathway.plan import plan\n"
+        "with Routing() as r:\n"
+        "    try:\n"
+        "        r.add_route(plan(123).routes[1])\n"
+        "    except Exception as e:\n"
+        "        print(type(e).__name__, e)\n"
+    )
+    out = ns.run([PY, "-c", code], cwd="/").stdout
+    assert out == (
+        "PathwayError ip -6 route add local ::/0 dev lo table 123: IPv6 is disabled on nexthop"
+        " device (EACCES); IPv6 is off on lo (net.ipv6.conf.lo.disable_ipv6=1?)\n"
+    )
+
+
+# -- failures: all or nothing per mark, every mark tried ----------------------------------------
+
+
+def test_failed_add_rolls_back_what_it_made_and_tries_every_mark(ns: Netns, tmp_path: Path) -> None:
+    # a foreign chain where ours must go: the nft batch fails after the rules are in
+    sh(ns, "nft add table inet pymmproxy")
+    ns.run(["nft", "add chain inet pymmproxy output { type filter hook input priority 0 ; }"])
+    sh(ns, "ip rule add fwmark 123 lookup 123 pref 100")  # there before: must stay
+    before = dump(ns)
+    res = cli(ns, "add", "123", "--backend", "nft")
+    assert res.returncode == 1
+    assert res.stdout == ""
+    assert res.stderr.count("\n") == 1
+    assert res.stderr.startswith("pymmproxy: pathway add 123: nftables: ")
+    assert res.stderr.endswith("; rolled back the 5 changes made before\n")
+    assert dump(ns) == before
+
+    (tmp_path / "pathways.conf").write_text("123\n124\n")
+    tmp_path.chmod(0o755)
+    res = cli(ns, "add-all", "--config-dir", str(tmp_path), "--backend", "nft")
+    assert res.returncode == 1
+    failed = res.stderr.splitlines()
+    assert [line.split(":")[1] for line in failed] == [" pathway add 123", " pathway add 124"]
+    assert dump(ns) == before
+
+
+# -- auto detection reads this namespace's tables -------------------------------------------------
+
+
+def detection(ns: Netns) -> tuple[str, str]:
+    code = "from pymmproxy.pathway.firewall.detect import detect_backend as d; r = d()\n"
+    code += "print(r.backend); print(r.reason)"
+    backend, reason = ns.run([PY, "-c", code], cwd="/").stdout.splitlines()
+    return backend, reason
+
+
+def test_auto_detection_follows_the_kernel_state(ns: Netns) -> None:
+    installed = find_binary()
+    assert installed is not None
+    backend, reason = detection(ns)
+    assert reason.startswith("kernel: no legacy tables, no iptables-nft tables; ")
+    assert backend == installed.variant
+    sh(ns, "iptables-legacy -t filter -A INPUT -j ACCEPT")
+    assert detection(ns) == (
+        "legacy", "kernel: legacy tables [filter (IPv4)], no iptables-nft tables"
+    )  # fmt: skip
+    status = cli(ns, "status", "123")
+    assert "(firewall backend legacy, auto: kernel: legacy tables [filter (IPv4)]" in status.stdout
+    sh(ns, "nft add table ip nat")  # as iptables-nft would: both kinds, the binary decides
+    backend, reason = detection(ns)
+    assert reason.startswith(
+        "kernel: legacy tables [filter (IPv4)], iptables-nft tables [ip nat]; "
+    )
+    assert backend == installed.variant
+    with netns("pmn") as other:
+        sh(other, "nft add table ip6 filter")
+        assert detection(other) == (
+            "nft", "kernel: iptables-nft tables [ip6 filter], no legacy tables"
+        )  # fmt: skip

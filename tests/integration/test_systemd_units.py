@@ -153,7 +153,12 @@ def test_pathways_unit() -> None:
     assert _get(svc, "Type") == ["oneshot"]
     assert _get(svc, "RemainAfterExit") == ["yes"]
     assert _get(svc, "ExecStart") == [f"{INSTALLED_BIN} pathway add-all"]
+    # add-all is idempotent: reload installs marks new in pathways.conf, instances keep running
+    assert _get(svc, "ExecReload") == [f"{INSTALLED_BIN} pathway add-all"]
     assert _get(svc, "ExecStop") == [f"{INSTALLED_BIN} pathway del-all"]
+    header = (UNIT_DIR / "pymmproxy-pathways.service").read_text().split("\n[Unit]")[0]
+    assert "/etc/pymmproxy/pathways.conf" in header  # where add-all reads its marks
+    assert "instances.tsv" not in header
     assert _get(svc, "User") == []  # root: it edits rules
     assert "Before" in dict(unit["Unit"])
     assert "network-online.target" in _get(unit["Unit"], "Before")[0].split()

@@ -23,6 +23,7 @@ from pymmproxy.doctor.facts import (
     TargetFacts,
 )
 from pymmproxy.pathway import ItemStatus, PathwayStatus, plan
+from pymmproxy.pathway.ipv6 import LO_DISABLED, Ipv6State
 from pymmproxy.settings import Endpoint, Transport
 
 NET_ADMIN = 1 << 12
@@ -184,6 +185,42 @@ def test_tcp_fwmark_accept_covers_tcp_only() -> None:
     assert with_udp.level is Level.FAIL
     assert with_udp.detail.endswith("UDP instances use this mark: dns")
     assert with_udp.fix == "pymmproxy pathway add 123"
+
+
+def _ipv4_only(missing: tuple[tuple[str, int], ...] = ()) -> PathwayStatus:
+    """What ``status`` reports where IPv6 is off: IPv4 items only, and the note."""
+    st = status(missing=missing)
+    items = tuple(i for i in st.items if i.family.value == 4)
+    note = Ipv6State(off=LO_DISABLED).note
+    return PathwayStatus(st.mark, st.backend, st.backend_reason, 0, items, note)
+
+
+def test_ipv6_off_is_one_ok_row_and_pathways_pass_with_ipv4() -> None:
+    assert checks.check_ipv6(Ipv6State()) == []
+    (row,) = checks.check_ipv6(Ipv6State(off=LO_DISABLED))
+    assert (row.key, row.level, row.name) == ("ipv6", Level.OK, "IPv6")
+    assert row.detail == f"off on this host ({LO_DISABLED}): IPv6 parts skipped"
+    found = checks.check_pathway(MarkFacts(123, _ipv4_only()))
+    assert {c.level for c in found} == {Level.OK}
+    assert [c.detail for c in found] == [
+        "present (IPv4)",
+        "present (IPv4)",
+        "present (IPv4)",
+        "from 127.0.0.0/8 iif lo rule present",
+    ]
+    loopback = checks.check_pathway(MarkFacts(123, _ipv4_only(LOOPBACK_GONE)))[-1]
+    assert loopback.level is Level.FAIL
+    assert "'from 127.0.0.0/8 iif lo' rule missing" in loopback.detail
+    facts = Facts(ROOT, NFT, (MarkFacts(123, _ipv4_only()),), ipv6=Ipv6State(off=LO_DISABLED))
+    report = evaluate(facts)
+    assert [c.key for c in report][:4] == ["privileges", "backend", "legacy-tables", "ipv6"]
+    assert exit_code(report) == 0
+
+
+def test_both_families_are_named_when_ipv6_is_on() -> None:
+    found = checks.check_pathway(MarkFacts(123, status()))
+    assert found[0].detail == "present (IPv4, IPv6)"
+    assert found[-1].detail == "from 127.0.0.0/8 and ::1/128 iif lo rules present"
 
 
 # -- instances ----------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ Two implementations of :class:`FirewallBackend`:
   Debian >= 10 default): legacy tables there are invisible to the host's ``iptables`` /
   ``nft list ruleset`` and make ``iptables`` warn "iptables-legacy tables present".
 
-``auto`` picks by where the host's ``iptables`` resolves (:mod:`.detect`).
+``auto`` picks by the tables the kernel holds (legacy xtables or iptables-nft ones), else by
+where the installed ``iptables`` resolves (:mod:`.detect`).
 
 Why libnftables and not pyroute2's nftables module (measured on Debian 12, pyroute2 0.9.7,
 libnftables 1.0.6): a JSON batch of table + 2 chains + 2 rules and a read-back took ~2.4 ms

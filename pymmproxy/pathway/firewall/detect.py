@@ -1,21 +1,43 @@
-"""Which firewall backend the host uses, decided without running any tool.
+"""Which firewall backend this network namespace uses: the kernel's state first, then the tools.
 
-The host's ``iptables`` (``/usr/sbin/iptables``, else the one on ``PATH``) is followed through
-its symlinks (Debian: ``/etc/alternatives``): ``xtables-nft-multi`` / ``iptables-nft`` means
-nf_tables, ``xtables-legacy-multi`` / ``iptables-legacy`` means legacy xtables. Without an
-``iptables`` at all, nft is used when libnftables can be loaded, legacy otherwise.
+1. The kernel (what is really in use here, also from inside a container): legacy xtables
+   tables are listed in ``/proc/net/ip_tables_names`` / ``ip6_tables_names``; iptables-nft
+   keeps its tables in the nf_tables ruleset as ``ip`` / ``ip6`` tables named ``filter``,
+   ``nat``, ``mangle``, ``raw`` or ``security``. Only one kind present decides.
+2. Otherwise (neither or both kinds, or not readable: both need CAP_NET_ADMIN / root) the
+   installed ``iptables`` (``/usr/sbin/iptables``, else the one on ``PATH``), followed through
+   its symlinks (Debian: ``/etc/alternatives``): ``xtables-nft-multi`` / ``iptables-nft`` is
+   nf_tables, ``xtables-legacy-multi`` / ``iptables-legacy`` legacy, and an iptables older
+   than 1.8 (``xtables-multi``, or a plain executable), which has no nft variant, legacy.
+3. Without any ``iptables``: nft when libnftables can be loaded, legacy otherwise.
+
+No tool is run. :func:`decide` is the pure decision; :func:`detect_backend` gathers its input.
 """
 
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from pymmproxy.pathway.firewall.base import BackendName
-from pymmproxy.pathway.firewall.libnftables import libnftables_available
+from pymmproxy.errors import PathwayError
+from pymmproxy.pathway.firewall.base import BackendName, has_net_admin
+from pymmproxy.pathway.firewall.libnftables import Nftables, libnftables_available
 
 DEFAULT_IPTABLES = Path("/usr/sbin/iptables")
+LEGACY_TABLE_FILES = (
+    (Path("/proc/net/ip_tables_names"), "IPv4"),
+    (Path("/proc/net/ip6_tables_names"), "IPv6"),
+)
+#: The tables iptables-nft creates in the nf_tables ruleset (families ip and ip6).
+XT_TABLES = frozenset({"filter", "nat", "mangle", "raw", "security"})
+XT_FAMILIES = frozenset({"ip", "ip6"})
+#: Multi-call binaries of iptables < 1.8, which only knew legacy xtables.
+OLD_MULTI = frozenset({"xtables-multi", "iptables-multi", "ip6tables-multi"})
+MULTI: dict[str, BackendName] = {"xtables-nft-multi": "nft", "xtables-legacy-multi": "legacy"}
+ELF_MAGIC = b"\x7fELF"
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,33 +48,142 @@ class Detection:
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class KernelTables:
+    """Firewall tables found in this namespace; None: could not be read."""
+
+    legacy: tuple[str, ...] | None  # e.g. "mangle (IPv4)"
+    xt_nft: tuple[str, ...] | None  # e.g. "ip filter"
+
+
+@dataclass(frozen=True, slots=True)
+class Binary:
+    """What the installed iptables is: its variant (None: unknown) and how it resolved."""
+
+    variant: BackendName | None
+    text: str  # e.g. "/usr/sbin/iptables -> xtables-nft-multi"
+
+
+# -- the decision (pure) -------------------------------------------------------------------
+
+
 def classify(binary: Path) -> BackendName | None:
     """``nft`` / ``legacy`` from the name an iptables binary resolves to, else None."""
     name = binary.name
     if "nft" in name:
         return "nft"
-    if "legacy" in name:
+    if "legacy" in name or name in OLD_MULTI:
         return "legacy"
     return None
 
 
-def _candidates() -> list[Path]:
-    found = [DEFAULT_IPTABLES]
-    on_path = shutil.which("iptables")
-    if on_path is not None:
-        found.append(Path(on_path))
-    return found
-
-
-def detect_backend(candidates: list[Path] | None = None) -> Detection:
-    """Inspect the host's iptables (or ``candidates``) and pick a backend."""
-    for binary in _candidates() if candidates is None else candidates:
-        if not binary.exists():
+def xt_nft_tables(listing: Iterable[dict[str, Any]]) -> tuple[str, ...]:
+    """The iptables-nft tables in a libnftables ``list tables`` JSON listing."""
+    found: list[str] = []
+    for item in listing:
+        table = item.get("table")
+        if not isinstance(table, dict):
             continue
-        target = binary.resolve()
-        backend = classify(target)
-        if backend is not None:
-            return Detection(backend, f"{binary} -> {target.name}")
-    if libnftables_available():
-        return Detection("nft", "no iptables found; libnftables available")
-    return Detection("legacy", "no iptables found; libnftables missing")
+        family, name = table.get("family"), table.get("name")
+        if family in XT_FAMILIES and name in XT_TABLES:
+            found.append(f"{family} {name}")
+    return tuple(found)
+
+
+def _listed(what: str, found: tuple[str, ...] | None) -> str:
+    if found is None:
+        return f"{what} unreadable"
+    return f"{what} [{', '.join(found)}]" if found else f"no {what}"
+
+
+def decide(kernel: KernelTables, binary: Binary | None, libnftables: bool) -> Detection:
+    """The backend from the kernel's tables, else the iptables binary, else libnftables."""
+    legacy = _listed("legacy tables", kernel.legacy)
+    xt_nft = _listed("iptables-nft tables", kernel.xt_nft)
+    if kernel.legacy and not kernel.xt_nft:
+        return Detection("legacy", f"kernel: {legacy}, {xt_nft}")
+    if kernel.xt_nft and not kernel.legacy:
+        return Detection("nft", f"kernel: {xt_nft}, {legacy}")
+    seen = f"kernel: {legacy}, {xt_nft}"
+    if binary is not None and binary.variant is not None:
+        return Detection(binary.variant, f"{seen}; {binary.text}")
+    tool = "no iptables found" if binary is None else f"{binary.text} (variant unknown)"
+    if libnftables:
+        return Detection("nft", f"{seen}; {tool}; libnftables available")
+    return Detection("legacy", f"{seen}; {tool}; libnftables missing")
+
+
+# -- gathering the input -------------------------------------------------------------------
+
+
+def read_legacy_tables(
+    files: Iterable[tuple[Path, str]] = LEGACY_TABLE_FILES,
+) -> tuple[str, ...] | None:
+    """The legacy xtables tables of this namespace, e.g. ``mangle (IPv4)``; None if the
+    lists are unreadable (they are root-only)."""
+    found: list[str] = []
+    for path, family in files:
+        try:
+            names = path.read_text(encoding="ascii").split()
+        except PermissionError:
+            return None
+        except OSError:  # ip(6)_tables not loaded: no legacy tables of this family
+            continue
+        found += [f"{name} ({family})" for name in names]
+    return tuple(found)
+
+
+def read_xt_nft_tables() -> tuple[str, ...] | None:
+    """The iptables-nft tables of this namespace's ruleset; None if it cannot be read."""
+    if not libnftables_available() or not has_net_admin():  # libnftables would print to stderr
+        return None
+    try:
+        with Nftables() as nft:
+            return xt_nft_tables(nft.run([{"list": {"tables": {}}}]))
+    except (PathwayError, OSError, ValueError):
+        return None
+
+
+def _is_elf(path: Path) -> bool:
+    try:
+        with path.open("rb") as f:
+            return f.read(4) == ELF_MAGIC
+    except OSError:
+        return False
+
+
+def inspect_binary(binary: Path) -> Binary:
+    """The variant of one existing iptables binary (symlinks, hard links, old builds)."""
+    target = binary.resolve()
+    text = f"{binary} -> {target.name}" if target != binary else str(binary)
+    variant = classify(target)
+    if variant is not None:
+        suffix = " (iptables < 1.8: legacy only)" if target.name in OLD_MULTI else ""
+        return Binary(variant, text + suffix)
+    for multi, kind in MULTI.items():  # a hard link to a multi-call binary
+        sibling = target.with_name(multi)
+        if sibling.exists() and sibling.samefile(target):
+            return Binary(kind, f"{text} (= {multi})")
+    if _is_elf(target):  # a program of its own, not a wrapper script: iptables < 1.8
+        return Binary("legacy", f"{text} (iptables < 1.8: legacy only)")
+    return Binary(None, text)
+
+
+def find_binary(candidates: Sequence[Path] | None = None) -> Binary | None:
+    """The first of ``candidates`` (default: /usr/sbin/iptables, PATH) whose variant is
+    known, else the first that exists, else None."""
+    if candidates is None:
+        on_path = shutil.which("iptables")
+        candidates = [DEFAULT_IPTABLES, *([Path(on_path)] if on_path else [])]
+    found = [inspect_binary(b) for b in candidates if b.exists()]
+    known = [b for b in found if b.variant is not None]
+    return next(iter(known or found), None)
+
+
+def detect_backend(
+    candidates: Sequence[Path] | None = None, kernel: KernelTables | None = None
+) -> Detection:
+    """Pick the backend for this namespace (see the module docstring)."""
+    if kernel is None:
+        kernel = KernelTables(read_legacy_tables(), read_xt_nft_tables())
+    return decide(kernel, find_binary(candidates), libnftables_available())

@@ -7,20 +7,24 @@ shows them). Entries are exactly::
     iptables  -t mangle -A OUTPUT -m connmark --mark M -j CONNMARK --restore-mark
 
 and the ``ip6tables`` twins. xtables has no "rule exists" error, so add reads the chain
-first (check-then-act); delete removes every exact copy of the entry and nothing else.
-The first use instantiates the (empty) legacy ``mangle`` tables of the namespace; the kernel
-keeps them after the last rule is gone. On an nf_tables host that makes the host's
-``iptables`` warn "iptables-legacy tables present", which is why ``auto`` picks ``nft`` there.
+first (check-then-act); delete removes every exact copy of the entry and nothing else;
+a rule of any other shape (negated, masked, extra matches) is not ours and stays. Reads
+leave a namespace without a legacy ``mangle`` table as it is (root can tell from
+``/proc/net/ip*_tables_names``); the first add instantiates the table, and the kernel keeps
+it after the last rule is gone. On an nf_tables host that makes the host's ``iptables`` warn
+"iptables-legacy tables present", which is why ``auto`` picks ``nft`` there.
 """
 
 from __future__ import annotations
 
 import errno
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, ClassVar, ParamSpec, TypeVar
 
 from pymmproxy.errors import PathwayError
 from pymmproxy.pathway.firewall.base import BackendName, FirewallBackend, require_net_admin
+from pymmproxy.pathway.firewall.detect import LEGACY_TABLE_FILES
 from pymmproxy.pathway.plan import Family, FirewallSpec
 
 TABLE = "mangle"
@@ -75,16 +79,27 @@ class _Iptc:
             self._rule_classes[family] = rule_cls
         return self._tables[family]
 
-    def _rules(self, spec: FirewallSpec) -> list[tuple[Any, dict[str, Any]]]:
+    def _decode(self, rule: object, family: Family) -> object:
+        """``iptc.easy``'s dict form of a rule; None for one it cannot decode (not ours)."""
+        try:
+            return self._iptc.easy.decode_iptc_rule(rule, family is Family.V6)
+        except Exception:  # noqa: BLE001 - any foreign shape python-iptables chokes on
+            return None
+
+    def _rules(self, spec: FirewallSpec) -> list[tuple[Any, object]]:
         table = self._table(spec.family)
         table.refresh()
         chain = self._iptc.Chain(table, spec.chain)
-        decode = self._iptc.easy.decode_iptc_rule
-        ipv6 = spec.family is Family.V6
-        return [(rule, decode(rule, ipv6)) for rule in chain.rules]
+        return [(rule, self._decode(rule, spec.family)) for rule in chain.rules]
 
     def find(self, spec: FirewallSpec) -> list[Any]:
-        """The rule objects in ``spec``'s chain that are exactly ``spec``."""
+        """The rule objects in ``spec``'s chain that are exactly ``spec``.
+
+        A namespace without a legacy mangle table of that family has none, and is left
+        without one (opening the table would instantiate it).
+        """
+        if not table_exists(spec.family):
+            return []
         what = f"{spec.family.iptables_cmd} -t {TABLE} -S {spec.chain}"
         found = self._call(what, self._rules, spec)
         return [rule for rule, decoded in found if matches(decoded, spec)]
@@ -117,19 +132,41 @@ def rule_dict(spec: FirewallSpec) -> dict[str, Any]:
     }
 
 
+def table_exists(family: Family, files: Sequence[tuple[Path, str]] = LEGACY_TABLE_FILES) -> bool:
+    """Whether the namespace has a legacy ``mangle`` table of ``family`` (True if unknown)."""
+    path = files[0 if family is Family.V4 else 1][0]
+    try:
+        return TABLE in path.read_text(encoding="ascii").split()
+    except FileNotFoundError:  # ip(6)_tables not loaded: no legacy table at all
+        return False
+    except OSError:  # root-only: let python-iptables look
+        return True
+
+
+def _hex(value: object) -> int | None:
+    """A plain hex number such as ``0x7b``; None for anything else (``['!', '0x7b']``, ...)."""
+    if not isinstance(value, str) or not value.lower().startswith("0x"):
+        return None
+    try:
+        return int(value, 16)
+    except ValueError:
+        return None
+
+
 def _mask_ok(value: object) -> bool:
-    return value is None or (isinstance(value, str) and int(value, 16) == FULL_MASK)
+    return value is None or _hex(value) == FULL_MASK
 
 
-def matches(rule: dict[str, Any], spec: FirewallSpec) -> bool:
-    """Whether a decoded rule is exactly the entry for ``spec`` (counters ignored)."""
-    if set(rule) - {"counters"} != {spec.match, "target"}:
+def matches(rule: object, spec: FirewallSpec) -> bool:
+    """Whether a decoded rule is exactly the entry for ``spec`` (counters ignored).
+
+    Any other shape (negations, masks, extra matches, values python-iptables could not
+    decode) is somebody else's rule: False, never an exception.
+    """
+    if not isinstance(rule, dict) or set(rule) - {"counters"} != {spec.match, "target"}:
         return False
     mark = rule[spec.match]
-    if not isinstance(mark, dict) or set(mark) != {"mark"}:
-        return False
-    value = str(mark["mark"])
-    if "/" in value or int(value, 16) != spec.mark:
+    if not isinstance(mark, dict) or set(mark) != {"mark"} or _hex(mark["mark"]) != spec.mark:
         return False
     target = rule["target"]
     if not isinstance(target, dict) or set(target) != {"CONNMARK"}:

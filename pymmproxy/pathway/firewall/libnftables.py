@@ -21,7 +21,7 @@ SONAME = "libnftables.so.1"
 NFT_CTX_DEFAULT = 0
 NFT_CTX_OUTPUT_HANDLE = 1 << 3
 NFT_CTX_OUTPUT_JSON = 1 << 4
-_DENIED_TEXT = (os.strerror(errno.EPERM), os.strerror(errno.EACCES))
+_DENIED_TEXT = os.strerror(errno.EPERM)  # only EPERM is a missing CAP_NET_ADMIN
 _ABSENT_TEXT = os.strerror(errno.ENOENT)
 
 
@@ -119,7 +119,7 @@ class Nftables:
         out = (self._lib.nft_ctx_get_output_buffer(self._ctx) or b"").decode(errors="replace")
         err = (self._lib.nft_ctx_get_error_buffer(self._ctx) or b"").decode(errors="replace")
         if rc != 0:
-            if any(text in err for text in _DENIED_TEXT):
+            if _DENIED_TEXT in err:
                 raise PermissionError(errno.EPERM, err.strip())
             raise NftError(err)
         if not out.strip():

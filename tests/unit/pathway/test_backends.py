@@ -10,13 +10,25 @@ import pytest
 from pymmproxy.errors import UsageError
 from pymmproxy.pathway.firewall import resolve_backend_name
 from pymmproxy.pathway.firewall.base import has_net_admin
-from pymmproxy.pathway.firewall.detect import classify, detect_backend
-from pymmproxy.pathway.firewall.legacy import matches, rule_dict
+from pymmproxy.pathway.firewall.detect import (
+    Binary,
+    Detection,
+    KernelTables,
+    classify,
+    decide,
+    detect_backend,
+    find_binary,
+    inspect_binary,
+    read_legacy_tables,
+    xt_nft_tables,
+)
+from pymmproxy.pathway.firewall.legacy import matches, rule_dict, table_exists
 from pymmproxy.pathway.firewall.nft import NftBackend, rule_expr
-from pymmproxy.pathway.plan import plan
+from pymmproxy.pathway.plan import Family, plan
 
 P = plan(123)
 SAVE4, RESTORE4, SAVE6, RESTORE6 = P.firewall
+ELF = b"\x7fELF"
 
 
 @pytest.mark.parametrize(
@@ -26,27 +38,129 @@ SAVE4, RESTORE4, SAVE6, RESTORE6 = P.firewall
         ("iptables-nft", "nft"),
         ("xtables-legacy-multi", "legacy"),
         ("iptables-legacy", "legacy"),
+        ("xtables-multi", "legacy"),  # iptables < 1.8 (RHEL 7, Ubuntu 18.04): no nft variant
+        ("iptables-multi", "legacy"),
         ("iptables", None),
+        ("iptables-wrapper", None),
     ],
 )
 def test_classify(name: str, expected: str | None) -> None:
     assert classify(Path("/usr/sbin") / name) == expected
 
 
-@pytest.mark.parametrize("real", ["xtables-nft-multi", "xtables-legacy-multi"])
-def test_detect_follows_symlinks(tmp_path: Path, real: str) -> None:
+@pytest.mark.parametrize("real", ["xtables-nft-multi", "xtables-legacy-multi", "xtables-multi"])
+def test_binary_follows_symlinks(tmp_path: Path, real: str) -> None:
     (tmp_path / real).write_text("")
     alt = tmp_path / "alternatives-iptables"
     alt.symlink_to(tmp_path / real)
     link = tmp_path / "iptables"
     link.symlink_to(alt)
-    found = detect_backend([tmp_path / "missing", link])
-    assert found.backend == real.split("-")[1]
-    assert found.reason == f"{link} -> {real}"
+    found = find_binary([tmp_path / "missing", link])
+    assert found is not None
+    assert found.variant == ("nft" if "nft" in real else "legacy")
+    assert found.text.startswith(f"{link} -> {real}")
+    assert ("iptables < 1.8" in found.text) == (real == "xtables-multi")
+
+
+def test_binary_hard_link_plain_program_and_script(tmp_path: Path) -> None:
+    (tmp_path / "xtables-nft-multi").write_bytes(ELF + b"nft")
+    hard = tmp_path / "iptables"
+    hard.hardlink_to(tmp_path / "xtables-nft-multi")
+    assert inspect_binary(hard) == Binary("nft", f"{hard} (= xtables-nft-multi)")
+    old = tmp_path / "old" / "iptables"
+    old.parent.mkdir()
+    old.write_bytes(ELF + b"iptables v1.4.21")  # a program of its own, no multi binary
+    assert inspect_binary(old) == Binary("legacy", f"{old} (iptables < 1.8: legacy only)")
+    script = tmp_path / "wrap" / "iptables"
+    script.parent.mkdir()
+    script.write_text('#!/bin/sh\nexec iptables-nft "$@"\n')
+    assert inspect_binary(script).variant is None
+    # a known variant wins over an unknown one found first
+    assert find_binary([script, hard]) == inspect_binary(hard)
+    assert find_binary([script]) == Binary(None, str(script))
+    assert find_binary([tmp_path / "nothing"]) is None
+
+
+NONE = KernelTables((), ())
+UNREADABLE = KernelTables(None, None)
+NFT_BIN = Binary("nft", "/usr/sbin/iptables -> xtables-nft-multi")
+OLD_BIN = Binary("legacy", "/sbin/iptables -> xtables-multi (iptables < 1.8: legacy only)")
+
+
+@pytest.mark.parametrize(
+    ("kernel", "binary", "libnft", "backend", "reason"),
+    [
+        # the kernel decides: legacy tables in use, no iptables-nft tables (even though the
+        # installed iptables, e.g. a container image's, is the nft variant)
+        (KernelTables(("filter (IPv4)", "nat (IPv4)"), ()), NFT_BIN, True, "legacy",
+         "kernel: legacy tables [filter (IPv4), nat (IPv4)], no iptables-nft tables"),
+        (KernelTables(("filter (IPv4)",), None), NFT_BIN, True, "legacy",
+         "kernel: legacy tables [filter (IPv4)], iptables-nft tables unreadable"),
+        (KernelTables((), ("ip filter", "ip6 nat")), OLD_BIN, True, "nft",
+         "kernel: iptables-nft tables [ip filter, ip6 nat], no legacy tables"),
+        # both kinds, or neither: the installed iptables decides
+        (KernelTables(("mangle (IPv4)",), ("ip filter",)), NFT_BIN, True, "nft",
+         "kernel: legacy tables [mangle (IPv4)], iptables-nft tables [ip filter]; "
+         "/usr/sbin/iptables -> xtables-nft-multi"),
+        (NONE, NFT_BIN, True, "nft",
+         "kernel: no legacy tables, no iptables-nft tables; "
+         "/usr/sbin/iptables -> xtables-nft-multi"),
+        (NONE, OLD_BIN, True, "legacy",
+         "kernel: no legacy tables, no iptables-nft tables; "
+         "/sbin/iptables -> xtables-multi (iptables < 1.8: legacy only)"),
+        (UNREADABLE, OLD_BIN, True, "legacy",
+         "kernel: legacy tables unreadable, iptables-nft tables unreadable; "
+         "/sbin/iptables -> xtables-multi (iptables < 1.8: legacy only)"),
+        # no iptables that says anything: libnftables decides
+        (NONE, None, True, "nft",
+         "kernel: no legacy tables, no iptables-nft tables; no iptables found; "
+         "libnftables available"),
+        (NONE, Binary(None, "/usr/sbin/iptables -> iptables-wrapper"), False, "legacy",
+         "kernel: no legacy tables, no iptables-nft tables; "
+         "/usr/sbin/iptables -> iptables-wrapper (variant unknown); libnftables missing"),
+    ],
+)  # fmt: skip
+def test_decide(
+    kernel: KernelTables, binary: Binary | None, libnft: bool, backend: str, reason: str
+) -> None:
+    assert decide(kernel, binary, libnft) == Detection(backend, reason)  # type: ignore[arg-type]
+
+
+def test_xt_nft_tables_from_a_listing() -> None:
+    listing = [
+        {"metainfo": {"version": "1.0.6"}},
+        {"table": {"family": "ip", "name": "filter", "handle": 1}},
+        {"table": {"family": "inet", "name": "filter", "handle": 2}},  # nft's own, not xt
+        {"table": {"family": "inet", "name": "pymmproxy", "handle": 3}},
+        {"table": {"family": "ip6", "name": "mangle", "handle": 4}},
+        {"table": {"family": "bridge", "name": "filter", "handle": 5}},
+        {"table": "garbage"},
+    ]
+    assert xt_nft_tables(listing) == ("ip filter", "ip6 mangle")
+    assert xt_nft_tables([]) == ()
+
+
+def test_read_legacy_tables(tmp_path: Path) -> None:
+    v4, v6 = tmp_path / "ip_tables_names", tmp_path / "ip6_tables_names"
+    v4.write_text("mangle\nfilter\n")
+    files = ((v4, "IPv4"), (v6, "IPv6"))  # v6 absent: ip6_tables not loaded
+    assert read_legacy_tables(files) == ("mangle (IPv4)", "filter (IPv4)")
+    v6.write_text("")
+    assert read_legacy_tables(files) == ("mangle (IPv4)", "filter (IPv4)")
+    v4.write_text("")
+    assert read_legacy_tables(files) == ()
+
+
+def test_detect_backend_on_given_kernel_state(tmp_path: Path) -> None:
+    (tmp_path / "xtables-nft-multi").write_text("")
+    (tmp_path / "iptables").symlink_to(tmp_path / "xtables-nft-multi")
+    legacy_host = KernelTables(("filter (IPv4)",), ())
+    assert detect_backend([tmp_path / "iptables"], legacy_host).backend == "legacy"
+    assert detect_backend([tmp_path / "iptables"], NONE).backend == "nft"
 
 
 def test_detect_without_iptables(tmp_path: Path) -> None:
-    assert detect_backend([tmp_path / "nothing"]).backend in {"nft", "legacy"}
+    assert detect_backend([tmp_path / "nothing"], NONE).backend in {"nft", "legacy"}
 
 
 def test_resolve_backend_name() -> None:
@@ -69,7 +183,7 @@ def test_has_net_admin_reads_capeff(tmp_path: Path) -> None:
 # -- legacy ------------------------------------------------------------------------------
 
 
-def _decoded(match: str, mark: str, action: str, **extra: Any) -> dict[str, Any]:
+def _decoded(match: str, mark: object, action: str, **extra: Any) -> dict[str, Any]:
     target = {action: "", "nfmask": "0xffffffff", "ctmask": "0xffffffff"}
     return {match: {"mark": mark}, "target": {"CONNMARK": target}, "counters": (0, 0), **extra}
 
@@ -94,6 +208,58 @@ def test_legacy_matches_only_the_exact_entry() -> None:
     masked["target"]["CONNMARK"]["nfmask"] = "0xff"
     assert not matches(masked, SAVE4)
     assert not matches({"mark": {"mark": "0x7b"}, "target": "ACCEPT"}, SAVE4)
+
+
+@pytest.mark.parametrize(
+    "mark",
+    [
+        ["!", "0x7b"],  # -m mark ! --mark 0x7b, as python-iptables decodes it
+        ["!", "0x7b/0xff"],
+        "! 0x7b",
+        "0x7b/0xffffffff",
+        "7b",
+        "0xzz",
+        "",
+        None,
+        123,
+        {"mark": "0x7b"},
+    ],
+)
+def test_legacy_foreign_mark_shapes_are_not_ours(mark: object) -> None:
+    for match, action, spec in (
+        ("mark", "save-mark", SAVE4),
+        ("connmark", "restore-mark", RESTORE6),
+    ):
+        assert not matches(_decoded(match, mark, action), spec)
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [
+        None,
+        "-A PREROUTING -j ACCEPT",
+        [],
+        {},
+        {"mark": None, "target": None},
+        {"mark": {"mark": "0x7b"}, "target": {"CONNMARK": None}},
+        {"mark": {"mark": "0x7b"}, "target": {"CONNMARK": {"save-mark": "", "nfmask": ["!"]}}},
+        {"mark": {"mark": "0x7b"}, "target": {"CONNMARK": {"save-mark": "", "ctmask": "0xff"}}},
+        {"mark": {"mark": "0x7b"}, "target": {"MARK": {"set-mark": "0x7b"}}},
+    ],
+)
+def test_legacy_undecodable_rules_are_not_ours(rule: object) -> None:
+    assert not matches(rule, SAVE4)
+
+
+def test_legacy_table_exists_reads_proc_without_touching_the_kernel(tmp_path: Path) -> None:
+    v4, v6 = tmp_path / "ip_tables_names", tmp_path / "ip6_tables_names"
+    files = ((v4, "IPv4"), (v6, "IPv6"))
+    v4.write_text("filter\nmangle\n")
+    v6.write_text("filter\n")
+    assert table_exists(Family.V4, files)
+    assert not table_exists(Family.V6, files)
+    v6.unlink()  # ip6_tables not loaded: no table
+    assert not table_exists(Family.V6, files)
 
 
 # -- nft ---------------------------------------------------------------------------------

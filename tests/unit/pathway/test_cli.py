@@ -6,33 +6,48 @@ from pathlib import Path
 
 import pytest
 
+from pymmproxy.errors import PathwayError
 from pymmproxy.pathway import ItemStatus, PathwayStatus
 from pymmproxy.pathway import cli as pcli
+from pymmproxy.pathway.ipv6 import LO_DISABLED, NO_KERNEL_IPV6, Ipv6State
 from pymmproxy.pathway.plan import Family, plan
+
+FAILING = 66  # the fake add / del / status fail for this mark
 
 
 class Recorder:
     def __init__(self) -> None:
         self.calls: list[tuple[str, int, str]] = []
+        self.ipv6: list[Ipv6State | None] = []
 
-    def add(self, mark: int, *, backend: str = "auto") -> list[str]:
-        self.calls.append(("add", mark, backend))
+    def _call(self, verb: str, mark: int, backend: str, ipv6: Ipv6State | None) -> None:
+        self.calls.append((verb, mark, backend))
+        self.ipv6.append(ipv6)
+        if mark == FAILING:
+            raise PathwayError(f"pathway {verb} {mark}: ip rule {verb} ...: kernel says no")
+
+    def add(self, mark: int, *, backend: str = "auto", ipv6: Ipv6State | None = None) -> list[str]:
+        self._call("add", mark, backend, ipv6)
         return [f"ip rule add fwmark {mark} lookup {mark} pref 100"]
 
-    def delete(self, mark: int, *, backend: str = "auto") -> list[str]:
-        self.calls.append(("del", mark, backend))
+    def delete(
+        self, mark: int, *, backend: str = "auto", ipv6: Ipv6State | None = None
+    ) -> list[str]:
+        self._call("del", mark, backend, ipv6)
         return []
 
-    def status(self, mark: int, *, backend: str = "auto") -> PathwayStatus:
-        self.calls.append(("status", mark, backend))
+    def status(
+        self, mark: int, *, backend: str = "auto", ipv6: Ipv6State | None = None
+    ) -> PathwayStatus:
+        self._call("status", mark, backend, ipv6)
         return _status(mark, complete=mark != 13)
 
 
-def _status(mark: int, *, complete: bool) -> PathwayStatus:
+def _status(mark: int, *, complete: bool, note: str = "") -> PathwayStatus:
     p = plan(mark)
     items = [ItemStatus(s.item, s.family, True, s.command()) for s in (*p.rules, *p.routes)]
     items += [ItemStatus(f.item, f.family, complete, f.command()) for f in p.firewall]
-    return PathwayStatus(mark, "nft", "requested", 0, tuple(items))
+    return PathwayStatus(mark, "nft", "requested", 0, tuple(items), note)
 
 
 @pytest.fixture
@@ -41,6 +56,7 @@ def rec(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Recorder:
     monkeypatch.setattr(pcli, "add", r.add)
     monkeypatch.setattr(pcli, "delete", r.delete)
     monkeypatch.setattr(pcli, "status", r.status)
+    monkeypatch.setattr(pcli, "probe_ipv6", Ipv6State)  # IPv6 on, whatever the test host
     monkeypatch.setenv("PYMMPROXY_CONFIG_DIR", str(tmp_path))
     return r
 
@@ -99,6 +115,58 @@ def test_all_commands_read_pathways_conf(
     assert pcli.main(["add-all"]) == 0
     assert pcli.main(["del-all", "--config-dir", str(tmp_path)]) == 0
     assert [c[:2] for c in rec.calls] == [("add", 123), ("add", 124), ("del", 123), ("del", 124)]
+
+
+@pytest.mark.parametrize("command", ["add-all", "del-all"])
+def test_all_commands_try_every_mark(
+    rec: Recorder, tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    (tmp_path / "pathways.conf").write_text(f"123\n{FAILING}\n124\n")
+    assert pcli.main([command]) == 1
+    assert [c[1] for c in rec.calls] == [123, FAILING, 124]
+    out, err = capsys.readouterr()
+    verb = command.removesuffix("-all")
+    assert err == f"pymmproxy: pathway {verb} {FAILING}: ip rule {verb} ...: kernel says no\n"
+    assert "123" in out
+    assert "124" in out
+
+
+def test_listed_marks_are_all_tried_too(rec: Recorder, capsys: pytest.CaptureFixture[str]) -> None:
+    assert pcli.main(["add", str(FAILING), "5"]) == 1
+    assert [c[1] for c in rec.calls] == [FAILING, 5]
+    assert pcli.main(["status", "5", str(FAILING), "6"]) == 1
+    out, err = capsys.readouterr()
+    assert err.count("\n") == 2  # one line per failure (add 66, status 66)
+    assert "pathway 5: complete" in out
+    assert "pathway 6: complete" in out
+
+
+def test_all_marks_ok_exit_0(rec: Recorder, tmp_path: Path) -> None:
+    (tmp_path / "pathways.conf").write_text("123\n124\n")
+    assert pcli.main(["add-all"]) == 0
+    assert pcli.main(["status"]) == 0
+
+
+def test_ipv6_off_warns_once_and_passes_the_state(
+    rec: Recorder, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    off = Ipv6State(off=LO_DISABLED)
+    monkeypatch.setattr(pcli, "probe_ipv6", lambda: off)
+    assert pcli.main(["add", "5", "6"]) == 0
+    warning = f"pymmproxy: warning: IPv6 off on this host ({LO_DISABLED}): IPv6 parts skipped\n"
+    assert capsys.readouterr().err == warning
+    assert rec.ipv6 == [off, off]
+    assert pcli.main(["del", "5"]) == 0  # del still removes IPv6 leftovers: nothing skipped
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(pcli, "probe_ipv6", lambda: Ipv6State(kernel=False, off=NO_KERNEL_IPV6))
+    assert pcli.main(["del", "5"]) == 0
+    assert "IPv6 parts skipped" in capsys.readouterr().err
+
+
+def test_status_shows_the_ipv6_note() -> None:
+    note = f"IPv6 off on this host ({LO_DISABLED}): IPv6 parts skipped"
+    assert pcli.format_status(_status(5, complete=True, note=note)).endswith(f"\n  {note}")
+    assert "IPv6" not in pcli.format_status(_status(5, complete=True))
 
 
 def test_empty_pathways_conf(

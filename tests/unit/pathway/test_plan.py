@@ -98,3 +98,10 @@ def test_bad_marks_are_usage_errors(mark: int) -> None:
 @pytest.mark.parametrize("mark", [1, 252, 256, 2**32 - 1])
 def test_edge_marks_are_fine(mark: int) -> None:
     assert plan(mark).mark == mark
+
+
+def test_plan_for_ipv4_only() -> None:
+    p = plan(123, [Family.V4])
+    assert {e.family for e in (*p.rules, *p.routes, *p.firewall)} == {Family.V4}
+    assert p.commands() == [c for c in plan(123).commands() if not c.startswith(("ip -6", "ip6"))]
+    assert plan(123, [Family.V6, Family.V4]) == plan(123)  # always in apply order

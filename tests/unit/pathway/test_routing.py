@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import errno
 from typing import Any
 
 import pytest
 from pyroute2.netlink.exceptions import NetlinkError
 
 from pymmproxy.errors import PathwayError
-from pymmproxy.pathway.plan import plan
+from pymmproxy.pathway.plan import Family, plan
 from pymmproxy.pathway.routing import FULL_MASK, Routing, _fail, _route_view
 
 FWMARK4, LOOP4, FWMARK6, LOOP6 = plan(123).rules
+V6 = Family.V6
 
 
 class Msg:
@@ -82,8 +84,40 @@ def test_route_view_prefers_rta_table() -> None:
 
 
 def test_netlink_errors_become_one_line() -> None:
-    denied = _fail(NetlinkError(1, "x"), "ip rule add")
+    denied = _fail(NetlinkError(errno.EPERM, "x"), "ip rule add")
     assert isinstance(denied, PermissionError)
-    down = _fail(NetlinkError(100, "x"), "ip -6 route add local ::/0 dev lo table 7")
+    down = _fail(NetlinkError(errno.ENETDOWN), "ip -6 route add local ::/0 dev lo table 7")
     assert isinstance(down, PathwayError)
-    assert str(down) == "ip -6 route add local ::/0 dev lo table 7: Network is down (is lo up?)"
+    assert str(down) == (
+        "ip -6 route add local ::/0 dev lo table 7: Network is down (ENETDOWN); is lo up?"
+    )
+
+
+def test_eacces_is_ipv6_off_not_a_permission_problem() -> None:
+    what = "ip -6 route add local ::/0 dev lo table 7"
+    err = _fail(NetlinkError(errno.EACCES, "IPv6 is disabled on nexthop device"), what, V6)
+    assert isinstance(err, PathwayError)
+    assert str(err) == (
+        f"{what}: IPv6 is disabled on nexthop device (EACCES);"
+        " IPv6 is off on lo (net.ipv6.conf.lo.disable_ipv6=1?)"
+    )
+    bare = _fail(NetlinkError(errno.EACCES), "ip route add local 0.0.0.0/0 dev lo table 7")
+    assert isinstance(bare, PathwayError)
+    assert "Permission denied" not in str(bare)
+    assert str(bare).endswith(": refused by the kernel (EACCES)")
+
+
+def test_no_kernel_ipv6_names_the_family() -> None:
+    what = "ip -6 rule add fwmark 7 lookup 7 pref 100"
+    err = _fail(NetlinkError(errno.EAFNOSUPPORT), what, V6)
+    assert str(err) == (
+        f"{what}: Address family not supported by protocol (EAFNOSUPPORT);"
+        " the kernel has no IPv6 (ipv6.disable=1?)"
+    )
+
+
+@pytest.mark.parametrize("code", [errno.EINVAL, errno.ENOBUFS, errno.EEXIST, 9999])
+def test_other_errors_are_never_permission_errors(code: int) -> None:
+    err = _fail(NetlinkError(code, "kernel says no"), "ip rule add fwmark 7 lookup 7 pref 100")
+    assert isinstance(err, PathwayError)
+    assert str(err).startswith("ip rule add fwmark 7 lookup 7 pref 100: kernel says no (")
