@@ -20,11 +20,11 @@ from pymmproxy.cpus import usable_cpus
 from pymmproxy.errors import PymmproxyError, UsageError
 from pymmproxy.settings import (
     DEFAULT_MAX_PENDING_HEADERS,
+    MAX_MARK,
     Endpoint,
     InstanceSettings,
     Limits,
     Transport,
-    validate_mark,
 )
 
 SUBCOMMANDS = {
@@ -49,14 +49,19 @@ def build_parser() -> argparse.ArgumentParser:
         f"Subcommands: {', '.join(SUBCOMMANDS)} (pymmproxy SUBCOMMAND --help).",
     )
     add = p.add_argument
-    add("-l", "--listen", default="0.0.0.0:8443", help="address the proxy listens on")
-    add("-4", "--target4", default="127.0.0.1:443", help="IPv4 target ('none' to disable)")
-    add("-6", "--target6", default="[::1]:443", help="IPv6 target ('none' to disable)")
+    # go-mmproxy's flag package also takes each of its flags with two dashes (--l, --4 ...)
+    add("-l", "--l", "--listen", dest="listen", default="0.0.0.0:8443",
+        help="address the proxy listens on")  # fmt: skip
+    add("-4", "--4", "--target4", dest="target4", default="127.0.0.1:443",
+        help="IPv4 target ('none': off)")  # fmt: skip
+    add("-6", "--6", "--target6", dest="target6", default="[::1]:443",
+        help="IPv6 target ('none': off)")  # fmt: skip
     add("-mark", "--mark", type=_int("mark"), default=0, help="SO_MARK for upstream packets")
     add("-allowed-subnets", "--allowed-subnets", metavar="FILE", help="allowed LB subnets")
     add("--allow-any", action="store_true", help="accept headers from any peer (unsafe)")
-    add("-p", "--protocol", default="tcp", choices=["tcp", "udp"], help="tcp or udp")
-    add("-v", "--verbose", type=_int("-v"), default=0, choices=[0, 1, 2], metavar="0|1|2")
+    add("-p", "--p", "--protocol", dest="protocol", default="tcp", choices=["tcp", "udp"])
+    add("-v", "--v", "--verbose", dest="verbose", type=_verbosity, default=0, metavar="0|1|2",
+        help="0: errors (rate-limited), 1: + failed connections, 2: + all")  # fmt: skip
     add("-listeners", "--listeners", type=_listeners, default=None, metavar="N|auto",
         help="worker processes (default auto: one per usable CPU)")  # fmt: skip
     add("-close-after", "--close-after", type=_int("close-after"), default=60, metavar="SECONDS")
@@ -84,14 +89,32 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def go_int(text: str) -> int:
+    """An integer as Go's ``flag.Int`` reads it: decimal, ``0x``/``0o``/``0b`` prefixes,
+    a leading ``0`` for octal, ``_`` between digits (ValueError otherwise)."""
+    text = text.strip()
+    body = text.lstrip("+-")
+    if len(body) > 1 and body[0] == "0" and body[1] in "01234567_":  # Go's old-style octal
+        return (-1 if text.startswith("-") else 1) * int(body, 8)
+    return int(text, 0)
+
+
 def _int(name: str) -> Callable[[str], int]:
     def conv(text: str) -> int:
         try:
-            return int(text, 10)
+            return go_int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{name}: {text!r} is not an integer") from None
 
     return conv
+
+
+def _verbosity(text: str) -> int:
+    """``-v N``: go-mmproxy takes any N >= 0; above 2 is the same as 2."""
+    value = _int("-v")(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"-v: {text!r} must be >= 0")
+    return min(value, 2)
 
 
 def _listeners(text: str) -> int | None:
@@ -130,8 +153,10 @@ def settings_from_args(args: argparse.Namespace) -> InstanceSettings:
     """Turn go-mmproxy style flags into validated settings."""
     from pymmproxy.conffiles import load_allow_list  # noqa: PLC0415 - keep --help fast
 
-    if args.mark:  # 0: no mark (go-mmproxy's default); negatives fail here too
-        validate_mark(args.mark)
+    if args.mark and not 0 < args.mark <= MAX_MARK:  # 0: no mark (go-mmproxy's default)
+        # Only the range: here the mark is SO_MARK alone (the routing set-up is the
+        # operator's), so 253..255 pass as with go-mmproxy; pathways.conf checks table ids.
+        raise UsageError(f"bad mark {args.mark}: must be 1..{MAX_MARK}")
     if args.allowed_subnets:
         allowed = load_allow_list(args.allowed_subnets)
     elif args.allow_any:

@@ -227,8 +227,9 @@ def run(
     """Run the daemon (in-process, or as N forked workers); returns the exit status."""
     workers = settings.listeners
     settings = dataclasses.replace(settings, limits=settings.limits.share(workers))
-    # Bind once up front so a bad listen address fails before forking, with one line.
-    bind(settings, reuse_port=workers > 1).close()
+    # Bind once up front so a bad listen address fails before forking, with one line; without
+    # SO_REUSEPORT, so that a port another program serves with it is refused, not shared.
+    bind(settings, reuse_port=False).close()
     if settings.metrics is not None:  # and every worker's metrics port
         from pymmproxy.metrics import check  # noqa: PLC0415 - prometheus_client on demand
 

@@ -53,6 +53,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.prog = "pymmproxy serve"
     parser.description = "Run the instances of instances.tsv in one daemon."
     parser.add_argument("--instances", metavar="A,B,...", help="only these instances")
+    for action in parser._actions:
+        if action.dest in _REFUSED:
+            action.help = argparse.SUPPRESS  # instances.tsv sets them: not in --help
     args = parser.parse_args(list(argv))
     if given := explicit(parser, argv, _REFUSED):  # even with its default value (-p tcp)
         flag = _REFUSED[given[0]]
@@ -241,7 +244,7 @@ class ParentGate:
         try:
             for spec in specs.values():
                 if spec.key not in known:
-                    bind(spec.settings, reuse_port=True).close()
+                    bind(spec.settings, reuse_port=False).close()  # (see daemon.run)
         except BaseException:
             self.drop(new)
             raise

@@ -52,7 +52,8 @@ def listen_socket(
     except OSError as exc:
         raise PymmproxyError(f"cannot listen on {endpoint}: {exc.strerror or exc}") from None
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if kind == socket.SOCK_STREAM:  # past TIME_WAIT; for UDP it would let a second
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # socket share the port
         if reuse_port:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:

@@ -17,7 +17,7 @@ import time
 import pytest
 
 from pymmproxy.proxyproto import Command, Family, Header, Transport, encode_v1, encode_v2
-from tests.integration.conftest import LB_V4, LB_V6, Workload, ns_connect
+from tests.integration.conftest import LB_V4, LB_V6, PY, Workload, ns_connect, ns_socket
 from tests.nsutil import recv_all
 
 pytestmark = [pytest.mark.netns]
@@ -293,3 +293,38 @@ def test_sigusr1_with_workers_logs_stats_and_keeps_serving(wl: Workload) -> None
         assert s.recv(5) == b"still"
     proc.terminate()
     assert proc.wait(10) == 0
+
+
+@pytest.mark.parametrize(
+    ("kind", "option", "flags"),
+    [
+        (socket.SOCK_DGRAM, socket.SO_REUSEADDR, ["-p", "udp"]),
+        (socket.SOCK_STREAM, socket.SO_REUSEPORT, ["-listeners", "2"]),
+    ],
+    ids=["udp-reuseaddr", "tcp-reuseport"],
+)
+def test_a_port_another_program_holds_is_refused_not_shared(
+    wl: Workload, kind: int, option: int, flags: list[str]
+) -> None:
+    """A UDP socket with SO_REUSEADDR, or a TCP listener with SO_REUSEPORT (go-mmproxy
+    -listeners 4 as root, say), would otherwise silently share the port with us."""
+    port = PORT + 40
+    squatter = ns_socket(wl.ns, socket.AF_INET, kind)
+    try:
+        squatter.setsockopt(socket.SOL_SOCKET, option, 1)
+        squatter.bind((LB_V4, port))
+        if kind == socket.SOCK_STREAM:
+            squatter.listen()
+        allow = wl.tmp / f"allow-{port}.txt"
+        allow.write_text("198.51.100.0/24\n")
+        res = wl.ns.run(
+            [PY, "-m", "pymmproxy", "-l", f"{LB_V4}:{port}", "-4", "127.0.0.1:9",
+             "-allowed-subnets", str(allow), *flags],
+            check=False, timeout=20,
+        )  # fmt: skip
+    finally:
+        squatter.close()
+    assert res.returncode == 1, res.stderr
+    assert res.stderr.strip().splitlines() == [
+        f"pymmproxy: cannot listen on {LB_V4}:{port}: Address already in use"
+    ]

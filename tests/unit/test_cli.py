@@ -87,7 +87,8 @@ def test_default_deny_without_allow_list() -> None:
     ("argv", "message"),
     [
         (["-mark", "abc"], "not an integer"),
-        (["-mark", "254"], "reserved routing table"),
+        (["-mark", "0x1_0000_0000"], "must be 1..4294967295"),
+        (["-mark", "09"], "not an integer"),  # a leading 0 is octal, as in Go
         (["-mark", "4294967296"], "must be 1..4294967295"),
         (["-mark=-1"], "bad mark -1: must be 1..4294967295"),
         (["-l", "1.2.3.4"], "expected ADDR:PORT"),
@@ -96,7 +97,7 @@ def test_default_deny_without_allow_list() -> None:
         (["-4", "[::1]:80"], "expected an IPv4 address"),
         (["-6", "127.0.0.1:80"], "expected an IPv6 address"),
         (["-4", "localhost:80"], "not an IP address"),
-        (["-v", "3"], "invalid choice"),
+        (["-v=-1"], "must be >= 0"),
         (["-p", "sctp"], "invalid choice"),
         (["-listeners", "0"], "-listeners must be >= 1"),
         (["--header-timeout", "0"], "must be > 0"),
@@ -113,6 +114,22 @@ def test_bad_values_are_one_line_exit_2(
     assert err.startswith("pymmproxy: ")
     assert err.count("\n") == 1
     assert message in err
+
+
+def test_go_mmproxy_spellings_parse_as_go_does() -> None:
+    """Go's flag package: one or two dashes, ``-flag=value``, Go integer literals, any
+    ``-v`` >= 0 (2 and above log everything), a mark only range-checked (SO_MARK alone)."""
+    parser = build_parser()
+    go = parser.parse_args(
+        ["--l", "192.0.2.1:8443", "--4", "127.0.0.1:22", "--6", "none", "--p", "udp", "--v",
+         "5", "--mark=0x7b", "--listeners", "1", "--close-after", "0o17", "--allow-any"]
+    )  # fmt: skip
+    ours = parser.parse_args(
+        ["-l", "192.0.2.1:8443", "-4", "127.0.0.1:22", "-6", "none", "-p", "udp", "-v", "2",
+         "-mark", "123", "-listeners", "1", "-close-after", "15", "--allow-any"]
+    )  # fmt: skip
+    assert vars(go) == vars(ours)
+    assert settings_from_args(parser.parse_args(["-mark", "254", "--allow-any"])).mark == 254
 
 
 def test_version_and_help() -> None:

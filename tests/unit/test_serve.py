@@ -252,7 +252,7 @@ def test_parent_gate_keeps_a_reload_the_workers_would_refuse_from_them(
             pass
 
     def fake_bind(settings: InstanceSettings, *, reuse_port: bool) -> _Bound:
-        assert reuse_port
+        assert not reuse_port  # a plain bind: a port served with SO_REUSEPORT is refused
         if settings.listen in taken:
             raise PymmproxyError(f"cannot listen on {settings.listen}: Address in use")
         return _Bound()
