@@ -40,7 +40,7 @@ from structlog.typing import FilteringBoundLogger as BoundLogger
 
 from pymmproxy.errors import PymmproxyError
 from pymmproxy.logsetup import get_logger
-from pymmproxy.net.sockets import raise_nofile_limit
+from pymmproxy.net.sockets import check_spoofing, raise_nofile_limit
 from pymmproxy.notify import Notifier
 from pymmproxy.policy import AllowList
 from pymmproxy.server.context import InstanceContext
@@ -230,6 +230,7 @@ def run(
     # Bind once up front so a bad listen address fails before forking, with one line; without
     # SO_REUSEPORT, so that a port another program serves with it is refused, not shared.
     bind(settings, reuse_port=False).close()
+    check_spoofing([settings.mark])
     if settings.metrics is not None:  # and every worker's metrics port
         from pymmproxy.metrics import check  # noqa: PLC0415 - prometheus_client on demand
 

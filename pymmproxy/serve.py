@@ -36,6 +36,7 @@ from pymmproxy.errors import PymmproxyError, UsageError
 from pymmproxy.instancelock import InstanceLock
 from pymmproxy.instances import TSV_FLAGS
 from pymmproxy.logsetup import get_logger
+from pymmproxy.net.sockets import check_spoofing
 from pymmproxy.notify import Notifier
 from pymmproxy.server.listener import bind, status_line
 from pymmproxy.server.registry import Registry, Spec
@@ -195,6 +196,8 @@ def main(argv: Sequence[str]) -> int:
         return load_specs(config_dir, names, limits, workers, metrics)
 
     initial = load()
+    if initial:
+        check_spoofing(spec.settings.mark for spec in initial.values())
     log = get_logger()
     log.info("serve.start", config_dir=str(config_dir), instances=list(initial), workers=workers)
     gate = ParentGate(load, log)

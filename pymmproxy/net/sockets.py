@@ -12,6 +12,7 @@ import errno
 import resource
 import socket
 from _socket import socket as RawSocket  # noqa: N812 - the C type: no Python-level __init__/close
+from collections.abc import Iterable
 
 from pymmproxy.errors import PymmproxyError, UpstreamError
 from pymmproxy.settings import Endpoint
@@ -32,6 +33,21 @@ def raise_nofile_limit() -> None:
     if soft < hard:
         with contextlib.suppress(ValueError, OSError):  # e.g. an unlimited hard limit
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def check_spoofing(marks: Iterable[int]) -> None:
+    """Fail at start, with one line, if this process may not bind client addresses
+    (``IP_TRANSPARENT``) or set ``marks`` (``SO_MARK``), instead of failing every connection."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.setsockopt(SOL_IP, IP_TRANSPARENT, 1)
+            for mark in set(marks) - {0}:
+                sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+        except PermissionError:
+            raise PymmproxyError(
+                "cannot spoof client addresses: IP_TRANSPARENT and SO_MARK need CAP_NET_ADMIN "
+                "(run as root, or grant it: the systemd units do; docker run --cap-add NET_ADMIN)"
+            ) from None
 
 
 def listen_socket(
