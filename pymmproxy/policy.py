@@ -185,14 +185,15 @@ def _v6_kind(ip: str) -> str | None:
 
 
 def own_addresses(listen_host: str) -> frozenset[str]:
-    """This host's addresses to refuse as sources: the listen address, or all if wildcard.
+    """This host's addresses to refuse as sources: every local address of the current
+    network namespace (read from ``/proc`` at start-up and on SIGHUP) and the listen address.
 
-    A wildcard listener (``0.0.0.0`` / ``::``) answers on every local address, so those are
-    read from ``/proc`` (of the current network namespace) once at start-up.
+    A service trusts connections from its own host (its public address as much as loopback):
+    a header must not be able to claim one, whatever address the proxy listens on.
     """
-    if listen_host not in {"0.0.0.0", "::"}:
-        return frozenset({_canonical(listen_host)})
     found: set[str] = set()
+    if listen_host not in {"0.0.0.0", "::"}:
+        found.add(listen_host)
     with contextlib.suppress(OSError):
         last = ""
         for line in Path("/proc/net/fib_trie").read_text().splitlines():

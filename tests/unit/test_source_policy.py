@@ -70,9 +70,11 @@ def test_kinds(text: str, kind: str | None) -> None:
     assert SourcePolicy(own_addresses("192.0.2.1")).refuses(text) == kind
 
 
-def test_own_addresses_of_a_specific_listener_is_just_it() -> None:
-    assert own_addresses("2001:DB8:0:0::1") == frozenset({"2001:db8::1"})
-    assert own_addresses("192.0.2.1") == frozenset({"192.0.2.1"})
+def test_own_addresses_of_a_specific_listener_are_it_and_the_hosts() -> None:
+    """Not only the listen address: the host's others (its public address) too."""
+    host = own_addresses("0.0.0.0")
+    assert own_addresses("2001:DB8:0:0::1") == host | {"2001:db8::1"}
+    assert own_addresses("192.0.2.1") == host | {"192.0.2.1"}
 
 
 def test_own_addresses_of_a_wildcard_listener_come_from_proc() -> None:
