@@ -27,6 +27,8 @@ from pymmproxy.settings import (
     Transport,
 )
 
+MAX_KEEPIDLE = 32767  # the kernel's limit for TCP_KEEPIDLE/TCP_KEEPINTVL
+
 SUBCOMMANDS = {
     "pathway": "pymmproxy.pathway.cli",
     "demo": "pymmproxy.demo",
@@ -199,8 +201,8 @@ def limits_from_args(args: argparse.Namespace) -> Limits:
         raise UsageError("--max-connections must be >= 0")
     if args.udp_max_clients < 1:
         raise UsageError("--udp-max-clients must be >= 1")
-    if getattr(args, "keepalive", 0) < 0:
-        raise UsageError("--keepalive must be >= 0")
+    if not 0 <= getattr(args, "keepalive", 0) <= MAX_KEEPIDLE:
+        raise UsageError(f"--keepalive must be 0..{MAX_KEEPIDLE} (seconds; 0 = off)")
     if getattr(args, "max_pending_headers", 0) < 0:
         raise UsageError("--max-pending-headers must be >= 0")
     return Limits(

@@ -31,7 +31,7 @@ import signal
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +53,8 @@ RESPAWN_LIMIT = 5  # workers forked again within RESPAWN_WINDOW before the daemo
 RESPAWN_WINDOW = 60.0
 PR_SET_PDEATHSIG = 1  # prctl(2)
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+#: what the parent of workers handles (forwards, or wakes up for)
+_FORWARDED = (*_STOP_SIGNALS, signal.SIGHUP, signal.SIGUSR1, signal.SIGCHLD)
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,12 +173,15 @@ class Daemon(Lifecycle):
         reloader: Reloader | None = None,
         notifier: Notifier | None = None,
         on_ready: Callable[[], None] | None = None,
+        forwarded: list[Reloaded] | None = None,
     ) -> None:
         log = get_logger(instance=settings.name) if settings.name else get_logger()
         super().__init__(log, notifier, on_ready)
         self.settings = settings
         self.verbosity = verbosity
         self.reloader = reloader
+        #: with workers: what the parent loaded when it last forwarded a SIGHUP (see run())
+        self.forwarded = forwarded if forwarded is not None else []
         self.listener = Listener(settings, verbosity=verbosity)
 
     @property
@@ -213,6 +218,16 @@ class Daemon(Lifecycle):
                 "daemon.reload_failed", error=str(exc), kept=ctx.allow.describe()
             )
             return
+        self._apply(ctx, new)
+
+    def catch_up_reload(self) -> None:
+        """Take what the parent loaded at the last SIGHUP, not the file as it is now (it may
+        have changed since without a SIGHUP); if that load failed, the others kept the
+        start-up state, and so does this worker."""
+        if self.forwarded and self.ctx is not None:
+            self._apply(self.ctx, self.forwarded[-1])
+
+    def _apply(self, ctx: InstanceContext, new: Reloaded) -> None:
         ctx.allow = new.allow
         ctx.refresh_own_addresses()
         self.log.info("daemon.reload", allow=new.allow.describe())
@@ -236,14 +251,23 @@ def run(
 
         check(settings.metrics, workers)
     log = get_logger(instance=settings.name) if settings.name else get_logger()
+    forwarded: list[Reloaded] = []  # the parent's load at the last SIGHUP, for new workers
+
+    def before_reload() -> bool:
+        if reloader is not None:
+            # a failure: the workers fail to load it too, log why and keep theirs
+            with contextlib.suppress(PymmproxyError, OSError):
+                forwarded[:] = [reloader()]
+        return True
 
     def factory(on_ready: Callable[[], None] | None, _index: int) -> Lifecycle:
         notifier = None if on_ready else Notifier()
         return Daemon(
-            settings, verbosity=verbosity, reloader=reloader, notifier=notifier, on_ready=on_ready
-        )
+            settings, verbosity=verbosity, reloader=reloader, notifier=notifier,
+            on_ready=on_ready, forwarded=forwarded,
+        )  # fmt: skip
 
-    return run_app(factory, workers, log)
+    return run_app(factory, workers, log, before_reload=before_reload)
 
 
 def run_app(
@@ -309,15 +333,24 @@ def _run_workers(
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     def spawn(index: int) -> None:
-        pid = os.fork()
-        if pid:
+        # Signals wait while the worker is forked and registered: a stop that came first
+        # reaches it below, one that comes meanwhile is forwarded to it once unblocked, and
+        # the child never runs the parent's handlers (it sets its own, then unblocks).
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, _FORWARDED)
+        try:
+            pid = os.fork()
+            if pid == 0:  # the worker: none of the parent's signal plumbing
+                signal.set_wakeup_fd(-1)
+                for fd in (pipe_r, wake_r, wake_w):
+                    os.close(fd)
+                _worker_main(
+                    factory, index, pipe_w, prctl, parent, catch_up=state.reloaded, mask=mask
+                )
             children[pid] = index
-            return
-        # the worker: none of the parent's signal plumbing
-        signal.set_wakeup_fd(-1)
-        for fd in (pipe_r, wake_r, wake_w):
-            os.close(fd)
-        _worker_main(factory, index, pipe_w, prctl, parent, catch_up=state.reloaded)
+            if state.stopping:
+                _signal_all([pid], signal.SIGTERM)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
     # SIGHUP/SIGUSR1 would end a process that has no handler for them yet: ignore them until
     # the parent forwards (below) and each worker's loop takes them over.
@@ -326,7 +359,7 @@ def _run_workers(
     for index in range(workers):
         spawn(index)
     old_wakeup = signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
-    for signum in (*_STOP_SIGNALS, signal.SIGHUP, signal.SIGUSR1, signal.SIGCHLD):
+    for signum in _FORWARDED:
         signal.signal(signum, forward)  # (USR1 would kill us)
 
     def on_line(line: str) -> None:
@@ -415,8 +448,10 @@ def _worker_main(
     parent: int,
     *,
     catch_up: bool,
+    mask: Iterable[int],
 ) -> None:
-    """A forked worker: run its app, then leave with ``os._exit`` (never return)."""
+    """A forked worker: run its app, then leave with ``os._exit`` (never return). Signals
+    arrive blocked; ``mask`` is the signal mask to restore once its handlers are set."""
     # Until the worker's loop takes SIGTERM over (the parent forwards it at once), it ends
     # the worker quietly: nothing is relayed yet, and the default action would make the
     # parent report a worker killed by SIGTERM (exit status 143).
@@ -425,6 +460,7 @@ def _worker_main(
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     for signum in (signal.SIGHUP, signal.SIGUSR1):
         signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     _die_with_parent(prctl, parent)
     code = 0
     try:

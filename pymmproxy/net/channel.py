@@ -436,7 +436,7 @@ class Channel:
         if now < left:
             self.reactor.loop.call_later(FLUSH_TIMEOUT, self._check_flush, now)
         else:
-            self._teardown(None)
+            self.abort()  # a reset: a FIN would pass the cut-off stream off as complete
 
     def abort(self) -> None:
         """Close now with a reset (RST), dropping anything queued."""

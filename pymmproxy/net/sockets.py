@@ -26,6 +26,12 @@ SO_MARK = getattr(socket, "SO_MARK", 36)
 _CONNECT_OK = frozenset({0, errno.EINPROGRESS})
 
 
+def c_int(value: int) -> int:
+    """``value`` (0..2^32-1, e.g. a fwmark) as the C ``int`` that ``setsockopt`` passes: the
+    kernel reads the same 32 bits as unsigned."""
+    return value - (1 << 32) if value >= 1 << 31 else value
+
+
 def raise_nofile_limit() -> None:
     """Lift the soft RLIMIT_NOFILE to the hard one, as Go programs do at start: a relayed
     TCP connection holds two descriptors (four more while splicing), a UDP client one."""
@@ -42,7 +48,7 @@ def check_spoofing(marks: Iterable[int]) -> None:
         try:
             sock.setsockopt(SOL_IP, IP_TRANSPARENT, 1)
             for mark in set(marks) - {0}:
-                sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+                sock.setsockopt(socket.SOL_SOCKET, SO_MARK, c_int(mark))
         except PermissionError:
             raise PymmproxyError(
                 "cannot spoof client addresses: IP_TRANSPARENT and SO_MARK need CAP_NET_ADMIN "
@@ -133,7 +139,7 @@ def connect_upstream(
         raise UpstreamError(*_describe(exc, source, target)) from None
     try:
         if mark:
-            sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+            sock.setsockopt(socket.SOL_SOCKET, SO_MARK, c_int(mark))
         if kind == socket.SOCK_STREAM:  # like the client side (uvloop) and go-mmproxy: no Nagle
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if keepalive:

@@ -113,7 +113,7 @@ class Listener:
         """Reset every open connection at once."""
         if self.ctx is not None:
             for conn in list(self.ctx.conns):
-                conn.transport.abort()
+                conn.abort()
 
     def dump(self) -> None:
         """One ``daemon.stats`` line with the counters and connection states."""

@@ -264,6 +264,10 @@ class ClientProtocol(asyncio.Protocol):
         return self.transport.unsent() > 0 or (up is not None and up.unsent() > 0)
 
     # -- failure and teardown --------------------------------------------------------------
+    def abort(self) -> None:
+        """Reset both sides now (the drain ran out, or a second stop signal)."""
+        self._close(abort=True)
+
     def _leave_header(self) -> None:
         if self.state == _HEADER:
             self.state = _CONNECTING

@@ -172,10 +172,9 @@ def test_no_target_for_family_closes(wl: Workload) -> None:
 
 def test_peer_not_in_allow_list_is_refused(wl: Workload) -> None:
     proc = wl.daemon("-4", f"127.0.0.1:{WHOAMI}", port=PORT + 4, allow="203.0.113.0/24\n")
-    with open_conn(wl, PORT + 4) as s:
+    with _reset_is_close(), open_conn(wl, PORT + 4) as s:  # reset at once: maybe in connect
         s.sendall(encode_v2(header("192.0.2.66", 40017)) + b"GET / HTTP/1.0\r\n\r\n")
-        with _reset_is_close():
-            assert recv_all(s) == b""
+        assert recv_all(s) == b""
     assert "192.0.2.66" not in wl.log(f"service-whoami-{WHOAMI}.log")
     assert "not_allowed" in wl.log(f"daemon-{PORT + 4}.log")
     proc.terminate()
@@ -328,3 +327,28 @@ def test_a_port_another_program_holds_is_refused_not_shared(
     assert res.stderr.strip().splitlines() == [
         f"pymmproxy: cannot listen on {LB_V4}:{port}: Address already in use"
     ]
+
+
+def test_connections_left_at_the_drain_timeout_are_reset_on_both_sides(wl: Workload) -> None:
+    """A cut-off upload must not reach the target as a complete one (EOF): reset it too."""
+    port = PORT + 41
+    proc = wl.daemon("-4", f"127.0.0.1:{SINK}", "--drain-timeout", "0.5", port=port)
+    sport = 40041
+    with open_conn(wl, port, timeout=10) as s:
+        s.sendall(encode_v2(header("192.0.2.68", sport)) + os.urandom(1 << 20))
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+        with pytest.raises(ConnectionResetError):
+            recv_all(s)
+    deadline = time.monotonic() + 5
+    while True:
+        done = [
+            line for line in wl.log(f"service-sink-hash-{SINK}.log").splitlines()
+            if '"done"' in line and f'"port": {sport}' in line
+        ]  # fmt: skip
+        if done or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert done, "the sink never finished"
+    assert "ConnectionResetError" in done[0]  # not a hash of a partial upload

@@ -75,9 +75,13 @@ def connect(wl: Workload, port: int, lb: str = LB_V4, timeout: float = 5.0) -> s
 
 
 def whoami(wl: Workload, port: int, src: str, sport: int, lb: str = LB_V4) -> str:
-    with connect(wl, port, lb) as s:
-        s.sendall(header(src, sport) + b"GET / HTTP/1.0\r\n\r\n")
-        return recv_all(s, reset_is_eof=True).decode().rpartition("\r\n\r\n")[2].strip()
+    """What the service saw, or "" if the proxy refused (a reset may come at once)."""
+    try:
+        with connect(wl, port, lb) as s:
+            s.sendall(header(src, sport) + b"GET / HTTP/1.0\r\n\r\n")
+            return recv_all(s, reset_is_eof=True).decode().rpartition("\r\n\r\n")[2].strip()
+    except (ConnectionResetError, BrokenPipeError):
+        return ""
 
 
 def mark_counters(wl: Workload) -> dict[int, int]:

@@ -98,6 +98,7 @@ def test_default_deny_without_allow_list() -> None:
         (["-6", "127.0.0.1:80"], "expected an IPv6 address"),
         (["-4", "localhost:80"], "not an IP address"),
         (["-v=-1"], "must be >= 0"),
+        (["--keepalive", "40000"], "must be 0..32767"),
         (["-p", "sctp"], "invalid choice"),
         (["-listeners", "0"], "-listeners must be >= 1"),
         (["--header-timeout", "0"], "must be > 0"),

@@ -29,7 +29,7 @@ def test_workers_get_their_part_of_the_count_limits(
 ) -> None:
     started: list[Any] = []
 
-    def fake_run_app(factory: Any, n: int, _log: Any) -> int:
+    def fake_run_app(factory: Any, n: int, _log: Any, **_kw: Any) -> int:
         started.append((factory(lambda: None, 0), n))
         return 0
 
@@ -156,7 +156,7 @@ def test_a_sighup_before_every_worker_is_up_reaches_all_of_them() -> None:
 
 _SUPERVISED = textwrap.dedent(
     """
-    import asyncio, os, sys
+    import asyncio, os, signal, sys
     from pymmproxy import daemon, logsetup
     from pymmproxy.errors import PymmproxyError
     from pymmproxy.logsetup import get_logger
@@ -190,7 +190,20 @@ _SUPERVISED = textwrap.dedent(
         def dump(self): pass
         def status(self): return "ok"
 
-    sys.exit(daemon.run_app(lambda on_ready, i: App(on_ready, i), 2, get_logger()))
+    class StopWhileRestarting:  # the parent's log: a stop lands just as it forks again
+        def __init__(self, log):
+            self.log = log
+        def __getattr__(self, name):
+            return getattr(self.log, name)
+        def error(self, event, **kw):
+            self.log.error(event, **kw)
+            if kw.get("action") == "restart":
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    log = get_logger()
+    if MODE == "stop-in-respawn":
+        log = StopWhileRestarting(log)
+    sys.exit(daemon.run_app(lambda on_ready, i: App(on_ready, i), 2, log))
     """
 )
 
@@ -303,3 +316,18 @@ def test_a_second_stop_after_the_repeat_window_aborts() -> None:
         code, lines, _err = sup.finish()
     assert code == 0
     assert sorted(x for x in lines if x.startswith("abort")) == ["abort 0", "abort 1"]
+
+
+def test_a_stop_that_lands_while_a_worker_is_forked_again_reaches_it() -> None:
+    """The stop comes between the parent's decision to fork again and the fork: the new
+    worker must hear of it (else the parent waits for it until systemd's SIGKILL)."""
+    sup = _Supervised("stop-in-respawn")
+    try:
+        started = sup.until("started", 2)
+        sup.until("up", 2)
+        os.kill(int(next(x for x in started if x.startswith("started 1")).split()[2]), 9)
+    finally:
+        code, lines, err = sup.finish()
+    assert code == 0, err
+    assert '"action": "restart"' in err
+    assert "drained 0" in lines

@@ -825,8 +825,12 @@ def test_a_close_that_cannot_flush_gives_up_without_progress(
     assert 0 < side.unsent() < queued
     reactor.loop.run_until_complete(asyncio.sleep(0.08))
     assert not side.closed  # it moved within the first period
+    aborted: list[bool] = []
+    real_abort = Plain.abort
+    monkeypatch.setattr(Plain, "abort", lambda self: (aborted.append(True), real_abort(self)))
     reactor.loop.run_until_complete(asyncio.sleep(0.1))
-    assert side.closed  # no progress in the second: aborted
+    assert side.closed  # no progress in the second period:
+    assert aborted  # aborted (a reset: a FIN would pass the cut-off stream off as complete)
 
 
 def test_no_descriptor_for_the_upstream_is_an_upstream_error(
@@ -855,3 +859,13 @@ def test_the_soft_descriptor_limit_is_lifted_to_the_hard_one() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "True"
+
+
+@pytest.mark.parametrize("mark", [1, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF])
+def test_every_32_bit_mark_can_be_set(mark: int) -> None:
+    """``setsockopt`` takes a C int: marks of 2^31 and more go as the same 32 bits."""
+    assert sockets.c_int(mark) & 0xFFFFFFFF == mark
+    sockets.check_spoofing([mark])  # root here: no error, and no TypeError either
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, sockets.SO_MARK, sockets.c_int(mark))
+        assert sock.getsockopt(socket.SOL_SOCKET, sockets.SO_MARK) & 0xFFFFFFFF == mark
