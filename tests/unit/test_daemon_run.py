@@ -92,68 +92,6 @@ def test_read_lines_splits_the_workers_pipe_and_wakes_outside_handlers() -> None
     assert wakes[0] == 0  # called before the first poll (a worker may be gone already)
 
 
-_WORKERS = textwrap.dedent(
-    """
-    import asyncio, os, sys
-    from pymmproxy import daemon, logsetup
-    from pymmproxy.logsetup import get_logger
-
-    logsetup.configure(0, "json")  # log lines to stderr: stdout carries only say()
-
-    def say(line):  # one write() per line: print() writes the newline apart
-        os.write(1, (line + "\\n").encode())
-
-    class App(daemon.Lifecycle):
-        def __init__(self, on_ready, index):
-            super().__init__(get_logger(), None, on_ready)
-            self.index = index
-        async def start(self):
-            if self.index == 1:
-                await asyncio.sleep(1.5)  # a slow worker: SIGHUP comes before it is up
-            say(f"started {self.index}")
-        def close(self): pass
-        async def drain(self): pass
-        def abort(self): pass
-        def reload(self): say(f"reload {self.index}")
-        def dump(self): pass
-        def status(self): return "ok"
-
-    sys.exit(daemon.run_app(lambda on_ready, i: App(on_ready, i), 2, get_logger()))
-    """
-)
-
-
-def test_a_sighup_before_every_worker_is_up_reaches_all_of_them() -> None:
-    """A worker ignores SIGHUP until its loop takes it over: the parent holds it till then."""
-    root = Path(__file__).resolve().parents[2]
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _WORKERS], stdout=subprocess.PIPE, text=True, cwd=root,
-        env={**os.environ, "PYTHONPATH": str(root)},
-    )  # fmt: skip
-    assert proc.stdout is not None
-    try:
-        while (line := proc.stdout.readline()) and not line.startswith("started"):
-            pass
-        assert line == "started 0\n"
-        time.sleep(0.3)  # the parent's handlers are in place; worker 1 is still starting
-        proc.send_signal(signal.SIGHUP)
-        lines: list[str] = []
-        give_up = threading.Timer(5.0, proc.send_signal, (signal.SIGTERM,))  # ends the output
-        give_up.start()
-        while len(lines) < 3 and (line := proc.stdout.readline()):
-            if line.startswith(("started", "reload")):  # not the parent's log lines
-                lines.append(line)
-        give_up.cancel()
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=10) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
-    assert sorted(lines) == ["reload 0\n", "reload 1\n", "started 1\n"]
-
-
 _SUPERVISED = textwrap.dedent(
     """
     import asyncio, os, signal, sys
@@ -173,6 +111,8 @@ _SUPERVISED = textwrap.dedent(
             super().__init__(get_logger(), None, on_ready)
             self.index = index
         async def start(self):
+            if MODE == "slow" and self.index == 1:
+                await asyncio.sleep(1.5)  # a slow worker: SIGHUP comes before it is up
             if MODE == "bad-start" and self.index == 1:
                 await asyncio.sleep(1.0)  # worker 0 is up by then: it drains, not _exits
                 raise PymmproxyError("cannot listen on 192.0.2.1:1: test")
@@ -331,3 +271,22 @@ def test_a_stop_that_lands_while_a_worker_is_forked_again_reaches_it() -> None:
     assert code == 0, err
     assert '"action": "restart"' in err
     assert "drained 0" in lines
+
+
+def test_a_sighup_before_every_worker_is_up_reaches_all_of_them() -> None:
+    """A worker ignores SIGHUP until its loop takes it over: the parent holds it till then."""
+    sup = _Supervised("slow")
+    try:
+        assert sup.until("started", 1) == [sup.lines[0]]
+        assert sup.lines[0].startswith("started 0")
+        time.sleep(0.3)  # the parent's handlers are in place; worker 1 is still starting
+        sup.proc.send_signal(signal.SIGHUP)
+        sup.until("reload", 2)
+        sup.proc.send_signal(signal.SIGTERM)
+    finally:
+        code, lines, err = sup.finish()
+    assert code == 0, err
+    assert sorted(x for x in lines if x.startswith("reload")) == ["reload 0", "reload 1"]
+    assert lines.index(next(x for x in lines if x.startswith("started 1"))) < max(
+        lines.index("reload 0"), lines.index("reload 1")
+    )  # worker 1 reloaded once it was up
