@@ -82,6 +82,7 @@ def check_backend(b: BackendFacts) -> list[Check]:
     else:
         where = "rules in the legacy mangle tables (iptables-legacy-save -t mangle)"
     checks = [Check("backend", "", "firewall backend", Level.OK, f"{b.name} ({b.reason}); {where}")]
+    checks += check_other_backend(b)
     if b.name != "nft":
         return checks
     if b.legacy_tables is None:
@@ -100,6 +101,28 @@ def check_backend(b: BackendFacts) -> list[Check]:
         "pymmproxy pathway del MARK --backend legacy)",
     ))  # fmt: skip
     return checks
+
+
+def check_other_backend(b: BackendFacts) -> list[Check]:
+    """A warning when pymmproxy entries sit in the backend that was not chosen: pathway
+    commands do not see them, yet the kernel still applies them."""
+    if b.name == "nft" and b.legacy_entries:
+        return [Check(
+            "other-backend", "", "entries in the other backend", Level.WARN,
+            "pymmproxy CONNMARK rules in the legacy mangle tables, but the backend is nft: "
+            "pathway commands do not see them",
+            "inspect: iptables-legacy-save -t mangle; remove: "
+            "pymmproxy pathway del MARK --backend legacy",
+        )]  # fmt: skip
+    if b.name == "legacy" and b.nft_table:
+        return [Check(
+            "other-backend", "", "entries in the other backend", Level.WARN,
+            "table inet pymmproxy exists, but the backend is legacy: pathway commands do not "
+            "see it",
+            "inspect: nft list table inet pymmproxy; remove: "
+            "pymmproxy pathway del MARK --backend nft",
+        )]  # fmt: skip
+    return []
 
 
 def check_ipv6(state: Ipv6State) -> list[Check]:

@@ -27,6 +27,8 @@ class BackendFacts:
     name: BackendName
     reason: str  # "requested" or "auto: ..."
     legacy_tables: tuple[str, ...] | None = ()  # e.g. "mangle (IPv4)"; None: unreadable
+    nft_table: bool = False  # table inet pymmproxy exists
+    legacy_entries: bool = False  # legacy mangle holds CONNMARK entries of ours
 
 
 @dataclass(frozen=True, slots=True)

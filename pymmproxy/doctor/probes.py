@@ -28,6 +28,7 @@ from pymmproxy.pathway.firewall import resolve_backend_name
 from pymmproxy.pathway.firewall.detect import (
     LEGACY_TABLE_FILES,
     detect_backend,
+    read_kernel_tables,
     read_legacy_tables,
 )
 from pymmproxy.pathway.ipv6 import Ipv6State
@@ -59,11 +60,14 @@ def legacy_tables(
 
 
 def backend(requested: str) -> BackendFacts:
-    """The firewall backend ``pathway`` would use, and why."""
+    """The firewall backend ``pathway`` would use, and why; where our entries are."""
+    kernel = read_kernel_tables()
+    ours = {"nft_table": kernel.ours_nft, "legacy_entries": kernel.ours_legacy}
     if requested != "auto":
-        return BackendFacts(resolve_backend_name(requested), "requested", legacy_tables())
-    found = detect_backend()
-    return BackendFacts(found.backend, f"auto: {found.reason}", legacy_tables())
+        name = resolve_backend_name(requested)
+        return BackendFacts(name, "requested", kernel.legacy, **ours)
+    found = detect_backend(kernel=kernel)
+    return BackendFacts(found.backend, f"auto: {found.reason}", kernel.legacy, **ours)
 
 
 def ipv6() -> Ipv6State:

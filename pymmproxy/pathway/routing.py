@@ -1,8 +1,14 @@
 """Policy rules and routes of a pathway, over rtnetlink (pyroute2 ``IPRoute``).
 
-Idempotency comes from the kernel's answer, not from a prior read: an add that gets
-``EEXIST`` was already done, a delete that gets ``ENOENT`` / ``ESRCH`` had nothing to do.
-Reads (:meth:`Routing.has_rule`, :meth:`Routing.has_route`) dump and compare exactly.
+Reads (:meth:`Routing.has_rule`, :meth:`Routing.has_route`) dump and compare exactly: all
+attributes we set, and no selector we never set (iif, src, metric, another protocol...).
+An add that gets ``EEXIST`` was already done. A delete first dumps the candidates and asks
+the kernel to remove only an exact match, with enough attributes to pin it: the kernel
+matches a delete loosely (it ignores iif/src when the request leaves them out, the protocol
+when it is 0, an IPv6 metric when none is given), so a bare request could hit a foreign
+rule or route. Our rules carry ``proto static`` for that reason (pinning them against
+foreign ``ip rule`` entries, which have none); rules of earlier versions (no protocol) are
+still ours, and are deleted only when the kernel cannot pick a foreign rule instead.
 """
 
 from __future__ import annotations
@@ -24,6 +30,11 @@ from pymmproxy.pathway.plan import Family, RouteSpec, RuleSpec
 FR_ACT_TO_TBL = 1
 RTN_LOCAL = 2
 RTPROT_BOOT = 3  # what ``ip route add`` uses
+RTPROT_STATIC = 4  # the protocol of our rules (``ip rule ... protocol static``)
+#: Protocols of rules that are ours: ours, and none (earlier versions added rules without one).
+_OUR_RULE_PROTOS = frozenset({0, RTPROT_STATIC})
+#: The metric of our routes: v4 none (0), v6 the kernel's default for user routes.
+ROUTE_METRIC = {Family.V4: 0, Family.V6: 1024}
 RT_SCOPE_HOST = 254
 FULL_MASK = 0xFFFFFFFF
 _ABSENT = frozenset({errno.ENOENT, errno.ESRCH})
@@ -34,7 +45,16 @@ _FOREIGN_RULE_ATTRS = (
     "FRA_IP_PROTO",
     "FRA_SPORT_RANGE",
     "FRA_DPORT_RANGE",
+    "FRA_UID_RANGE",
+    "FRA_TUN_ID",
+    "FRA_L3MDEV",
+    "FRA_GOTO",
 )
+# Selectors the kernel dumps with -1 (0xffffffff) when unset.
+_UNSET = 0xFFFFFFFF
+_FOREIGN_RULE_LIMITS = ("FRA_SUPPRESS_PREFIXLEN", "FRA_SUPPRESS_IFGROUP")
+# Route attributes ours never has.
+_FOREIGN_ROUTE_ATTRS = ("RTA_GATEWAY", "RTA_PREFSRC", "RTA_MULTIPATH", "RTA_VIA", "RTA_SRC")
 FIB_RULE_INVERT = 0x2
 TCP_FWMARK_ACCEPT = Path("/proc/sys/net/ipv4/tcp_fwmark_accept")
 
@@ -80,6 +100,8 @@ class _RuleView:
     fwmark: int | None
     fwmask: int | None
     iifname: str | None
+    proto: int
+    tos: int
     foreign: bool  # carries a selector pymmproxy never sets
 
 
@@ -90,6 +112,11 @@ class _RouteView:
     dst_len: int
     dst: str | None
     oif: int | None
+    metric: int
+    proto: int
+    src_len: int
+    tos: int
+    foreign: bool  # carries an attribute pymmproxy never sets
 
 
 def _opt_int(value: object) -> int | None:
@@ -98,6 +125,13 @@ def _opt_int(value: object) -> int | None:
 
 def _opt_str(value: object) -> str | None:
     return None if value is None else str(value)
+
+
+def _header(m: Any, key: str) -> int:  # noqa: ANN401 - a pyroute2 message
+    try:
+        return int(m[key] or 0)
+    except KeyError:
+        return 0
 
 
 def _rule_view(msg: object) -> _RuleView:
@@ -114,7 +148,10 @@ def _rule_view(msg: object) -> _RuleView:
         fwmark=_opt_int(get("FRA_FWMARK")),
         fwmask=_opt_int(get("FRA_FWMASK")),
         iifname=_opt_str(get("FRA_IIFNAME")),
-        foreign=any(get(name) is not None for name in _FOREIGN_RULE_ATTRS),
+        proto=int(get("FRA_PROTOCOL") or 0),
+        tos=_header(m, "tos"),
+        foreign=any(get(name) is not None for name in _FOREIGN_RULE_ATTRS)
+        or any(get(name) not in (None, _UNSET) for name in _FOREIGN_RULE_LIMITS),
     )
 
 
@@ -127,6 +164,11 @@ def _route_view(msg: object) -> _RouteView:
         dst_len=int(m["dst_len"]),
         dst=_opt_str(get("RTA_DST")),
         oif=_opt_int(get("RTA_OIF")),
+        metric=int(get("RTA_PRIORITY") or 0),
+        proto=_header(m, "proto"),
+        src_len=_header(m, "src_len"),
+        tos=_header(m, "tos"),
+        foreign=any(get(name) is not None for name in _FOREIGN_ROUTE_ATTRS),
     )
 
 
@@ -168,13 +210,15 @@ class Routing:
     # -- rules ---------------------------------------------------------------------------
 
     @staticmethod
-    def _rule_args(spec: RuleSpec) -> dict[str, Any]:
+    def _rule_args(spec: RuleSpec, proto: int = RTPROT_STATIC) -> dict[str, Any]:
         args: dict[str, Any] = {
             "family": spec.family.af,
             "table": spec.table,
             "priority": spec.priority,
             "action": FR_ACT_TO_TBL,
         }
+        if proto:
+            args["protocol"] = proto
         if spec.fwmark is not None:
             args.update(fwmark=spec.fwmark, fwmask=FULL_MASK)
         if spec.src is not None:
@@ -184,8 +228,18 @@ class Routing:
             args["iifname"] = spec.iif
         return args
 
+    def _rules(self, spec: RuleSpec) -> list[_RuleView]:
+        """The rules of ``spec``'s family, in the kernel's order."""
+        try:
+            dump = self._ipr.get_rules(family=spec.family.af)
+        except NetlinkError as exc:
+            raise _fail(exc, f"{spec.family.ip_cmd} rule show", spec.family) from exc
+        return [_rule_view(msg) for msg in dump]
+
     def add_rule(self, spec: RuleSpec) -> bool:
-        """Create the rule; False if it already existed."""
+        """Create the rule; False if it already existed (also one of an earlier version)."""
+        if any(self._view_matches(r, spec) for r in self._rules(spec)):
+            return False
         try:
             self._ipr.rule("add", **self._rule_args(spec))
         except NetlinkError as exc:
@@ -195,9 +249,25 @@ class Routing:
         return True
 
     def del_rule(self, spec: RuleSpec) -> bool:
-        """Delete the rule; False if there was none."""
+        """Delete exactly our rule; False if there was none.
+
+        The request carries the protocol of our rule; should the kernel still pick another
+        rule first (one with extra selectors, listed before an unmarked rule of ours), this
+        refuses instead of deleting somebody else's rule.
+        """
+        rules = self._rules(spec)
+        ours = next((r for r in rules if self._view_matches(r, spec)), None)
+        if ours is None:
+            return False
+        picked = next(r for r in rules if self._kernel_picks(r, spec, ours.proto))
+        if not self._view_matches(picked, spec):
+            raise PathwayError(
+                f"{spec.command('del')}: refused, the kernel would delete a foreign rule "
+                f"listed before ours (pref {picked.priority}, iif {picked.iifname or 'any'}); "
+                "delete that one first"
+            )
         try:
-            self._ipr.rule("del", **self._rule_args(spec))
+            self._ipr.rule("del", **self._rule_args(spec, ours.proto))
         except NetlinkError as exc:
             if exc.code in _ABSENT:
                 return False
@@ -206,18 +276,38 @@ class Routing:
 
     def has_rule(self, spec: RuleSpec) -> bool:
         """Whether exactly this rule is in the rule list."""
-        try:
-            dump = self._ipr.get_rules(family=spec.family.af)
-        except NetlinkError as exc:
-            raise _fail(exc, f"{spec.family.ip_cmd} rule show", spec.family) from exc
-        return any(self._rule_matches(msg, spec) for msg in dump)
+        return any(self._view_matches(r, spec) for r in self._rules(spec))
+
+    @staticmethod
+    def _kernel_picks(r: _RuleView, spec: RuleSpec, proto: int) -> bool:
+        """Whether the kernel's delete lookup would take ``r`` for our request (it skips
+        only on the attributes the request sets)."""
+        if r.action != FR_ACT_TO_TBL or r.table != spec.table or r.priority != spec.priority:
+            return False
+        if spec.iif is not None and r.iifname != spec.iif:
+            return False
+        if spec.fwmark is not None and (r.fwmark != spec.fwmark or r.fwmask != FULL_MASK):
+            return False
+        if proto and r.proto != proto:
+            return False
+        if spec.src is None:
+            return True
+        net = ipaddress.ip_network(spec.src)
+        if r.src_len != net.prefixlen or r.src is None:
+            return False
+        return ipaddress.ip_address(r.src) == net.network_address
 
     @staticmethod
     def _rule_matches(msg: object, spec: RuleSpec) -> bool:
-        r = _rule_view(msg)
+        return Routing._view_matches(_rule_view(msg), spec)
+
+    @staticmethod
+    def _view_matches(r: _RuleView, spec: RuleSpec) -> bool:
         if r.action != FR_ACT_TO_TBL or r.table != spec.table or r.priority != spec.priority:
             return False
         if r.flags & FIB_RULE_INVERT or r.dst_len or r.foreign or r.iifname != spec.iif:
+            return False
+        if r.proto not in _OUR_RULE_PROTOS or r.tos:
             return False
         if spec.fwmark is None:
             if r.fwmark:
@@ -234,7 +324,7 @@ class Routing:
     # -- routes --------------------------------------------------------------------------
 
     def _route_args(self, spec: RouteSpec) -> dict[str, Any]:
-        return {
+        args: dict[str, Any] = {
             "family": spec.family.af,
             "dst": spec.dst,
             "type": RTN_LOCAL,
@@ -243,6 +333,9 @@ class Routing:
             "scope": RT_SCOPE_HOST,
             "proto": RTPROT_BOOT,
         }
+        if ROUTE_METRIC[spec.family]:
+            args["priority"] = ROUTE_METRIC[spec.family]
+        return args
 
     def add_route(self, spec: RouteSpec) -> bool:
         """Create the route; False if it already existed."""
@@ -255,11 +348,16 @@ class Routing:
         return True
 
     def del_route(self, spec: RouteSpec) -> bool:
-        """Delete the route; False if there was none (v4 says ESRCH, v6 ENOENT)."""
-        args = self._route_args(spec)
-        del args["proto"]  # match a route added with any protocol, as ``ip route del`` does
+        """Delete exactly our route; False if there was none (v4 says ESRCH, v6 ENOENT).
+
+        Only when the table holds it: the request pins type, device, protocol and (IPv6)
+        metric, so no foreign route of the same prefix matches (IPv4 allows one route per
+        prefix and metric, and ours, metric 0, is the first the kernel finds).
+        """
+        if not self.has_route(spec):
+            return False
         try:
-            self._ipr.route("del", **args)
+            self._ipr.route("del", **self._route_args(spec))
         except NetlinkError as exc:
             if exc.code in _ABSENT:
                 return False
@@ -267,7 +365,8 @@ class Routing:
         return True
 
     def has_route(self, spec: RouteSpec) -> bool:
-        """Whether table ``spec.table`` holds ``local DST dev DEV``."""
+        """Whether table ``spec.table`` holds exactly ``local DST dev DEV`` (our metric and
+        protocol, no gateway, source or preferred source)."""
         net = ipaddress.ip_network(spec.dst)
         oif = self._ifindex(spec.dev)
         try:
@@ -279,7 +378,9 @@ class Routing:
             r = _route_view(msg)
             if r.table != spec.table or r.type != RTN_LOCAL or r.oif != oif:
                 continue
-            if r.dst_len != net.prefixlen:
+            if r.dst_len != net.prefixlen or r.metric != ROUTE_METRIC[spec.family]:
+                continue
+            if r.proto != RTPROT_BOOT or r.foreign or r.src_len or r.tos:
                 continue
             if r.dst is None or ipaddress.ip_address(r.dst) == net.network_address:
                 return True

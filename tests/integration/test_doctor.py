@@ -100,7 +100,8 @@ def test_nothing_installed_fails_each_pathway_check_then_add_passes(
     assert failing(doc) == {(key, str(MARK)) for key in PATHWAY_KEYS}
     for key in PATHWAY_KEYS:
         assert row(doc, key, str(MARK))["fix"] == f"pymmproxy pathway add {MARK}"
-    assert "ip rule add fwmark 123 lookup 123 pref 100" in row(doc, "rules", "123")["commands"]
+    fwmark_rule = "ip rule add fwmark 123 lookup 123 pref 100 protocol static"
+    assert fwmark_rule in row(doc, "rules", "123")["commands"]
 
     table = ns.run([PY, "-m", "pymmproxy", "doctor", "--config-dir", str(cfg)], check=False)
     assert table.returncode == 1
@@ -132,7 +133,9 @@ def test_missing_loopback_rule_fails_only_that_check(fresh: tuple[Netns, Path]) 
     loopback = row(doc, "loopback", str(MARK))
     assert "127.0.0.0/8" in loopback["detail"]
     assert "::1" not in loopback["detail"]
-    assert loopback["commands"] == ["ip rule add from 127.0.0.0/8 iif lo lookup 123 pref 101"]
+    assert loopback["commands"] == [
+        "ip rule add from 127.0.0.0/8 iif lo lookup 123 pref 101 protocol static"
+    ]
 
     # net.ipv4.tcp_fwmark_accept=1 (this namespace's own copy) covers TCP: only a warning,
     ns.run(["sysctl", "-qw", "net.ipv4.tcp_fwmark_accept=1"])

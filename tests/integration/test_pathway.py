@@ -100,8 +100,8 @@ def assert_host_tools_see(ns: Netns, mark: int, backend: str) -> None:
     hexmark = f"{mark:#x}"
     for fam, src in (("-4", "127.0.0.0/8"), ("-6", "::1")):
         rules = ns.run(["ip", fam, "rule"]).stdout
-        assert f"100:\tfrom all fwmark {hexmark} lookup {mark}\n" in rules
-        assert f"101:\tfrom {src} iif lo lookup {mark}\n" in rules
+        assert f"100:\tfrom all fwmark {hexmark} lookup {mark} proto static\n" in rules
+        assert f"101:\tfrom {src} iif lo lookup {mark} proto static\n" in rules
     routes4 = ns.run(["ip", "route", "show", "table", str(mark)]).stdout.splitlines()
     assert "local default dev lo scope host " in routes4
     routes6 = ns.run(["ip", "-6", "route", "show", "table", str(mark)]).stdout.splitlines()
@@ -263,7 +263,7 @@ def test_ipv6_off_adds_reads_and_deletes_the_ipv4_parts(ns: Netns, backend: str)
         0, warning, "pathway 123: already in place\n",
     )  # fmt: skip
 
-    assert "100:\tfrom all fwmark 0x7b lookup 123\n" in ns.run(["ip", "rule"]).stdout
+    assert "100:\tfrom all fwmark 0x7b lookup 123 proto static\n" in ns.run(["ip", "rule"]).stdout
     assert "lookup 123" not in ns.run(["ip", "-6", "rule"]).stdout
     assert (
         ns.run(["ip", "route", "show", "table", "123"]).stdout
@@ -380,14 +380,17 @@ def test_auto_detection_follows_the_kernel_state(ns: Netns) -> None:
     assert backend == installed.variant
     sh(ns, "iptables-legacy -t filter -A INPUT -j ACCEPT")
     assert detection(ns) == (
-        "legacy", "kernel: legacy tables [filter (IPv4)], no iptables-nft tables"
+        "legacy", "kernel: legacy tables with rules [filter (IPv4)], no iptables-nft tables"
     )  # fmt: skip
     status = cli(ns, "status", "123")
-    assert "(firewall backend legacy, auto: kernel: legacy tables [filter (IPv4)]" in status.stdout
+    assert (
+        "(firewall backend legacy, auto: kernel: legacy tables with rules [filter (IPv4)]"
+        in status.stdout
+    )
     sh(ns, "nft add table ip nat")  # as iptables-nft would: both kinds, the binary decides
     backend, reason = detection(ns)
     assert reason.startswith(
-        "kernel: legacy tables [filter (IPv4)], iptables-nft tables [ip nat]; "
+        "kernel: legacy tables with rules [filter (IPv4)], iptables-nft tables [ip nat]; "
     )
     assert backend == installed.variant
     with netns("pmn") as other:
@@ -395,3 +398,112 @@ def test_auto_detection_follows_the_kernel_state(ns: Netns) -> None:
         assert detection(other) == (
             "nft", "kernel: iptables-nft tables [ip6 filter], no legacy tables"
         )  # fmt: skip
+
+
+def test_auto_stays_with_our_nft_table_after_a_legacy_read(ns: Netns) -> None:
+    """A stock nft host: one ``iptables-legacy -L`` leaves an empty legacy filter table."""
+    require_root_and_tools("iptables-legacy")
+    before = dump(ns)
+    ok(ns, "add", "123", "--backend", "nft")
+    ns.run(["iptables-legacy", "-L"])
+    assert "filter" in ns.run(["cat", "/proc/net/ip_tables_names"]).stdout
+    assert detection(ns) == ("nft", "kernel: our table inet pymmproxy exists")
+    status = ok(ns, "status", "123")
+    assert status[0] == (
+        "pathway 123: complete (firewall backend nft, auto: kernel: our table inet pymmproxy "
+        "exists)"
+    )
+    _, doc = doctor_json(ns, "auto")
+    assert "other-backend" not in {c["key"] for c in doc["checks"]}
+    assert len(ok(ns, "del", "123")) == 10
+    assert ns.run(["nft", "list", "table", "inet", "pymmproxy"], check=False).returncode != 0
+    after = dump(ns)
+    assert {k: after[k] for k in ("rules4", "rules6", "routes4", "routes6", "nft")} == {
+        k: before[k] for k in ("rules4", "rules6", "routes4", "routes6", "nft")
+    }
+    # nothing of ours left anywhere, only the empty legacy table: the binary decides again
+    assert detection(ns)[1].startswith("kernel: empty legacy tables [filter (IPv4)], ")
+
+
+def test_auto_follows_our_legacy_rules_and_doctor_warns_about_the_other(ns: Netns) -> None:
+    ok(ns, "add", "123", "--backend", "legacy")
+    assert detection(ns) == ("legacy", "kernel: our CONNMARK rules are in the legacy mangle table")
+    code, doc = doctor_json(ns, "nft")  # asked for nft: our legacy rules are elsewhere
+    rows = {c["key"]: c for c in doc["checks"]}
+    assert rows["other-backend"]["level"] == "WARN"
+    assert code == 1  # the nft CONNMARK rules are missing: that part fails, the warning not
+    assert ok(ns, "status", "123")[0].startswith("pathway 123: complete (firewall backend legacy")
+    assert len(ok(ns, "del", "123")) == 10
+
+
+# -- foreign rules and routes the kernel's loose delete would match -----------------------------
+
+FOREIGN_RULE = "100:\tfrom all fwmark 0x7b iif foo [detached] lookup 123\n"
+FOREIGN_ROUTE = "local default dev lo metric 10 pref medium"
+
+
+def foreign_lookalikes(ns: Netns) -> None:
+    sh(
+        ns,
+        "ip rule add fwmark 123 iif foo lookup 123 pref 100",
+        "ip -6 route add local ::/0 dev lo table 123 metric 10",
+    )
+
+
+def assert_only_foreign_left(ns: Netns) -> None:
+    rules = ns.run(["ip", "rule"]).stdout
+    assert FOREIGN_RULE in rules
+    assert "proto static" not in rules + ns.run(["ip", "-6", "rule"]).stdout
+    assert ns.run(["ip", "-6", "route", "show", "table", "123"]).stdout.splitlines() == [
+        FOREIGN_ROUTE
+    ]
+    assert ns.run(["ip", "route", "show", "table", "123"]).stdout == ""
+
+
+def test_rollback_keeps_foreign_lookalikes_and_removes_ours(ns: Netns) -> None:
+    foreign_lookalikes(ns)
+    # a foreign chain where ours must go: the nft batch fails after the rules are in
+    sh(ns, "nft add table inet pymmproxy")
+    ns.run(["nft", "add chain inet pymmproxy output { type filter hook input priority 0 ; }"])
+    res = cli(ns, "add", "123", "--backend", "nft")
+    assert res.returncode == 1
+    assert res.stderr.endswith("; rolled back the 6 changes made before\n"), res.stderr
+    assert_only_foreign_left(ns)
+
+
+def test_del_keeps_foreign_lookalikes_before_and_after_ours(ns: Netns) -> None:
+    foreign_lookalikes(ns)  # listed before ours
+    ok(ns, "add", "123", "--backend", "nft")
+    assert ok(ns, "status", "123", "--backend", "nft")[0].startswith("pathway 123: complete")
+    assert len(ok(ns, "del", "123", "--backend", "nft")) == 10
+    assert_only_foreign_left(ns)
+    assert ok(ns, "del", "123", "--backend", "nft") == ["pathway 123: already absent"]
+    assert_only_foreign_left(ns)
+    # ours first, the look-alikes added after
+    sh(ns, "ip rule del fwmark 123 iif foo lookup 123 pref 100",
+       "ip -6 route del local ::/0 dev lo table 123 metric 10")  # fmt: skip
+    ok(ns, "add", "123", "--backend", "nft")
+    foreign_lookalikes(ns)
+    assert len(ok(ns, "del", "123", "--backend", "nft")) == 10
+    assert_only_foreign_left(ns)
+
+
+def test_rules_of_earlier_versions_are_ours(ns: Netns) -> None:
+    """No protocol on the rules (as pymmproxy added them before): still found and deleted,
+    unless the kernel would take a foreign look-alike listed first (then: refused)."""
+    ok(ns, "add", "123", "--backend", "nft")
+    for fam in ("-4", "-6"):
+        src = "127.0.0.0/8" if fam == "-4" else "::1/128"
+        for old in ("fwmark 123 lookup 123 pref 100", f"from {src} iif lo lookup 123 pref 101"):
+            ns.run(["ip", fam, "rule", "del", *old.split(), "protocol", "static"])
+            ns.run(["ip", fam, "rule", "add", *old.split()])
+    assert "proto static" not in ns.run(["ip", "rule"]).stdout
+    assert ok(ns, "add", "123", "--backend", "nft") == ["pathway 123: already in place"]
+    sh(ns, "ip rule add fwmark 123 iif foo lookup 123 pref 100")  # listed after ours: fine
+    assert len(ok(ns, "del", "123", "--backend", "nft")) == 10
+    assert FOREIGN_RULE in ns.run(["ip", "rule"]).stdout
+    sh(ns, "ip rule add fwmark 123 lookup 123 pref 100")  # an old rule after the foreign one
+    res = cli(ns, "del", "123", "--backend", "nft")
+    assert res.returncode == 1
+    assert "refused, the kernel would delete a foreign rule" in res.stderr
+    assert FOREIGN_RULE in ns.run(["ip", "rule"]).stdout

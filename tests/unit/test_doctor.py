@@ -118,6 +118,21 @@ def test_legacy_tables_on_nft_host_warn() -> None:
     assert by_key(unreadable)["legacy-tables"].level is Level.WARN
 
 
+def test_our_entries_in_the_backend_not_chosen_warn() -> None:
+    nft = checks.check_backend(BackendFacts("nft", "auto", ("mangle (IPv4)",), legacy_entries=True))
+    other = by_key(nft)["other-backend"]
+    assert other.level is Level.WARN
+    assert "legacy mangle" in other.detail
+    assert other.fix.endswith("pymmproxy pathway del MARK --backend legacy")
+    legacy = checks.check_backend(BackendFacts("legacy", "requested", (), nft_table=True))
+    assert by_key(legacy)["other-backend"].level is Level.WARN
+    assert "table inet pymmproxy exists" in by_key(legacy)["other-backend"].detail
+    assert checks.exit_code(nft + legacy) == 0  # a warning, not a failure
+    both = BackendFacts("nft", "auto", (), nft_table=True)
+    assert "other-backend" not in by_key(checks.check_backend(both))  # in the chosen one
+    assert "other-backend" not in by_key(checks.check_backend(BackendFacts("legacy", "x")))
+
+
 # -- pathway ------------------------------------------------------------------------------------
 
 

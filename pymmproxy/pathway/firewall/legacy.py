@@ -23,9 +23,14 @@ from pathlib import Path
 from typing import Any, ClassVar, ParamSpec, TypeVar
 
 from pymmproxy.errors import PathwayError
-from pymmproxy.pathway.firewall.base import BackendName, FirewallBackend, require_net_admin
+from pymmproxy.pathway.firewall.base import (
+    BackendName,
+    FirewallBackend,
+    has_net_admin,
+    require_net_admin,
+)
 from pymmproxy.pathway.firewall.detect import LEGACY_TABLE_FILES
-from pymmproxy.pathway.plan import Family, FirewallSpec
+from pymmproxy.pathway.plan import Family, FirewallSpec, FwAction
 
 TABLE = "mangle"
 P = ParamSpec("P")
@@ -175,6 +180,48 @@ def matches(rule: object, spec: FirewallSpec) -> bool:
     if not isinstance(options, dict) or set(options) - {"nfmask", "ctmask"} != {spec.action.value}:
         return False
     return _mask_ok(options.get("nfmask")) and _mask_ok(options.get("ctmask"))
+
+
+def _listed(family: Family, files: Sequence[tuple[Path, str]] = LEGACY_TABLE_FILES) -> bool:
+    """Whether ``mangle`` of ``family`` is listed (False when the list is unreadable)."""
+    path = files[0 if family is Family.V4 else 1][0]
+    try:
+        return TABLE in path.read_text(encoding="ascii").split()
+    except OSError:
+        return False
+
+
+def ours_any_mark(rule: object, family: Family, chain: str) -> bool:
+    """Whether a decoded rule of ``chain`` is the CONNMARK entry of some mark."""
+    for action in FwAction:
+        spec = FirewallSpec("", family, 0, action)
+        if spec.chain != chain or not isinstance(rule, dict):
+            continue
+        mark = rule.get(spec.match)
+        value = _hex(mark.get("mark")) if isinstance(mark, dict) else None
+        if value is not None and matches(rule, FirewallSpec("", family, value, action)):
+            return True
+    return False
+
+
+def holds_our_rules() -> bool | None:
+    """Whether an existing legacy mangle table holds CONNMARK entries of ours (any mark);
+    None if it could not be read. Tables that are not listed are not opened."""
+    families = [f for f in (Family.V4, Family.V6) if _listed(f)]
+    if not families or not has_net_admin():
+        return False if not families else None
+    try:
+        iptc = _Iptc()
+        for family in families:
+            for action in FwAction:
+                spec = FirewallSpec("", family, 0, action)
+                what = f"{family.iptables_cmd} -t {TABLE} -S {spec.chain}"
+                for _rule, decoded in iptc._call(what, iptc._rules, spec):
+                    if ours_any_mark(decoded, family, spec.chain):
+                        return True
+    except (PathwayError, OSError):
+        return None
+    return False
 
 
 class LegacyBackend(FirewallBackend):

@@ -147,7 +147,7 @@ def test_what_cannot_be_undone_is_named(kernel: Kernel) -> None:
     assert str(caught.value) == (
         "pathway add 123: iptables -t mangle -A PREROUTING ...: boom; rollback failed,"
         " still in place: ip -6 route add local ::/0 dev lo table 123;"
-        " ip rule add from 127.0.0.0/8 iif lo lookup 123 pref 101"
+        " ip rule add from 127.0.0.0/8 iif lo lookup 123 pref 101 protocol static"
     )
     assert kernel.state == {ROUTE6, LOOP4}
 

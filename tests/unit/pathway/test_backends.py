@@ -18,11 +18,13 @@ from pymmproxy.pathway.firewall.detect import (
     decide,
     detect_backend,
     find_binary,
+    has_our_table,
     inspect_binary,
     read_legacy_tables,
+    rule_count,
     xt_nft_tables,
 )
-from pymmproxy.pathway.firewall.legacy import matches, rule_dict, table_exists
+from pymmproxy.pathway.firewall.legacy import matches, ours_any_mark, rule_dict, table_exists
 from pymmproxy.pathway.firewall.nft import NftBackend, rule_expr
 from pymmproxy.pathway.plan import Family, plan
 
@@ -347,3 +349,61 @@ def test_nft_delete_nothing() -> None:
     backend, fake = _backend(_table())
     assert backend.delete(P.firewall) == []
     assert fake.batches == []
+
+
+# -- detection: our own entries first, empty legacy tables do not count ------------------------
+
+DEBIAN = KernelTables(("filter (IPv4)",), (), legacy_with_rules=())
+
+
+@pytest.mark.parametrize(
+    ("kernel", "backend", "reason"),
+    [
+        # our table wins over legacy tables in use and over our legacy rules
+        (KernelTables(("filter (IPv4)",), (), ("filter (IPv4)",), ours_nft=True,
+                      ours_legacy=True), "nft", "kernel: our table inet pymmproxy exists"),
+        (KernelTables(("mangle (IPv4)",), ("ip filter",), ("mangle (IPv4)",), ours_legacy=True),
+         "legacy", "kernel: our CONNMARK rules are in the legacy mangle table"),
+        # an empty legacy table (left by 'iptables-legacy -L') is not "in use"
+        (KernelTables(("filter (IPv4)",), ("ip nat",), ()), "nft",
+         "kernel: iptables-nft tables [ip nat], empty legacy tables [filter (IPv4)]"),
+        (KernelTables(("mangle (IPv4)", "filter (IPv4)"), (), ("filter (IPv4)",)), "legacy",
+         "kernel: legacy tables with rules [filter (IPv4)], empty legacy tables [mangle (IPv4)], "
+         "no iptables-nft tables"),
+    ],
+)  # fmt: skip
+def test_decide_ours_first_then_tables_with_rules(
+    kernel: KernelTables, backend: str, reason: str
+) -> None:
+    # the installed iptables (legacy-only here) has no say
+    assert decide(kernel, OLD_BIN, True) == Detection(backend, reason)  # type: ignore[arg-type]
+
+
+def test_decide_empty_legacy_table_leaves_it_to_the_binary() -> None:
+    found = decide(DEBIAN, NFT_BIN, True)
+    assert found.backend == "nft"
+    assert found.reason == (
+        "kernel: empty legacy tables [filter (IPv4)], no iptables-nft tables; "
+        "/usr/sbin/iptables -> xtables-nft-multi"
+    )
+    old = decide(DEBIAN, OLD_BIN, True)
+    assert old.backend == "legacy"  # nothing in use either way: the binary decides
+
+
+def test_rule_count_and_our_table() -> None:
+    assert rule_count(4, 0b1110) == 0  # empty filter: 3 policies + the error entry
+    assert rule_count(5, 0b1110) == 1
+    assert rule_count(6, 0b11111) == 0  # empty mangle
+    assert rule_count(8, 0b1110) == 4  # a user chain counts
+    assert has_our_table([{"table": {"family": "inet", "name": "pymmproxy"}}])
+    assert not has_our_table([{"table": {"family": "ip", "name": "pymmproxy"}}, {"table": 1}])
+
+
+def test_ours_any_mark() -> None:
+    save = _decoded("mark", "0x1c8", "save-mark")
+    assert ours_any_mark(save, Family.V4, "PREROUTING")
+    assert not ours_any_mark(save, Family.V4, "OUTPUT")
+    assert ours_any_mark(_decoded("connmark", "0x7b", "restore-mark"), Family.V6, "OUTPUT")
+    assert not ours_any_mark(_decoded("mark", ["!", "0x7b"], "save-mark"), Family.V4, "PREROUTING")
+    assert not ours_any_mark({"target": "ACCEPT"}, Family.V4, "PREROUTING")
+    assert not ours_any_mark(None, Family.V4, "PREROUTING")

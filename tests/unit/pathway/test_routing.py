@@ -10,7 +10,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from pymmproxy.errors import PathwayError
 from pymmproxy.pathway.plan import Family, plan
-from pymmproxy.pathway.routing import FULL_MASK, Routing, _fail, _route_view
+from pymmproxy.pathway.routing import FULL_MASK, Routing, _fail, _route_view, _rule_view
 
 FWMARK4, LOOP4, FWMARK6, LOOP6 = plan(123).rules
 V6 = Family.V6
@@ -121,3 +121,43 @@ def test_other_errors_are_never_permission_errors(code: int) -> None:
     err = _fail(NetlinkError(code, "kernel says no"), "ip rule add fwmark 7 lookup 7 pref 100")
     assert isinstance(err, PathwayError)
     assert str(err).startswith("ip rule add fwmark 7 lookup 7 pref 100: kernel says no (")
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"FRA_PROTOCOL": 3},  # somebody else's protocol
+        {"FRA_SUPPRESS_PREFIXLEN": 0},
+        {"FRA_UID_RANGE": (0, 10)},
+        {"FRA_IIFNAME": "foo"},
+    ],
+)
+def test_rule_with_other_protocol_or_selector_is_not_ours(changes: dict[str, Any]) -> None:
+    assert not Routing._rule_matches(fwmark_msg(**changes), FWMARK4)
+
+
+def test_rule_protocols_and_unset_limits_that_are_ours() -> None:
+    assert Routing._rule_matches(fwmark_msg(FRA_PROTOCOL=4), FWMARK4)  # ours
+    assert Routing._rule_matches(fwmark_msg(FRA_PROTOCOL=None), FWMARK4)  # earlier versions
+    assert Routing._rule_matches(fwmark_msg(FRA_SUPPRESS_PREFIXLEN=0xFFFFFFFF), FWMARK4)
+
+
+def test_kernel_pick_ignores_what_the_request_leaves_out() -> None:
+    foreign = _rule_view(fwmark_msg(FRA_IIFNAME="foo"))
+    assert Routing._kernel_picks(foreign, FWMARK4, 0)  # a bare request would take it
+    assert not Routing._kernel_picks(foreign, FWMARK4, 4)  # pinned by our protocol
+    assert Routing._kernel_picks(_rule_view(fwmark_msg(FRA_PROTOCOL=4)), FWMARK4, 4)
+
+
+def route_msg(**changes: Any) -> Msg:
+    attrs = {"RTA_TABLE": 123, "RTA_DST": "::", "RTA_OIF": 1, "RTA_PRIORITY": 1024}
+    attrs.update(changes)
+    return Msg({k: v for k, v in attrs.items() if v is not None}, type=2, proto=3, dst_len=0)
+
+
+def test_route_view_reads_metric_protocol_and_foreign_attributes() -> None:
+    ours = _route_view(route_msg())
+    assert (ours.metric, ours.proto, ours.foreign) == (1024, 3, False)
+    assert _route_view(route_msg(RTA_PRIORITY=10)).metric == 10
+    assert _route_view(route_msg(RTA_GATEWAY="fe80::1")).foreign
+    assert _route_view(route_msg(RTA_PREFSRC="::1")).foreign
