@@ -98,9 +98,22 @@ def check_backend(b: BackendFacts) -> list[Check]:
         f"iptables-legacy tables present: {', '.join(b.legacy_tables)}; their rules still "
         "apply but iptables-nft and 'nft list ruleset' do not show them",
         "inspect: iptables-legacy-save; ip6tables-legacy-save (stale pymmproxy rules there: "
-        "pymmproxy pathway del MARK --backend legacy)",
+        f"{_move_hint('legacy', 'nft', b.other_marks)})",
     ))  # fmt: skip
     return checks
+
+
+def _move_hint(stale: str, chosen: str, marks: tuple[int, ...]) -> str:
+    """Commands that drop our entries from backend ``stale`` and leave a working pathway:
+    ``del`` also removes the rules and routes, so ``add`` puts them back (with ``chosen``)."""
+    commands = [
+        f"pymmproxy pathway del {m} --backend {stale} && pymmproxy pathway add {m} "
+        f"--backend {chosen}"
+        for m in (marks or ("MARK",))
+    ]
+    return (
+        f"{'; '.join(commands)} (del also removes the mark's rules and routes, add puts them back)"
+    )
 
 
 def check_other_backend(b: BackendFacts) -> list[Check]:
@@ -111,16 +124,16 @@ def check_other_backend(b: BackendFacts) -> list[Check]:
             "other-backend", "", "entries in the other backend", Level.WARN,
             "pymmproxy CONNMARK rules in the legacy mangle tables, but the backend is nft: "
             "pathway commands do not see them",
-            "inspect: iptables-legacy-save -t mangle; remove: "
-            "pymmproxy pathway del MARK --backend legacy",
+            "inspect: iptables-legacy-save -t mangle; remove them, keeping the pathway: "
+            f"{_move_hint('legacy', 'nft', b.other_marks)}",
         )]  # fmt: skip
     if b.name == "legacy" and b.nft_table:
         return [Check(
             "other-backend", "", "entries in the other backend", Level.WARN,
             "table inet pymmproxy exists, but the backend is legacy: pathway commands do not "
             "see it",
-            "inspect: nft list table inet pymmproxy; remove: "
-            "pymmproxy pathway del MARK --backend nft",
+            "inspect: nft list table inet pymmproxy; remove it, keeping the pathway: "
+            f"{_move_hint('nft', 'legacy', b.other_marks)}",
         )]  # fmt: skip
     return []
 

@@ -29,6 +29,8 @@ class BackendFacts:
     legacy_tables: tuple[str, ...] | None = ()  # e.g. "mangle (IPv4)"; None: unreadable
     nft_table: bool = False  # table inet pymmproxy exists
     legacy_entries: bool = False  # legacy mangle holds CONNMARK entries of ours
+    #: the marks of our entries in the backend not chosen (empty: unknown or none)
+    other_marks: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,12 +25,16 @@ from pymmproxy.doctor.facts import (
 from pymmproxy.errors import ConfigError, PymmproxyError
 from pymmproxy.pathway import status as pathway_status
 from pymmproxy.pathway.firewall import resolve_backend_name
+from pymmproxy.pathway.firewall.base import BackendName
 from pymmproxy.pathway.firewall.detect import (
     LEGACY_TABLE_FILES,
+    KernelTables,
     detect_backend,
     read_kernel_tables,
     read_legacy_tables,
 )
+from pymmproxy.pathway.firewall.legacy import our_marks as legacy_marks
+from pymmproxy.pathway.firewall.nft import NftBackend
 from pymmproxy.pathway.ipv6 import Ipv6State
 from pymmproxy.pathway.ipv6 import probe as probe_ipv6
 from pymmproxy.settings import Endpoint, Transport
@@ -59,15 +63,36 @@ def legacy_tables(
     return read_legacy_tables(files)
 
 
+def other_marks(name: BackendName, kernel: KernelTables) -> tuple[int, ...]:
+    """The marks of our entries in the backend other than ``name`` (empty: none, unread)."""
+    if name == "nft" and kernel.ours_legacy:
+        return legacy_marks() or ()
+    if name == "legacy" and kernel.ours_nft:
+        try:
+            nft = NftBackend()
+        except (PymmproxyError, OSError):
+            return ()
+        try:
+            return nft.marks()
+        except (PymmproxyError, OSError):
+            return ()
+        finally:
+            nft.close()
+    return ()
+
+
 def backend(requested: str) -> BackendFacts:
     """The firewall backend ``pathway`` would use, and why; where our entries are."""
     kernel = read_kernel_tables()
-    ours = {"nft_table": kernel.ours_nft, "legacy_entries": kernel.ours_legacy}
     if requested != "auto":
-        name = resolve_backend_name(requested)
-        return BackendFacts(name, "requested", kernel.legacy, **ours)
-    found = detect_backend(kernel=kernel)
-    return BackendFacts(found.backend, f"auto: {found.reason}", kernel.legacy, **ours)
+        name, reason = resolve_backend_name(requested), "requested"
+    else:
+        found = detect_backend(kernel=kernel)
+        name, reason = found.backend, f"auto: {found.reason}"
+    return BackendFacts(
+        name, reason, kernel.legacy, nft_table=kernel.ours_nft,
+        legacy_entries=kernel.ours_legacy, other_marks=other_marks(name, kernel),
+    )  # fmt: skip
 
 
 def ipv6() -> Ipv6State:

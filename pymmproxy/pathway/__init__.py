@@ -8,8 +8,10 @@ Failures raise :class:`~pymmproxy.errors.PathwayError` with a one-line message; 
 raises :class:`~pymmproxy.errors.UsageError`. ``add`` applies routes, rules, then firewall
 entries, all or nothing: on a failure it undoes what it created itself (entries that were
 already there stay) and the error line says so, or names what it could not undo. ``del``
-goes in the reverse order and removes whatever part exists. Where IPv6 is off
-(:mod:`.ipv6`), ``add`` and ``status`` cover IPv4 only.
+goes in the reverse order and removes whatever part exists; first it checks every rule and
+route it would delete, and if the kernel would take a foreign look-alike instead of one of
+ours it refuses before changing anything (the error line says nothing was deleted). Where
+IPv6 is off (:mod:`.ipv6`), ``add`` and ``status`` cover IPv4 only.
 """
 
 from __future__ import annotations
@@ -186,6 +188,10 @@ def delete(mark: int, *, backend: str = "auto", ipv6: Ipv6State | None = None) -
     backend = resolve_backend_name(backend)
     changes: list[str] = []
     with _reported("del", p.mark), Routing() as routing, open_backend(backend) as fw:
+        refusals = [routing.rule_refusal(r) for r in p.rules]
+        refusals += [routing.route_refusal(r) for r in p.routes]
+        if refused := [r for r in refusals if r]:
+            raise PathwayError(f"{'; '.join(refused)}; nothing was deleted")
         changes += [_fw_text(fw, f, "del") for f in fw.delete(p.firewall)]
         changes += [r.command("del") for r in p.rules if routing.del_rule(r)]
         changes += [r.command("del") for r in p.routes if routing.del_route(r)]

@@ -2,8 +2,8 @@
 
 For fwmark ``M`` (which doubles as routing table ``M``) a pathway is, per address family::
 
-    ip rule add fwmark M lookup M pref 100 protocol static   # marked packets use table M
-    ip rule add from 127.0.0.0/8 iif lo lookup M pref 101 protocol static  # loopback replies
+    ip rule add fwmark M lookup M pref 100 protocol 112   # marked packets use table M
+    ip rule add from 127.0.0.0/8 iif lo lookup M pref 101 protocol 112  # loopback replies
     ip route add local 0.0.0.0/0 dev lo table M              # table M delivers everything locally
     iptables -t mangle -A PREROUTING -m mark --mark M -j CONNMARK --save-mark
     iptables -t mangle -A OUTPUT -m connmark --mark M -j CONNMARK --restore-mark
@@ -11,11 +11,12 @@ For fwmark ``M`` (which doubles as routing table ``M``) a pathway is, per addres
 and the same with ``ip -6`` / ``ip6tables``, ``::/0`` and ``from ::1/128``. The loopback
 rule is what routes a local service's reply (source 127.0.0.1 / ::1, unmarked) back to the
 spoofed client instead of out of the default route; it also covers UDP, unlike the sysctl
-``net.ipv4.tcp_fwmark_accept=1``, which pymmproxy only reads. ``protocol static`` marks the
-rules as pymmproxy's, so a delete can name them exactly (rules without it, as earlier
-versions added them, count as ours too). With the nft backend the two
-firewall entries live in ``table inet pymmproxy`` instead (see :mod:`.firewall.nft`).
-A plan may leave out a family (IPv6 on a host where it is off, see :mod:`.ipv6`).
+``net.ipv4.tcp_fwmark_accept=1``, which pymmproxy only reads. ``protocol 112``
+(:data:`RULE_PROTOCOL`) marks the rules as pymmproxy's, so a delete can name them exactly
+(rules without a protocol, as earlier versions added them, count as ours too). With the
+nft backend the two firewall entries live in ``table inet pymmproxy`` instead (see
+:mod:`.firewall.nft`). A plan may leave out a family (IPv6 on a host where it is off,
+see :mod:`.ipv6`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,11 @@ from pymmproxy.settings import validate_mark
 FWMARK_RULE_PRIORITY = 100
 #: ``ip rule`` priority of the ``from <loopback> iif lo lookup M`` reply rules.
 LOOPBACK_RULE_PRIORITY = 101
+#: The protocol pymmproxy's rules carry (``ip rule ... protocol 112``, shown as ``proto 112``):
+#: a private number that iproute2's rt_protos and the routing daemons leave unused, so a
+#: rule with it is ours. Not ``static`` (4): systemd-networkd gives its RoutingPolicyRule
+#: entries that by default. Rules with protocol 0 (earlier versions) are ours too.
+RULE_PROTOCOL = 112
 
 
 class Family(enum.Enum):
@@ -67,7 +73,7 @@ class Family(enum.Enum):
 @dataclass(frozen=True, slots=True)
 class RuleSpec:
     """One ``ip rule``: ``[fwmark F] [from SRC iif IIF] lookup TABLE pref PRIORITY``
-    (added with ``protocol static``)."""
+    (added with ``protocol 112``, :data:`RULE_PROTOCOL`)."""
 
     item: str
     family: Family
@@ -88,7 +94,7 @@ class RuleSpec:
             parts += ["iif", self.iif]
         parts += ["lookup", str(self.table), "pref", str(self.priority)]
         if verb == "add":
-            parts += ["protocol", "static"]
+            parts += ["protocol", str(RULE_PROTOCOL)]
         return " ".join(parts)
 
 

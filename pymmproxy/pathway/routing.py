@@ -6,9 +6,14 @@ An add that gets ``EEXIST`` was already done. A delete first dumps the candidate
 the kernel to remove only an exact match, with enough attributes to pin it: the kernel
 matches a delete loosely (it ignores iif/src when the request leaves them out, the protocol
 when it is 0, an IPv6 metric when none is given), so a bare request could hit a foreign
-rule or route. Our rules carry ``proto static`` for that reason (pinning them against
-foreign ``ip rule`` entries, which have none); rules of earlier versions (no protocol) are
-still ours, and are deleted only when the kernel cannot pick a foreign rule instead.
+rule or route. Our rules carry the private protocol :data:`RULE_PROTOCOL` (112) for that
+reason, pinning a delete against foreign entries (``ip rule`` adds protocol 0, and
+systemd-networkd ``static``, 4, which is therefore foreign); rules of earlier versions
+(protocol 0) are still ours. A rule is ours only if it carries nothing but the attributes
+ours may carry (a whitelist: realms, DSCP, flow labels, attributes pyroute2 cannot name...
+make it foreign). Before a delete the dump is walked in the kernel's order: if the first
+entry the kernel would take for our request is not exactly ours, the delete is refused
+(:meth:`Routing.rule_refusal`, :meth:`Routing.route_refusal`) instead of removing it.
 """
 
 from __future__ import annotations
@@ -25,36 +30,40 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from pymmproxy.errors import PathwayError
-from pymmproxy.pathway.plan import Family, RouteSpec, RuleSpec
+from pymmproxy.pathway.plan import RULE_PROTOCOL, Family, RouteSpec, RuleSpec
 
 FR_ACT_TO_TBL = 1
 RTN_LOCAL = 2
 RTPROT_BOOT = 3  # what ``ip route add`` uses
-RTPROT_STATIC = 4  # the protocol of our rules (``ip rule ... protocol static``)
 #: Protocols of rules that are ours: ours, and none (earlier versions added rules without one).
-_OUR_RULE_PROTOS = frozenset({0, RTPROT_STATIC})
+#: ``static`` (4) is foreign, whoever added the rule.
+_OUR_RULE_PROTOS = frozenset({0, RULE_PROTOCOL})
 #: The metric of our routes: v4 none (0), v6 the kernel's default for user routes.
 ROUTE_METRIC = {Family.V4: 0, Family.V6: 1024}
 RT_SCOPE_HOST = 254
 FULL_MASK = 0xFFFFFFFF
 _ABSENT = frozenset({errno.ENOENT, errno.ESRCH})
-# Selectors we never set: a rule carrying one of them is somebody else's rule.
-_FOREIGN_RULE_ATTRS = (
-    "FRA_DST",
-    "FRA_OIFNAME",
-    "FRA_IP_PROTO",
-    "FRA_SPORT_RANGE",
-    "FRA_DPORT_RANGE",
-    "FRA_UID_RANGE",
-    "FRA_TUN_ID",
-    "FRA_L3MDEV",
-    "FRA_GOTO",
-)
-# Selectors the kernel dumps with -1 (0xffffffff) when unset.
+#: The attributes a rule of ours may carry (as the kernel dumps them): what we set, and what
+#: the kernel reports for every rule. Any other one (realms FRA_FLOW, FRA_DST, FRA_GOTO,
+#: DSCP, flow label, masks, ``UNKNOWN`` ones pyroute2 cannot name...) makes a rule foreign.
+_OUR_RULE_ATTRS = frozenset({
+    "FRA_TABLE", "FRA_PRIORITY", "FRA_PROTOCOL", "FRA_FWMARK", "FRA_FWMASK", "FRA_SRC",
+    "FRA_IIFNAME", "FRA_SUPPRESS_PREFIXLEN", "FRA_SUPPRESS_IFGROUP",
+})  # fmt: skip
+#: Of those, the ones the kernel dumps with -1 (0xffffffff) when unset; any other value is
+#: a selector we never set.
 _UNSET = 0xFFFFFFFF
-_FOREIGN_RULE_LIMITS = ("FRA_SUPPRESS_PREFIXLEN", "FRA_SUPPRESS_IFGROUP")
+_UNSET_RULE_ATTRS = ("FRA_SUPPRESS_PREFIXLEN", "FRA_SUPPRESS_IFGROUP")
 # Route attributes ours never has.
-_FOREIGN_ROUTE_ATTRS = ("RTA_GATEWAY", "RTA_PREFSRC", "RTA_MULTIPATH", "RTA_VIA", "RTA_SRC")
+_FOREIGN_ROUTE_ATTRS = (
+    "RTA_GATEWAY", "RTA_PREFSRC", "RTA_MULTIPATH", "RTA_VIA", "RTA_SRC", "RTA_FLOW",
+    "RTA_NH_ID", "RTA_ENCAP", "RTA_ENCAP_TYPE",
+)  # fmt: skip
+#: ``ip route`` type names, for error messages.
+_ROUTE_TYPES = {
+    1: "unicast", 2: "local", 3: "broadcast", 4: "anycast", 5: "multicast", 6: "blackhole",
+    7: "unreachable", 8: "prohibit", 9: "throw", 10: "nat",
+}  # fmt: skip
 FIB_RULE_INVERT = 0x2
 TCP_FWMARK_ACCEPT = Path("/proc/sys/net/ipv4/tcp_fwmark_accept")
 
@@ -117,6 +126,10 @@ class _RouteView:
     src_len: int
     tos: int
     foreign: bool  # carries an attribute pymmproxy never sets
+    scope: int = 0
+    prefsrc: str | None = None
+    gateway: str | None = None
+    multipath: bool = False
 
 
 def _opt_int(value: object) -> int | None:
@@ -132,6 +145,20 @@ def _header(m: Any, key: str) -> int:  # noqa: ANN401 - a pyroute2 message
         return int(m[key] or 0)
     except KeyError:
         return 0
+
+
+def _attr_names(m: Any) -> list[str]:  # noqa: ANN401 - a pyroute2 message
+    """The names of a message's attributes (``UNKNOWN`` for those pyroute2 cannot name)."""
+    return [str(attr[0]) for attr in m["attrs"]]
+
+
+def _foreign_rule_attrs(m: Any) -> bool:  # noqa: ANN401 - a pyroute2 message
+    """Whether a rule carries an attribute or header field ours never has."""
+    if any(name not in _OUR_RULE_ATTRS for name in _attr_names(m)):
+        return True
+    if any(m.get_attr(name) not in (None, _UNSET) for name in _UNSET_RULE_ATTRS):
+        return True
+    return any(_header(m, key) for key in ("dst_len", "tos", "flags", "res1", "res2"))
 
 
 def _rule_view(msg: object) -> _RuleView:
@@ -150,8 +177,7 @@ def _rule_view(msg: object) -> _RuleView:
         iifname=_opt_str(get("FRA_IIFNAME")),
         proto=int(get("FRA_PROTOCOL") or 0),
         tos=_header(m, "tos"),
-        foreign=any(get(name) is not None for name in _FOREIGN_RULE_ATTRS)
-        or any(get(name) not in (None, _UNSET) for name in _FOREIGN_RULE_LIMITS),
+        foreign=_foreign_rule_attrs(m),
     )
 
 
@@ -169,7 +195,34 @@ def _route_view(msg: object) -> _RouteView:
         src_len=_header(m, "src_len"),
         tos=_header(m, "tos"),
         foreign=any(get(name) is not None for name in _FOREIGN_ROUTE_ATTRS),
+        scope=_header(m, "scope"),
+        prefsrc=_opt_str(get("RTA_PREFSRC")),
+        gateway=_opt_str(get("RTA_GATEWAY")),
+        multipath=get("RTA_MULTIPATH") is not None or get("RTA_NH_ID") is not None,
     )
+
+
+def _route_text(r: _RouteView, family: Family, lo: int) -> str:
+    """A dumped route the way ``ip route`` shows it (near enough for an error message)."""
+    kind = _ROUTE_TYPES.get(r.type, f"type {r.type}")
+    dst = f"{r.dst or family.any_net.split('/')[0]}/{r.dst_len}"
+    parts = [kind, dst]
+    if r.tos:
+        parts.append(f"tos {r.tos:#x}")
+    if r.gateway:
+        parts.append(f"via {r.gateway}")
+    if r.multipath:
+        parts.append("nexthop ...")
+    if r.oif is not None:
+        parts.append("dev lo" if r.oif == lo else f"oif {r.oif}")
+    parts += [f"table {r.table}", f"proto {r.proto}"]
+    if r.prefsrc:
+        parts.append(f"src {r.prefsrc}")
+    if r.metric:
+        parts.append(f"metric {r.metric}")
+    if r.foreign and not (r.gateway or r.prefsrc or r.multipath):
+        parts.append("...")
+    return " ".join(parts)
 
 
 class Routing:
@@ -210,7 +263,7 @@ class Routing:
     # -- rules ---------------------------------------------------------------------------
 
     @staticmethod
-    def _rule_args(spec: RuleSpec, proto: int = RTPROT_STATIC) -> dict[str, Any]:
+    def _rule_args(spec: RuleSpec, proto: int = RULE_PROTOCOL) -> dict[str, Any]:
         args: dict[str, Any] = {
             "family": spec.family.af,
             "table": spec.table,
@@ -248,24 +301,38 @@ class Routing:
             raise _fail(exc, spec.command("add"), spec.family) from exc
         return True
 
+    def _rule_target(self, spec: RuleSpec) -> tuple[_RuleView | None, str]:
+        """Our rule and, if the kernel would take another one first, why we refuse."""
+        rules = self._rules(spec)
+        ours = next((r for r in rules if self._view_matches(r, spec)), None)
+        if ours is None:
+            return None, ""
+        picked = next(r for r in rules if self._kernel_picks(r, spec, ours.proto))
+        if self._view_matches(picked, spec):
+            return ours, ""
+        return ours, (
+            f"{spec.command('del')}: refused, the kernel would delete a foreign rule listed "
+            f"before ours (pref {picked.priority}, iif {picked.iifname or 'any'}, proto "
+            f"{picked.proto}); delete that one first"
+        )
+
+    def rule_refusal(self, spec: RuleSpec) -> str:
+        """Why :meth:`del_rule` would refuse (one line), or ``""``."""
+        return self._rule_target(spec)[1]
+
     def del_rule(self, spec: RuleSpec) -> bool:
         """Delete exactly our rule; False if there was none.
 
         The request carries the protocol of our rule; should the kernel still pick another
-        rule first (one with extra selectors, listed before an unmarked rule of ours), this
-        refuses instead of deleting somebody else's rule.
+        rule first (one with extra selectors listed before ours, or, for a protocol 0 rule of
+        an earlier version, any look-alike listed before it), this refuses instead of
+        deleting somebody else's rule.
         """
-        rules = self._rules(spec)
-        ours = next((r for r in rules if self._view_matches(r, spec)), None)
+        ours, refusal = self._rule_target(spec)
         if ours is None:
             return False
-        picked = next(r for r in rules if self._kernel_picks(r, spec, ours.proto))
-        if not self._view_matches(picked, spec):
-            raise PathwayError(
-                f"{spec.command('del')}: refused, the kernel would delete a foreign rule "
-                f"listed before ours (pref {picked.priority}, iif {picked.iifname or 'any'}); "
-                "delete that one first"
-            )
+        if refusal:
+            raise PathwayError(refusal)
         try:
             self._ipr.rule("del", **self._rule_args(spec, ours.proto))
         except NetlinkError as exc:
@@ -338,24 +405,103 @@ class Routing:
         return args
 
     def add_route(self, spec: RouteSpec) -> bool:
-        """Create the route; False if it already existed."""
+        """Create the route; False if ours already existed. ``EEXIST`` for another route in
+        our place (a blackhole, a route with a preferred source...) is a one-line error."""
         try:
             self._ipr.route("add", **self._route_args(spec))
         except NetlinkError as exc:
-            if exc.code == errno.EEXIST:
+            if exc.code != errno.EEXIST:
+                raise _fail(exc, spec.command("add"), spec.family) from exc
+            if self.has_route(spec):
                 return False
-            raise _fail(exc, spec.command("add"), spec.family) from exc
+            raise PathwayError(
+                f"{spec.command('add')}: refused, table {spec.table} already holds another "
+                f"route for {spec.dst} ({self._conflict(spec)}); delete it or use another mark"
+            ) from exc
         return True
+
+    def _routes(self, spec: RouteSpec) -> list[_RouteView]:
+        """The routes of table ``spec.table`` for ``spec.dst`` itself (no source, tos 0), in
+        the kernel's order."""
+        net = ipaddress.ip_network(spec.dst)
+        try:
+            dump = self._ipr.get_routes(family=spec.family.af, table=spec.table)
+        except NetlinkError as exc:
+            what = f"{spec.family.ip_cmd} route show table {spec.table}"
+            raise _fail(exc, what, spec.family) from exc
+        views = [_route_view(msg) for msg in dump]
+        return [
+            r
+            for r in views
+            if r.table == spec.table
+            and r.dst_len == net.prefixlen
+            and not r.src_len
+            and not r.tos
+            and (r.dst is None or ipaddress.ip_address(r.dst) == net.network_address)
+        ]
+
+    def _conflict(self, spec: RouteSpec) -> str:
+        """The route that keeps ours out (same prefix and metric), as ``ip route`` shows it."""
+        lo = self._ifindex(spec.dev)
+        metric = ROUTE_METRIC[spec.family]
+        found = [r for r in self._routes(spec) if r.metric == metric]
+        if not found:
+            return "a route of the same prefix and metric"
+        return _route_text(found[0], spec.family, lo)
+
+    def _is_ours(self, r: _RouteView, spec: RouteSpec, oif: int) -> bool:
+        """Whether a route of :meth:`_routes` is exactly ``local DST dev DEV`` of ours."""
+        return (
+            r.type == RTN_LOCAL
+            and r.oif == oif
+            and r.metric == ROUTE_METRIC[spec.family]
+            and r.proto == RTPROT_BOOT
+            and not r.foreign
+        )
+
+    @staticmethod
+    def _kernel_takes(r: _RouteView, spec: RouteSpec, oif: int) -> bool:
+        """Whether the kernel's delete could take ``r`` for our request (type, scope, protocol,
+        device; IPv6 also the metric; IPv4 ignores metric 0, a preferred source, a gateway).
+        Erring towards yes only makes a delete refuse."""
+        if r.proto != RTPROT_BOOT or (r.oif is not None and r.oif != oif):
+            return False
+        if spec.family is Family.V6:
+            return r.metric == ROUTE_METRIC[Family.V6]
+        return r.type == RTN_LOCAL and r.scope == RT_SCOPE_HOST
+
+    def _route_target(self, spec: RouteSpec) -> tuple[bool, str]:
+        """Whether our route is there and, if the kernel would take another first, why we
+        refuse."""
+        oif = self._ifindex(spec.dev)
+        routes = self._routes(spec)
+        if not any(self._is_ours(r, spec, oif) for r in routes):
+            return False, ""
+        picked = next((r for r in routes if self._kernel_takes(r, spec, oif)), None)
+        if picked is None or self._is_ours(picked, spec, oif):
+            return True, ""
+        return True, (
+            f"{spec.command('del')}: refused, the kernel would delete a foreign route listed "
+            f"before ours ({_route_text(picked, spec.family, oif)}); delete that one first"
+        )
+
+    def route_refusal(self, spec: RouteSpec) -> str:
+        """Why :meth:`del_route` would refuse (one line), or ``""``."""
+        return self._route_target(spec)[1]
 
     def del_route(self, spec: RouteSpec) -> bool:
         """Delete exactly our route; False if there was none (v4 says ESRCH, v6 ENOENT).
 
-        Only when the table holds it: the request pins type, device, protocol and (IPv6)
-        metric, so no foreign route of the same prefix matches (IPv4 allows one route per
-        prefix and metric, and ours, metric 0, is the first the kernel finds).
+        The request pins type, scope, device, protocol and (IPv6) metric; the kernel takes the
+        first route of the prefix that fits, and IPv4 cannot exclude a preferred source or a
+        gateway, so the dump is walked in the kernel's order first: if the first route that
+        fits is not exactly ours (``ip route prepend ... src 127.0.0.1``), this refuses.
         """
-        if not self.has_route(spec):
+        present, refusal = self._route_target(spec)
+        if not present:
             return False
+        if refusal:
+            raise PathwayError(refusal)
         try:
             self._ipr.route("del", **self._route_args(spec))
         except NetlinkError as exc:
@@ -367,24 +513,8 @@ class Routing:
     def has_route(self, spec: RouteSpec) -> bool:
         """Whether table ``spec.table`` holds exactly ``local DST dev DEV`` (our metric and
         protocol, no gateway, source or preferred source)."""
-        net = ipaddress.ip_network(spec.dst)
         oif = self._ifindex(spec.dev)
-        try:
-            dump = self._ipr.get_routes(family=spec.family.af, table=spec.table)
-        except NetlinkError as exc:
-            what = f"{spec.family.ip_cmd} route show table {spec.table}"
-            raise _fail(exc, what, spec.family) from exc
-        for msg in dump:
-            r = _route_view(msg)
-            if r.table != spec.table or r.type != RTN_LOCAL or r.oif != oif:
-                continue
-            if r.dst_len != net.prefixlen or r.metric != ROUTE_METRIC[spec.family]:
-                continue
-            if r.proto != RTPROT_BOOT or r.foreign or r.src_len or r.tos:
-                continue
-            if r.dst is None or ipaddress.ip_address(r.dst) == net.network_address:
-                return True
-        return False
+        return any(self._is_ours(r, spec, oif) for r in self._routes(spec))
 
 
 def read_tcp_fwmark_accept() -> int | None:

@@ -100,7 +100,7 @@ def test_nothing_installed_fails_each_pathway_check_then_add_passes(
     assert failing(doc) == {(key, str(MARK)) for key in PATHWAY_KEYS}
     for key in PATHWAY_KEYS:
         assert row(doc, key, str(MARK))["fix"] == f"pymmproxy pathway add {MARK}"
-    fwmark_rule = "ip rule add fwmark 123 lookup 123 pref 100 protocol static"
+    fwmark_rule = "ip rule add fwmark 123 lookup 123 pref 100 protocol 112"
     assert fwmark_rule in row(doc, "rules", "123")["commands"]
 
     table = ns.run([PY, "-m", "pymmproxy", "doctor", "--config-dir", str(cfg)], check=False)
@@ -134,7 +134,7 @@ def test_missing_loopback_rule_fails_only_that_check(fresh: tuple[Netns, Path]) 
     assert "127.0.0.0/8" in loopback["detail"]
     assert "::1" not in loopback["detail"]
     assert loopback["commands"] == [
-        "ip rule add from 127.0.0.0/8 iif lo lookup 123 pref 101 protocol static"
+        "ip rule add from 127.0.0.0/8 iif lo lookup 123 pref 101 protocol 112"
     ]
 
     # net.ipv4.tcp_fwmark_accept=1 (this namespace's own copy) covers TCP: only a warning,

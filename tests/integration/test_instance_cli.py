@@ -134,7 +134,7 @@ def test_pathway_add_by_instance_name(site: Site) -> None:
     assert site.cli("pathway", "status", "124").returncode == 1
     res = site.cli("pathway", "add", site.router, "--config-dir", str(site.cfg))
     assert res.returncode == 0, res.stderr
-    assert "ip rule add fwmark 124 lookup 124 pref 100 protocol static" in res.stdout.splitlines()
+    assert "ip rule add fwmark 124 lookup 124 pref 100 protocol 112" in res.stdout.splitlines()
     assert site.cli("pathway", "status", "124").returncode == 0
     again = site.cli("pathway", "add", site.router, "--config-dir", str(site.cfg))
     assert again.stdout == "pathway 124: already in place\n"

@@ -100,8 +100,8 @@ def assert_host_tools_see(ns: Netns, mark: int, backend: str) -> None:
     hexmark = f"{mark:#x}"
     for fam, src in (("-4", "127.0.0.0/8"), ("-6", "::1")):
         rules = ns.run(["ip", fam, "rule"]).stdout
-        assert f"100:\tfrom all fwmark {hexmark} lookup {mark} proto static\n" in rules
-        assert f"101:\tfrom {src} iif lo lookup {mark} proto static\n" in rules
+        assert f"100:\tfrom all fwmark {hexmark} lookup {mark} proto 112\n" in rules
+        assert f"101:\tfrom {src} iif lo lookup {mark} proto 112\n" in rules
     routes4 = ns.run(["ip", "route", "show", "table", str(mark)]).stdout.splitlines()
     assert "local default dev lo scope host " in routes4
     routes6 = ns.run(["ip", "-6", "route", "show", "table", str(mark)]).stdout.splitlines()
@@ -263,7 +263,7 @@ def test_ipv6_off_adds_reads_and_deletes_the_ipv4_parts(ns: Netns, backend: str)
         0, warning, "pathway 123: already in place\n",
     )  # fmt: skip
 
-    assert "100:\tfrom all fwmark 0x7b lookup 123 proto static\n" in ns.run(["ip", "rule"]).stdout
+    assert "100:\tfrom all fwmark 0x7b lookup 123 proto 112\n" in ns.run(["ip", "rule"]).stdout
     assert "lookup 123" not in ns.run(["ip", "-6", "rule"]).stdout
     assert (
         ns.run(["ip", "route", "show", "table", "123"]).stdout
@@ -433,6 +433,16 @@ def test_auto_follows_our_legacy_rules_and_doctor_warns_about_the_other(ns: Netn
     assert rows["other-backend"]["level"] == "WARN"
     assert code == 1  # the nft CONNMARK rules are missing: that part fails, the warning not
     assert ok(ns, "status", "123")[0].startswith("pathway 123: complete (firewall backend legacy")
+    hint = "pymmproxy pathway del 123 --backend legacy && pymmproxy pathway add 123 --backend nft"
+    assert hint in rows["other-backend"]["fix"]
+    # following the hint leaves a complete pathway (in nft), not one without rules and routes
+    for command in hint.split(" && "):
+        ok(ns, *command.split()[2:])
+    assert ok(ns, "status", "123")[0].startswith("pathway 123: complete (firewall backend nft")
+    assert "--save-mark" not in ns.run(["iptables-legacy-save", "-t", "mangle"]).stdout
+    code, doc = doctor_json(ns, "nft")
+    assert code == 0, doc
+    assert "other-backend" not in {c["key"] for c in doc["checks"]}
     assert len(ok(ns, "del", "123")) == 10
 
 
@@ -453,7 +463,7 @@ def foreign_lookalikes(ns: Netns) -> None:
 def assert_only_foreign_left(ns: Netns) -> None:
     rules = ns.run(["ip", "rule"]).stdout
     assert FOREIGN_RULE in rules
-    assert "proto static" not in rules + ns.run(["ip", "-6", "rule"]).stdout
+    assert "proto 112" not in rules + ns.run(["ip", "-6", "rule"]).stdout
     assert ns.run(["ip", "-6", "route", "show", "table", "123"]).stdout.splitlines() == [
         FOREIGN_ROUTE
     ]
@@ -495,9 +505,9 @@ def test_rules_of_earlier_versions_are_ours(ns: Netns) -> None:
     for fam in ("-4", "-6"):
         src = "127.0.0.0/8" if fam == "-4" else "::1/128"
         for old in ("fwmark 123 lookup 123 pref 100", f"from {src} iif lo lookup 123 pref 101"):
-            ns.run(["ip", fam, "rule", "del", *old.split(), "protocol", "static"])
+            ns.run(["ip", fam, "rule", "del", *old.split(), "protocol", "112"])
             ns.run(["ip", fam, "rule", "add", *old.split()])
-    assert "proto static" not in ns.run(["ip", "rule"]).stdout
+    assert "proto 112" not in ns.run(["ip", "rule"]).stdout
     assert ok(ns, "add", "123", "--backend", "nft") == ["pathway 123: already in place"]
     sh(ns, "ip rule add fwmark 123 iif foo lookup 123 pref 100")  # listed after ours: fine
     assert len(ok(ns, "del", "123", "--backend", "nft")) == 10
@@ -507,3 +517,103 @@ def test_rules_of_earlier_versions_are_ours(ns: Netns) -> None:
     assert res.returncode == 1
     assert "refused, the kernel would delete a foreign rule" in res.stderr
     assert FOREIGN_RULE in ns.run(["ip", "rule"]).stdout
+
+
+# -- look-alikes the whitelist, the kernel-order walk and the pre-checks must respect ----------
+
+
+def test_realms_and_protocol_static_lookalikes_are_foreign(ns: Netns) -> None:
+    """A rule with realms (FRA_FLOW) or systemd-networkd's ``protocol static`` is not ours:
+    status does not count it, del leaves it."""
+    realms = "100:\tfrom all fwmark 0x7b lookup 123 realms 5\n"
+    static = "101:\tfrom 127.0.0.0/8 iif lo lookup 123 proto static\n"
+    sh(ns, "ip rule add fwmark 123 lookup 123 pref 100 realms 5",
+       "ip rule add from 127.0.0.0/8 iif lo lookup 123 pref 101 protocol static")  # fmt: skip
+    status = cli(ns, "status", "123", "--backend", "nft").stdout
+    assert "  rule fwmark          MISSING  MISSING" in status.splitlines(), status
+    assert "  rule loopback reply  MISSING  MISSING" in status.splitlines(), status
+    assert ok(ns, "del", "123", "--backend", "nft") == ["pathway 123: already absent"]
+    assert (
+        ok(ns, "add", "123", "--backend", "nft")[0]
+        == "ip route add local 0.0.0.0/0 dev lo table 123"
+    )
+    rules = ns.run(["ip", "rule"]).stdout
+    assert realms in rules
+    assert static in rules
+    assert "100:\tfrom all fwmark 0x7b lookup 123 proto 112\n" in rules
+    assert len(ok(ns, "del", "123", "--backend", "nft")) == 10
+    assert ns.run(["ip", "rule"]).stdout.count("lookup 123") == 2
+    assert realms in ns.run(["ip", "rule"]).stdout
+    assert static in ns.run(["ip", "rule"]).stdout
+
+
+SRC_ROUTE = "local default dev lo scope host src 127.0.0.1 "
+
+
+def test_del_refuses_to_take_a_route_with_a_preferred_source_first(ns: Netns) -> None:
+    """``ip route del`` of ours would take the ``src`` route listed before it: refused, and
+    the refusal comes before any change, firewall entries included."""
+    ok(ns, "add", "123", "--backend", "nft")
+    sh(ns, "ip route prepend local 0.0.0.0/0 dev lo table 123 src 127.0.0.1")
+    assert ok(ns, "status", "123", "--backend", "nft")[0].startswith("pathway 123: complete")
+    before = dump(ns)
+    res = cli(ns, "del", "123", "--backend", "nft")
+    assert res.returncode == 1
+    assert res.stdout == ""
+    assert res.stderr == (
+        "pymmproxy: pathway del 123: ip route del local 0.0.0.0/0 dev lo table 123: refused, the"
+        " kernel would delete a foreign route listed before ours (local 0.0.0.0/0 dev lo table"
+        " 123 proto 3 src 127.0.0.1); delete that one first; nothing was deleted\n"
+    )
+    assert dump(ns) == before  # nothing at all changed
+    sh(ns, "ip route del local 0.0.0.0/0 dev lo table 123 src 127.0.0.1")
+    ok(ns, "add", "123", "--backend", "nft")
+    sh(ns, "ip route append local 0.0.0.0/0 dev lo table 123 src 127.0.0.1")  # after ours
+    assert len(ok(ns, "del", "123", "--backend", "nft")) == 10
+    assert ns.run(["ip", "route", "show", "table", "123"]).stdout.splitlines() == [SRC_ROUTE]
+
+
+def test_a_refused_rule_del_changes_nothing(ns: Netns) -> None:
+    """An old rule of ours (protocol 0) behind a foreign one the kernel would take first."""
+    ok(ns, "add", "123", "--backend", "nft")
+    sh(ns, "ip -6 rule del fwmark 123 lookup 123 pref 100 protocol 112",
+       "ip -6 rule add fwmark 123 iif foo lookup 123 pref 100",
+       "ip -6 rule add fwmark 123 lookup 123 pref 100")  # fmt: skip
+    before = dump(ns)
+    res = cli(ns, "del", "123", "--backend", "nft")
+    assert res.returncode == 1
+    assert res.stderr.count("\n") == 1
+    assert "ip -6 rule del fwmark 123 lookup 123 pref 100: refused" in res.stderr
+    assert res.stderr.endswith("; nothing was deleted\n")
+    assert dump(ns) == before
+
+
+def test_add_over_a_blackhole_route_is_a_one_line_error(ns: Netns) -> None:
+    sh(ns, "ip route add blackhole 0.0.0.0/0 table 123")
+    before = dump(ns)
+    res = cli(ns, "add", "123", "--backend", "nft")
+    assert res.returncode == 1
+    assert res.stdout == ""
+    assert res.stderr == (
+        "pymmproxy: pathway add 123: ip route add local 0.0.0.0/0 dev lo table 123: refused,"
+        " table 123 already holds another route for 0.0.0.0/0 (blackhole 0.0.0.0/0 table 123"
+        " proto 3); delete it or use another mark\n"
+    )
+    assert dump(ns) == before
+    assert "  route local          MISSING  MISSING" in cli(ns, "status", "123").stdout
+
+
+def test_legacy_rule_count_needs_only_cap_net_admin(ns: Netns) -> None:
+    """IPT_SO_GET_INFO on a UDP socket: no CAP_NET_RAW needed."""
+    sh(
+        ns,
+        "iptables-legacy -t filter -A INPUT -j ACCEPT",
+        "ip6tables-legacy -t mangle -A OUTPUT -j ACCEPT",
+    )
+    code = (
+        "from pymmproxy.pathway.firewall.detect import _legacy_rule_count as c\n"
+        "print(c('filter', 'IPv4'), c('mangle', 'IPv6'))"
+    )
+    caps = ["--inh-caps=-all,+net_admin", "--ambient-caps=-all,+net_admin"]
+    res = ns.run([*NOBODY[:-1], *caps, *nobody_python(), "-c", code], cwd="/", check=False)
+    assert (res.returncode, res.stdout, res.stderr) == (0, "1 1\n", "")

@@ -123,7 +123,10 @@ def test_our_entries_in_the_backend_not_chosen_warn() -> None:
     other = by_key(nft)["other-backend"]
     assert other.level is Level.WARN
     assert "legacy mangle" in other.detail
-    assert other.fix.endswith("pymmproxy pathway del MARK --backend legacy")
+    assert other.fix.endswith(
+        "pymmproxy pathway del MARK --backend legacy && pymmproxy pathway add MARK "
+        "--backend nft (del also removes the mark's rules and routes, add puts them back)"
+    )
     legacy = checks.check_backend(BackendFacts("legacy", "requested", (), nft_table=True))
     assert by_key(legacy)["other-backend"].level is Level.WARN
     assert "table inet pymmproxy exists" in by_key(legacy)["other-backend"].detail
@@ -131,6 +134,26 @@ def test_our_entries_in_the_backend_not_chosen_warn() -> None:
     both = BackendFacts("nft", "auto", (), nft_table=True)
     assert "other-backend" not in by_key(checks.check_backend(both))  # in the chosen one
     assert "other-backend" not in by_key(checks.check_backend(BackendFacts("legacy", "x")))
+
+
+def test_other_backend_hint_names_the_marks_and_keeps_the_pathway() -> None:
+    """Following the hint must not leave the pathway without its rules and routes."""
+    facts = BackendFacts("nft", "auto", ("mangle (IPv4)",), legacy_entries=True, other_marks=(7, 9))
+    found = by_key(checks.check_backend(facts))
+    assert found["other-backend"].fix == (
+        "inspect: iptables-legacy-save -t mangle; remove them, keeping the pathway: "
+        "pymmproxy pathway del 7 --backend legacy && pymmproxy pathway add 7 --backend nft; "
+        "pymmproxy pathway del 9 --backend legacy && pymmproxy pathway add 9 --backend nft "
+        "(del also removes the mark's rules and routes, add puts them back)"
+    )
+    assert "del 7 --backend legacy && pymmproxy pathway add 7 --backend nft" in (
+        found["legacy-tables"].fix
+    )
+    legacy = BackendFacts("legacy", "requested", (), nft_table=True, other_marks=(5,))
+    fix = by_key(checks.check_backend(legacy))["other-backend"].fix
+    assert (
+        "pymmproxy pathway del 5 --backend nft && pymmproxy pathway add 5 --backend legacy" in fix
+    )
 
 
 # -- pathway ------------------------------------------------------------------------------------

@@ -202,14 +202,16 @@ def rule_count(num_entries: int, valid_hooks: int) -> int:
 def _legacy_rule_count(table: str, family: str) -> int | None:
     """Rules in one existing legacy table (``IPT_SO_GET_INFO``); None if unreadable.
 
-    Only call it for a listed table: asking for a missing one would instantiate it.
+    Asked on a UDP socket: the kernel wants CAP_NET_ADMIN for the request, and a UDP
+    socket, unlike a raw one, needs no CAP_NET_RAW. Only call it for a listed table:
+    asking for a missing one would instantiate it.
     """
     af, level = (socket.AF_INET, 0) if family == "IPv4" else (socket.AF_INET6, 41)
     buf = ctypes.create_string_buffer(table.encode("ascii"), GETINFO_SIZE)
     size = ctypes.c_uint32(GETINFO_SIZE)
     libc = ctypes.CDLL(None, use_errno=True)
     try:
-        with socket.socket(af, socket.SOCK_RAW, socket.IPPROTO_RAW) as sock:
+        with socket.socket(af, socket.SOCK_DGRAM) as sock:
             rc = libc.getsockopt(sock.fileno(), level, SO_GET_INFO, buf, ctypes.byref(size))
     except OSError:
         return None

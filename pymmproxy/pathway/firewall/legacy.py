@@ -191,8 +191,8 @@ def _listed(family: Family, files: Sequence[tuple[Path, str]] = LEGACY_TABLE_FIL
         return False
 
 
-def ours_any_mark(rule: object, family: Family, chain: str) -> bool:
-    """Whether a decoded rule of ``chain`` is the CONNMARK entry of some mark."""
+def our_mark(rule: object, family: Family, chain: str) -> int | None:
+    """The mark of a decoded rule of ``chain`` if it is the CONNMARK entry of some mark."""
     for action in FwAction:
         spec = FirewallSpec("", family, 0, action)
         if spec.chain != chain or not isinstance(rule, dict):
@@ -200,16 +200,24 @@ def ours_any_mark(rule: object, family: Family, chain: str) -> bool:
         mark = rule.get(spec.match)
         value = _hex(mark.get("mark")) if isinstance(mark, dict) else None
         if value is not None and matches(rule, FirewallSpec("", family, value, action)):
-            return True
-    return False
+            return value
+    return None
 
 
-def holds_our_rules() -> bool | None:
-    """Whether an existing legacy mangle table holds CONNMARK entries of ours (any mark);
-    None if it could not be read. Tables that are not listed are not opened."""
+def ours_any_mark(rule: object, family: Family, chain: str) -> bool:
+    """Whether a decoded rule of ``chain`` is the CONNMARK entry of some mark."""
+    return our_mark(rule, family, chain) is not None
+
+
+def our_marks() -> tuple[int, ...] | None:
+    """The marks whose CONNMARK entries sit in an existing legacy mangle table, sorted; None
+    if they could not be read. Tables that are not listed are not opened."""
     families = [f for f in (Family.V4, Family.V6) if _listed(f)]
-    if not families or not has_net_admin():
-        return False if not families else None
+    if not families:
+        return ()
+    if not has_net_admin():
+        return None
+    found: set[int] = set()
     try:
         iptc = _Iptc()
         for family in families:
@@ -217,11 +225,19 @@ def holds_our_rules() -> bool | None:
                 spec = FirewallSpec("", family, 0, action)
                 what = f"{family.iptables_cmd} -t {TABLE} -S {spec.chain}"
                 for _rule, decoded in iptc._call(what, iptc._rules, spec):
-                    if ours_any_mark(decoded, family, spec.chain):
-                        return True
+                    mark = our_mark(decoded, family, spec.chain)
+                    if mark is not None:
+                        found.add(mark)
     except (PathwayError, OSError):
         return None
-    return False
+    return tuple(sorted(found))
+
+
+def holds_our_rules() -> bool | None:
+    """Whether an existing legacy mangle table holds CONNMARK entries of ours (any mark);
+    None if it could not be read. Tables that are not listed are not opened."""
+    marks = our_marks()
+    return None if marks is None else bool(marks)
 
 
 class LegacyBackend(FirewallBackend):

@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 
 from pymmproxy.pathway.firewall.base import BackendName, FirewallBackend, require_net_admin
 from pymmproxy.pathway.firewall.libnftables import Nftables, NftError
-from pymmproxy.pathway.plan import FirewallSpec, FwAction
+from pymmproxy.pathway.plan import Family, FirewallSpec, FwAction
 
 FAMILY = "inet"
 TABLE = "pymmproxy"
@@ -80,6 +80,22 @@ def rule_expr(spec: FirewallSpec) -> list[dict[str, Any]]:
     ]
 
 
+def rule_mark(chain: str, expr: object) -> int | None:
+    """The mark of a rule of our table if it is the CONNMARK entry of some mark (any family)."""
+    if not isinstance(expr, list) or len(expr) != 3:
+        return None
+    match = expr[1].get("match") if isinstance(expr[1], dict) else None
+    mark = match.get("right") if isinstance(match, dict) else None
+    if not isinstance(mark, int) or isinstance(mark, bool):
+        return None
+    for family in Family:
+        for action in FwAction:
+            spec = FirewallSpec("", family, mark, action)
+            if chain_of(spec) == chain and rule_expr(spec) == expr:
+                return mark
+    return None
+
+
 class NftBackend(FirewallBackend):
     """Rules in ``table inet pymmproxy`` through libnftables."""
 
@@ -116,6 +132,12 @@ class NftBackend(FirewallBackend):
     def _matching(rules: list[_Rule], spec: FirewallSpec) -> list[_Rule]:
         expr = rule_expr(spec)
         return [r for r in rules if r.chain == chain_of(spec) and r.expr == expr]
+
+    def marks(self) -> tuple[int, ...]:
+        """The marks with a CONNMARK entry in our table, sorted."""
+        rules, _ = self._listing()
+        found = {rule_mark(r.chain, r.expr) for r in rules}
+        return tuple(sorted(m for m in found if m is not None))
 
     def present(self, specs: Sequence[FirewallSpec]) -> list[bool]:
         rules, _ = self._listing()

@@ -28,6 +28,7 @@ class Kernel:
         self.state: set[object] = set()
         self.refuse_add: dict[object, Exception] = {}
         self.refuse_del: dict[object, Exception] = {}
+        self.foreign_first: dict[object, str] = {}  # a delete of it would be refused
         self.seen: list[object] = []
 
     def add(self, spec: object) -> bool:
@@ -67,6 +68,11 @@ class FakeRouting:
         return self.kernel.delete(spec)
 
     del_rule = del_route
+
+    def route_refusal(self, spec: Any) -> str:
+        return self.kernel.foreign_first.get(spec, "")
+
+    rule_refusal = route_refusal
 
 
 class FakeFirewall(FirewallBackend):
@@ -147,7 +153,7 @@ def test_what_cannot_be_undone_is_named(kernel: Kernel) -> None:
     assert str(caught.value) == (
         "pathway add 123: iptables -t mangle -A PREROUTING ...: boom; rollback failed,"
         " still in place: ip -6 route add local ::/0 dev lo table 123;"
-        " ip rule add from 127.0.0.0/8 iif lo lookup 123 pref 101 protocol static"
+        " ip rule add from 127.0.0.0/8 iif lo lookup 123 pref 101 protocol 112"
     )
     assert kernel.state == {ROUTE6, LOOP4}
 
@@ -166,3 +172,18 @@ def test_del_reaches_ipv6_leftovers_unless_the_kernel_has_no_ipv6(kernel: Kernel
     kernel.seen.clear()
     assert len(pathway.delete(123, backend="legacy", ipv6=Ipv6State(False, NO_KERNEL_IPV6))) == 5
     assert {s.family for s in kernel.seen} == {Family.V4}  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("refused", [LOOP6, ROUTE4])
+def test_a_refused_del_changes_nothing_and_says_so(kernel: Kernel, refused: object) -> None:
+    kernel.state |= ALL
+    kernel.foreign_first[refused] = "ip ... del ...: refused, the kernel would delete a foreign x"
+    kernel.foreign_first[FWMARK4] = ""
+    with pytest.raises(PathwayError) as caught:
+        pathway.delete(123, backend="legacy", ipv6=ON)
+    assert str(caught.value) == (
+        "pathway del 123: ip ... del ...: refused, the kernel would delete a foreign x;"
+        " nothing was deleted"
+    )
+    assert kernel.state == ALL
+    assert kernel.seen == []  # not even the firewall entries were touched

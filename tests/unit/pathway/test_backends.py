@@ -24,8 +24,14 @@ from pymmproxy.pathway.firewall.detect import (
     rule_count,
     xt_nft_tables,
 )
-from pymmproxy.pathway.firewall.legacy import matches, ours_any_mark, rule_dict, table_exists
-from pymmproxy.pathway.firewall.nft import NftBackend, rule_expr
+from pymmproxy.pathway.firewall.legacy import (
+    matches,
+    our_mark,
+    ours_any_mark,
+    rule_dict,
+    table_exists,
+)
+from pymmproxy.pathway.firewall.nft import NftBackend, rule_expr, rule_mark
 from pymmproxy.pathway.plan import Family, plan
 
 P = plan(123)
@@ -407,3 +413,14 @@ def test_ours_any_mark() -> None:
     assert not ours_any_mark(_decoded("mark", ["!", "0x7b"], "save-mark"), Family.V4, "PREROUTING")
     assert not ours_any_mark({"target": "ACCEPT"}, Family.V4, "PREROUTING")
     assert not ours_any_mark(None, Family.V4, "PREROUTING")
+
+
+def test_marks_of_our_entries_in_either_backend() -> None:
+    assert our_mark(_decoded("mark", "0x1c8", "save-mark"), Family.V4, "PREROUTING") == 456
+    assert our_mark(_decoded("mark", "0x1c8", "save-mark"), Family.V4, "OUTPUT") is None
+    save6, restore4 = plan(9).firewall[2], plan(7).firewall[1]
+    assert rule_mark("prerouting", rule_expr(save6)) == 9
+    assert rule_mark("output", rule_expr(restore4)) == 7
+    assert rule_mark("output", rule_expr(save6)) is None
+    assert rule_mark("prerouting", [*rule_expr(save6), {"counter": None}]) is None
+    assert rule_mark("prerouting", None) is None
