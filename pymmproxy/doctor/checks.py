@@ -120,22 +120,19 @@ def check_other_backend(b: BackendFacts) -> list[Check]:
     """A warning when pymmproxy entries sit in the backend that was not chosen: pathway
     commands do not see them, yet the kernel still applies them."""
     if b.name == "nft" and b.legacy_entries:
-        return [Check(
-            "other-backend", "", "entries in the other backend", Level.WARN,
-            "pymmproxy CONNMARK rules in the legacy mangle tables, but the backend is nft: "
-            "pathway commands do not see them",
-            "inspect: iptables-legacy-save -t mangle; remove them, keeping the pathway: "
-            f"{_move_hint('legacy', 'nft', b.other_marks)}",
-        )]  # fmt: skip
-    if b.name == "legacy" and b.nft_table:
-        return [Check(
-            "other-backend", "", "entries in the other backend", Level.WARN,
-            "table inet pymmproxy exists, but the backend is legacy: pathway commands do not "
-            "see it",
-            "inspect: nft list table inet pymmproxy; remove it, keeping the pathway: "
-            f"{_move_hint('nft', 'legacy', b.other_marks)}",
-        )]  # fmt: skip
-    return []
+        stale, found = "legacy", "pymmproxy CONNMARK rules in the legacy mangle tables"
+        inspect = "iptables-legacy-save -t mangle"
+    elif b.name == "legacy" and b.nft_table:
+        stale, found = "nft", "table inet pymmproxy exists"
+        inspect = "nft list table inet pymmproxy"
+    else:
+        return []
+    return [Check(
+        "other-backend", "", "entries in the other backend", Level.WARN,
+        f"{found}, but the backend is {b.name}: pathway commands do not see them",
+        f"inspect: {inspect}; remove them, keeping the pathway: "
+        f"{_move_hint(stale, b.name, b.other_marks)}",
+    )]  # fmt: skip
 
 
 def check_ipv6(state: Ipv6State) -> list[Check]:
