@@ -123,24 +123,30 @@ class Lifecycle(abc.ABC):
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        await self.start()
-        if self.catch_up:
-            self.catch_up_reload()
+        # Stop signals are ours before the listener is bound: a SIGTERM that comes while
+        # it starts (the port already accepts into its backlog) stops it cleanly once
+        # started, instead of the default action killing it.
         for signum in _STOP_SIGNALS:
             loop.add_signal_handler(signum, self._on_stop, signum)
-        loop.add_signal_handler(signal.SIGHUP, self.reload)
-        loop.add_signal_handler(signal.SIGUSR1, self.dump)
-        if self.on_ready is not None:
-            self.on_ready()
-        self.notifier.ready()
-        ticker = loop.create_task(self._tick())
+        ticker: asyncio.Task[None] | None = None
         try:
+            await self.start()
+            if self.catch_up:
+                self.catch_up_reload()
+            loop.add_signal_handler(signal.SIGHUP, self.reload)
+            loop.add_signal_handler(signal.SIGUSR1, self.dump)
+            if not self._stop.is_set():
+                if self.on_ready is not None:
+                    self.on_ready()
+                self.notifier.ready()
+                ticker = loop.create_task(self._tick())
             await self._stop.wait()
             self.close()
             self.notifier.stopping()
             await self.drain()
         finally:
-            ticker.cancel()
+            if ticker is not None:
+                ticker.cancel()
             for signum in (*_STOP_SIGNALS, signal.SIGHUP, signal.SIGUSR1):
                 loop.remove_signal_handler(signum)
 

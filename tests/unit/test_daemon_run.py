@@ -113,6 +113,9 @@ _SUPERVISED = textwrap.dedent(
         async def start(self):
             if MODE == "slow" and self.index == 1:
                 await asyncio.sleep(1.5)  # a slow worker: SIGHUP comes before it is up
+            if MODE == "single-slow":
+                say("starting")
+                await asyncio.sleep(1.0)  # the stop comes now
             if MODE == "bad-start" and self.index == 1:
                 await asyncio.sleep(1.0)  # worker 0 is up by then: it drains, not _exits
                 raise PymmproxyError("cannot listen on 192.0.2.1:1: test")
@@ -143,7 +146,8 @@ _SUPERVISED = textwrap.dedent(
     log = get_logger()
     if MODE == "stop-in-respawn":
         log = StopWhileRestarting(log)
-    sys.exit(daemon.run_app(lambda on_ready, i: App(on_ready, i), 2, log))
+    workers = 1 if MODE == "single-slow" else 2
+    sys.exit(daemon.run_app(lambda on_ready, i: App(on_ready, i), workers, log))
     """
 )
 
@@ -290,3 +294,17 @@ def test_a_sighup_before_every_worker_is_up_reaches_all_of_them() -> None:
     assert lines.index(next(x for x in lines if x.startswith("started 1"))) < max(
         lines.index("reload 0"), lines.index("reload 1")
     )  # worker 1 reloaded once it was up
+
+
+def test_a_stop_while_starting_stops_cleanly_once_started() -> None:
+    """The listener accepts into its backlog before start() returns: a SIGTERM then must
+    not meet the default action (killed, status -15), but a clean stop."""
+    sup = _Supervised("single-slow")
+    try:
+        sup.until("starting")
+        sup.proc.send_signal(signal.SIGTERM)
+    finally:
+        code, lines, err = sup.finish()
+    assert code == 0, err
+    assert "close 0" in lines
+    assert "drained 0" in lines
