@@ -57,7 +57,7 @@ _UNSET_RULE_ATTRS = ("FRA_SUPPRESS_PREFIXLEN", "FRA_SUPPRESS_IFGROUP")
 # Route attributes ours never has.
 _FOREIGN_ROUTE_ATTRS = (
     "RTA_GATEWAY", "RTA_PREFSRC", "RTA_MULTIPATH", "RTA_VIA", "RTA_SRC", "RTA_FLOW",
-    "RTA_NH_ID", "RTA_ENCAP", "RTA_ENCAP_TYPE",
+    "RTA_NH_ID", "RTA_ENCAP", "RTA_ENCAP_TYPE", "RTA_METRICS", "RTA_EXPIRES",
 )  # fmt: skip
 #: ``ip route`` type names, for error messages.
 _ROUTE_TYPES = {
@@ -296,9 +296,15 @@ class Routing:
         try:
             self._ipr.rule("add", **self._rule_args(spec))
         except NetlinkError as exc:
-            if exc.code == errno.EEXIST:
+            if exc.code != errno.EEXIST:
+                raise _fail(exc, spec.command("add"), spec.family) from exc
+            if self.has_rule(spec):
                 return False
-            raise _fail(exc, spec.command("add"), spec.family) from exc
+            # the kernel's duplicate check skips selectors we leave unset (src, tos ...)
+            raise PathwayError(
+                f"{spec.command('add')}: refused, the kernel holds a look-alike rule at pref "
+                f"{spec.priority} that is not ours; delete it or use another mark"
+            ) from exc
         return True
 
     def _rule_target(self, spec: RuleSpec) -> tuple[_RuleView | None, str]:
@@ -377,7 +383,7 @@ class Routing:
         if r.proto not in _OUR_RULE_PROTOS or r.tos:
             return False
         if spec.fwmark is None:
-            if r.fwmark:
+            if r.fwmark is not None or r.fwmask is not None:  # `fwmark 0/0xffffffff` too
                 return False
         elif r.fwmark != spec.fwmark or r.fwmask != FULL_MASK:
             return False

@@ -617,3 +617,34 @@ def test_legacy_rule_count_needs_only_cap_net_admin(ns: Netns) -> None:
     caps = ["--inh-caps=-all,+net_admin", "--ambient-caps=-all,+net_admin"]
     res = ns.run([*NOBODY[:-1], *caps, *nobody_python(), "-c", code], cwd="/", check=False)
     assert (res.returncode, res.stdout, res.stderr) == (0, "1 1\n", "")
+
+
+def test_a_protocol_112_lookalike_with_a_source_makes_add_refuse(ns: Netns) -> None:
+    """The kernel's duplicate check skips selectors we leave unset (here ``from``): its
+    EEXIST is not "ours is there" unless ours really is."""
+    sh(ns, "ip rule add fwmark 123 lookup 123 pref 100 protocol 112 from 10.0.0.0/8")
+    res = cli(ns, "add", "123", "--backend", "nft")
+    assert res.returncode == 1, res.stdout
+    assert res.stderr.count("\n") == 1
+    assert (
+        "ip rule add fwmark 123 lookup 123 pref 100 protocol 112: refused, the kernel holds a"
+        " look-alike rule at pref 100 that is not ours" in res.stderr
+    )
+    assert "from 10.0.0.0/8 fwmark 0x7b lookup 123 proto 112" in ns.run(["ip", "rule"]).stdout
+
+
+def test_a_loopback_lookalike_with_fwmark_0_and_an_mtu_route_are_foreign(ns: Netns) -> None:
+    """``fwmark 0/0xffffffff`` matches only unmarked packets, a route with ``mtu`` carries
+    metrics we never set: neither is ours, and del leaves both."""
+    sh(ns, "ip rule add from 127.0.0.0/8 iif lo fwmark 0/0xffffffff lookup 123 pref 101")
+    assert ok(ns, "add", "123", "--backend", "nft")
+    lookalike = "101:\tfrom 127.0.0.0/8 fwmark 0 iif lo lookup 123"
+    assert lookalike in ns.run(["ip", "rule"]).stdout
+    assert ok(ns, "status", "123", "--backend", "nft")[0].startswith("pathway 123: complete")
+    sh(ns, "ip route prepend local 0.0.0.0/0 dev lo table 123 mtu 1400")
+    res = cli(ns, "del", "123", "--backend", "nft")
+    assert res.returncode == 1  # the kernel would take the mtu route first: refused
+    assert "foreign route listed before ours" in res.stderr
+    sh(ns, "ip route del local 0.0.0.0/0 dev lo table 123 mtu 1400")
+    assert len(ok(ns, "del", "123", "--backend", "nft")) == 10
+    assert lookalike in ns.run(["ip", "rule"]).stdout  # the foreign rule stays
