@@ -86,7 +86,7 @@ class PathwayStatus:
 def _describe(exc: Exception) -> str:
     """The one-line reason of a lower-level failure."""
     if isinstance(exc, PermissionError):
-        return "permission denied (need root or CAP_NET_ADMIN)"
+        return "permission denied (need root, or CAP_NET_ADMIN; the legacy backend CAP_NET_RAW too)"
     return str(exc)
 
 

@@ -111,7 +111,12 @@ class _RuleView:
     iifname: str | None
     proto: int
     tos: int
-    foreign: bool  # carries a selector pymmproxy never sets
+    extra: tuple[str, ...]  # selectors pymmproxy never sets (oif, ip_proto, realms ...)
+
+    @property
+    def foreign(self) -> bool:
+        """Carries a selector pymmproxy never sets."""
+        return bool(self.extra)
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,13 +157,14 @@ def _attr_names(m: Any) -> list[str]:  # noqa: ANN401 - a pyroute2 message
     return [str(attr[0]) for attr in m["attrs"]]
 
 
-def _foreign_rule_attrs(m: Any) -> bool:  # noqa: ANN401 - a pyroute2 message
-    """Whether a rule carries an attribute or header field ours never has."""
-    if any(name not in _OUR_RULE_ATTRS for name in _attr_names(m)):
-        return True
-    if any(m.get_attr(name) not in (None, _UNSET) for name in _UNSET_RULE_ATTRS):
-        return True
-    return any(_header(m, key) for key in ("dst_len", "tos", "flags", "res1", "res2"))
+def _foreign_rule_attrs(m: Any) -> tuple[str, ...]:  # noqa: ANN401 - a pyroute2 message
+    """The attributes and header fields of a rule that ours never has (for messages)."""
+    extra = [name.removeprefix("FRA_").lower() for name in _attr_names(m)
+             if name not in _OUR_RULE_ATTRS]  # fmt: skip
+    extra += [name.removeprefix("FRA_").lower() for name in _UNSET_RULE_ATTRS
+              if m.get_attr(name) not in (None, _UNSET)]  # fmt: skip
+    extra += [key for key in ("dst_len", "tos", "flags", "res1", "res2") if _header(m, key)]
+    return tuple(dict.fromkeys(extra))
 
 
 def _rule_view(msg: object) -> _RuleView:
@@ -177,7 +183,7 @@ def _rule_view(msg: object) -> _RuleView:
         iifname=_opt_str(get("FRA_IIFNAME")),
         proto=int(get("FRA_PROTOCOL") or 0),
         tos=_header(m, "tos"),
-        foreign=_foreign_rule_attrs(m),
+        extra=_foreign_rule_attrs(m),
     )
 
 
@@ -319,7 +325,8 @@ class Routing:
         return ours, (
             f"{spec.command('del')}: refused, the kernel would delete a foreign rule listed "
             f"before ours (pref {picked.priority}, iif {picked.iifname or 'any'}, proto "
-            f"{picked.proto}); delete that one first"
+            f"{picked.proto}{', also ' + ', '.join(picked.extra) if picked.extra else ''}); "
+            "delete that one first"
         )
 
     def rule_refusal(self, spec: RuleSpec) -> str:

@@ -217,7 +217,8 @@ def test_unprivileged_gets_a_clear_error(ns: Netns, command: str, backend: str) 
     res = cli(ns, command, "123", "--backend", backend, prefix=tuple(NOBODY))
     assert res.returncode == 1
     assert res.stderr == (
-        f"pymmproxy: pathway {command} 123: permission denied (need root or CAP_NET_ADMIN)\n"
+        f"pymmproxy: pathway {command} 123: permission denied (need root, or CAP_NET_ADMIN; "
+        "the legacy backend CAP_NET_RAW too)\n"
     )
     assert dump(ns) == before
 
@@ -648,3 +649,13 @@ def test_a_loopback_lookalike_with_fwmark_0_and_an_mtu_route_are_foreign(ns: Net
     sh(ns, "ip route del local 0.0.0.0/0 dev lo table 123 mtu 1400")
     assert len(ok(ns, "del", "123", "--backend", "nft")) == 10
     assert lookalike in ns.run(["ip", "rule"]).stdout  # the foreign rule stays
+
+
+def test_a_refusal_names_the_foreign_rules_extra_selectors(ns: Netns) -> None:
+    """A look-alike with ``ipproto``/``oif`` listed before an old rule of ours: the refusal
+    says what sets it apart, so the operator knows which rule to delete."""
+    sh(ns, "ip rule add fwmark 123 lookup 123 pref 100 protocol 112 ipproto tcp oif lo",
+       "ip rule add fwmark 123 lookup 123 pref 100")  # fmt: skip
+    res = cli(ns, "del", "123", "--backend", "nft")
+    assert res.returncode == 1
+    assert "(pref 100, iif any, proto 112, also oifname, ip_proto)" in res.stderr, res.stderr

@@ -140,7 +140,10 @@ def test_a_failure_before_any_change_is_reported_as_is(kernel: Kernel) -> None:
     kernel.refuse_add[ROUTE4] = PermissionError(errno.EPERM, "ip route add")
     with pytest.raises(PathwayError) as caught:
         add()
-    assert str(caught.value) == ("pathway add 123: permission denied (need root or CAP_NET_ADMIN)")
+    assert str(caught.value) == (
+        "pathway add 123: permission denied (need root, or CAP_NET_ADMIN; the legacy backend "
+        "CAP_NET_RAW too)"
+    )
     assert kernel.seen == [ROUTE4]
 
 
