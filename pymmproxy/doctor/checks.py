@@ -75,14 +75,14 @@ def check_privileges(p: Privileges) -> Check:
     )  # fmt: skip
 
 
-def check_backend(b: BackendFacts) -> list[Check]:
+def check_backend(b: BackendFacts, in_use: frozenset[int] = frozenset()) -> list[Check]:
     """Which firewall backend holds our CONNMARK rules; stray legacy tables on nft hosts."""
     if b.name == "nft":
         where = "rules in table inet pymmproxy (nft list table inet pymmproxy)"
     else:
         where = "rules in the legacy mangle tables (iptables-legacy-save -t mangle)"
     checks = [Check("backend", "", "firewall backend", Level.OK, f"{b.name} ({b.reason}); {where}")]
-    checks += check_other_backend(b)
+    checks += check_other_backend(b, in_use)
     if b.name != "nft":
         return checks
     if b.legacy_tables is None:
@@ -98,25 +98,30 @@ def check_backend(b: BackendFacts) -> list[Check]:
         f"iptables-legacy tables present: {', '.join(b.legacy_tables)}; their rules still "
         "apply but iptables-nft and 'nft list ruleset' do not show them",
         "inspect: iptables-legacy-save; ip6tables-legacy-save (stale pymmproxy rules there: "
-        f"{_move_hint('legacy', 'nft', b.other_marks)})",
+        f"{_move_hint('legacy', 'nft', b.other_marks, in_use)})",
     ))  # fmt: skip
     return checks
 
 
-def _move_hint(stale: str, chosen: str, marks: tuple[int, ...]) -> str:
+def _move_hint(
+    stale: str, chosen: str, marks: tuple[int, ...], in_use: frozenset[int] = frozenset()
+) -> str:
     """Commands that drop our entries from backend ``stale`` and leave a working pathway:
-    ``del`` also removes the rules and routes, so ``add`` puts them back (with ``chosen``)."""
-    commands = [
-        f"pymmproxy pathway del {m} --backend {stale} && pymmproxy pathway add {m} "
-        f"--backend {chosen}"
-        for m in (marks or ("MARK",))
-    ]
+    ``del`` also removes the rules and routes, so ``add`` puts them back (with ``chosen``),
+    but only for the marks still configured (``in_use``; unknown when empty)."""
+    commands = []
+    for m in marks or ("MARK",):
+        drop = f"pymmproxy pathway del {m} --backend {stale}"
+        if in_use and m not in in_use:
+            commands.append(f"{drop} (not in pathways.conf: no add)")
+        else:
+            commands.append(f"{drop} && pymmproxy pathway add {m} --backend {chosen}")
     return (
         f"{'; '.join(commands)} (del also removes the mark's rules and routes, add puts them back)"
     )
 
 
-def check_other_backend(b: BackendFacts) -> list[Check]:
+def check_other_backend(b: BackendFacts, in_use: frozenset[int] = frozenset()) -> list[Check]:
     """A warning when pymmproxy entries sit in the backend that was not chosen: pathway
     commands do not see them, yet the kernel still applies them."""
     if b.name == "nft" and b.legacy_entries:
@@ -131,7 +136,7 @@ def check_other_backend(b: BackendFacts) -> list[Check]:
         "other-backend", "", "entries in the other backend", Level.WARN,
         f"{found}, but the backend is {b.name}: pathway commands do not see them",
         f"inspect: {inspect}; remove them, keeping the pathway: "
-        f"{_move_hint(stale, b.name, b.other_marks)}",
+        f"{_move_hint(stale, b.name, b.other_marks, in_use)}",
     )]  # fmt: skip
 
 
@@ -312,7 +317,7 @@ def evaluate(facts: Facts) -> list[Check]:
     """All checks, in report order."""
     checks = [
         check_privileges(facts.privileges),
-        *check_backend(facts.backend),
+        *check_backend(facts.backend, frozenset(m.mark for m in facts.marks)),
         *check_ipv6(facts.ipv6),
     ]
     for m in facts.marks:

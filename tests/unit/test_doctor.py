@@ -490,3 +490,13 @@ def test_unknown_instance_lists_known_ones(
     assert capsys.readouterr().err == (
         f"pymmproxy: no instance 'nope' in {cfg}/instances.tsv (known: vps01-ssh)\n"
     )
+
+
+def test_other_backend_hint_adds_back_only_the_configured_marks() -> None:
+    """A mark left in the other backend but no longer in pathways.conf is only deleted."""
+    facts = BackendFacts("nft", "auto", (), legacy_entries=True, other_marks=(123, 77))
+    fix = by_key(checks.check_backend(facts, frozenset({123})))["other-backend"].fix
+    assert (
+        "pymmproxy pathway del 123 --backend legacy && pymmproxy pathway add 123 --backend nft;"
+        " pymmproxy pathway del 77 --backend legacy (not in pathways.conf: no add)"
+    ) in fix
