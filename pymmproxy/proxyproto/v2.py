@@ -87,13 +87,13 @@ def _parse_slow(data: bytes, max_length: int) -> tuple[Header, int] | int:
         return 14
     local = vc & 0x0F == 0
     ft = data[13]
+    known = ft >> 4 <= 3 and ft & 0x0F <= 2
     # LOCAL (a health check): the spec has the receiver ignore the family and discard the
     # block. One that does not describe a family's address (an unknown nibble, or a block
     # too short for it) is accepted as such; one that does is still checked (TLVs, CRC).
-    ignored = local and (ft >> 4 > 3 or ft & 0x0F > 2)
-    if ft >> 4 > 3 and not ignored:
-        raise BadFamilyError(f"v2 address family {ft >> 4} is not UNSPEC/INET/INET6/UNIX")
-    if ft & 0x0F > 2 and not ignored:
+    if not known and not local:
+        if ft >> 4 > 3:
+            raise BadFamilyError(f"v2 address family {ft >> 4} is not UNSPEC/INET/INET6/UNIX")
         raise BadTransportError(f"v2 transport {ft & 0x0F} is not UNSPEC/STREAM/DGRAM")
     if n < 16:
         return 16
@@ -101,21 +101,18 @@ def _parse_slow(data: bytes, max_length: int) -> tuple[Header, int] | int:
     total = 16 + length
     if total > max_length:
         raise HeaderTooLongError(f"v2 header of {total} bytes exceeds the limit of {max_length}")
-    if not ignored:
-        family = _FAMILIES[ft >> 4]
-        addr_len = ADDRESS_LENGTHS[family]
-        ignored = local and length < addr_len
-        if length < addr_len and not ignored:
-            raise BadLengthError(
-                f"v2 length {length} is below the {addr_len} bytes of {family.name}"
-            )
+    addr_len = ADDRESS_LENGTHS[ft >> 4] if known else 0
+    if length < addr_len and not local:
+        name = _FAMILIES[ft >> 4].name
+        raise BadLengthError(f"v2 length {length} is below the {addr_len} bytes of {name}")
     if n < total:
         return total
-    if ignored:
+    if local and (not known or length < addr_len):
         return make_header(
             2, Command.LOCAL, Family.UNSPEC, Transport.UNSPEC, None, None, None, None, ()
         ), total
 
+    family = _FAMILIES[ft >> 4]
     command = _COMMANDS[vc & 0x0F]
     src = dst = None
     sport = dport = None
