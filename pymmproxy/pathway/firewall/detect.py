@@ -187,12 +187,6 @@ def read_nft_tables() -> list[dict[str, Any]] | None:
         return None
 
 
-def read_xt_nft_tables() -> tuple[str, ...] | None:
-    """The iptables-nft tables of this namespace's ruleset; None if it cannot be read."""
-    listing = read_nft_tables()
-    return None if listing is None else xt_nft_tables(listing)
-
-
 def rule_count(num_entries: int, valid_hooks: int) -> int:
     """Rules in an xtables table: its entries less one policy per built-in chain and the
     closing error entry (a user chain adds two, so it counts as holding rules)."""
@@ -238,7 +232,7 @@ def read_legacy_with_rules(legacy: tuple[str, ...] | None) -> tuple[str, ...] | 
 
 def read_kernel_tables() -> KernelTables:
     """Everything :func:`decide` needs from this namespace (reads only, creates nothing)."""
-    from pymmproxy.pathway.firewall.legacy import holds_our_rules  # noqa: PLC0415 - cycle
+    from pymmproxy.pathway.firewall.legacy import our_marks  # noqa: PLC0415 - cycle
 
     legacy = read_legacy_tables()
     listing = read_nft_tables()
@@ -247,7 +241,7 @@ def read_kernel_tables() -> KernelTables:
         xt_nft=None if listing is None else xt_nft_tables(listing),
         legacy_with_rules=read_legacy_with_rules(legacy),
         ours_nft=listing is not None and has_our_table(listing),
-        ours_legacy=bool(holds_our_rules()),
+        ours_legacy=bool(our_marks()),  # None (unreadable) counts as not found
     )
 
 

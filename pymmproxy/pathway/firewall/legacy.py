@@ -137,15 +137,21 @@ def rule_dict(spec: FirewallSpec) -> dict[str, Any]:
     }
 
 
-def table_exists(family: Family, files: Sequence[tuple[Path, str]] = LEGACY_TABLE_FILES) -> bool:
-    """Whether the namespace has a legacy ``mangle`` table of ``family`` (True if unknown)."""
+def table_exists(
+    family: Family,
+    files: Sequence[tuple[Path, str]] = LEGACY_TABLE_FILES,
+    *,
+    unreadable: bool = True,
+) -> bool:
+    """Whether the namespace has a legacy ``mangle`` table of ``family``; ``unreadable`` when
+    the root-only list cannot be read (True: let python-iptables look)."""
     path = files[0 if family is Family.V4 else 1][0]
     try:
         return TABLE in path.read_text(encoding="ascii").split()
     except FileNotFoundError:  # ip(6)_tables not loaded: no legacy table at all
         return False
-    except OSError:  # root-only: let python-iptables look
-        return True
+    except OSError:
+        return unreadable
 
 
 def _hex(value: object) -> int | None:
@@ -182,15 +188,6 @@ def matches(rule: object, spec: FirewallSpec) -> bool:
     return _mask_ok(options.get("nfmask")) and _mask_ok(options.get("ctmask"))
 
 
-def _listed(family: Family, files: Sequence[tuple[Path, str]] = LEGACY_TABLE_FILES) -> bool:
-    """Whether ``mangle`` of ``family`` is listed (False when the list is unreadable)."""
-    path = files[0 if family is Family.V4 else 1][0]
-    try:
-        return TABLE in path.read_text(encoding="ascii").split()
-    except OSError:
-        return False
-
-
 def our_mark(rule: object, family: Family, chain: str) -> int | None:
     """The mark of a decoded rule of ``chain`` if it is the CONNMARK entry of some mark."""
     for action in FwAction:
@@ -204,15 +201,10 @@ def our_mark(rule: object, family: Family, chain: str) -> int | None:
     return None
 
 
-def ours_any_mark(rule: object, family: Family, chain: str) -> bool:
-    """Whether a decoded rule of ``chain`` is the CONNMARK entry of some mark."""
-    return our_mark(rule, family, chain) is not None
-
-
 def our_marks() -> tuple[int, ...] | None:
     """The marks whose CONNMARK entries sit in an existing legacy mangle table, sorted; None
     if they could not be read. Tables that are not listed are not opened."""
-    families = [f for f in (Family.V4, Family.V6) if _listed(f)]
+    families = [f for f in (Family.V4, Family.V6) if table_exists(f, unreadable=False)]
     if not families:
         return ()
     if not has_net_admin():
@@ -231,13 +223,6 @@ def our_marks() -> tuple[int, ...] | None:
     except (PathwayError, OSError):
         return None
     return tuple(sorted(found))
-
-
-def holds_our_rules() -> bool | None:
-    """Whether an existing legacy mangle table holds CONNMARK entries of ours (any mark);
-    None if it could not be read. Tables that are not listed are not opened."""
-    marks = our_marks()
-    return None if marks is None else bool(marks)
 
 
 class LegacyBackend(FirewallBackend):

@@ -27,7 +27,6 @@ from pymmproxy.pathway.firewall.detect import (
 from pymmproxy.pathway.firewall.legacy import (
     matches,
     our_mark,
-    ours_any_mark,
     rule_dict,
     table_exists,
 )
@@ -268,6 +267,10 @@ def test_legacy_table_exists_reads_proc_without_touching_the_kernel(tmp_path: Pa
     assert not table_exists(Family.V6, files)
     v6.unlink()  # ip6_tables not loaded: no table
     assert not table_exists(Family.V6, files)
+    assert not table_exists(Family.V6, files, unreadable=True)
+    unreadable = ((tmp_path, "IPv4"), (v6, "IPv6"))  # a directory: OSError, not "missing"
+    assert table_exists(Family.V4, unreadable)  # let python-iptables look
+    assert not table_exists(Family.V4, unreadable, unreadable=False)
 
 
 # -- nft ---------------------------------------------------------------------------------
@@ -405,14 +408,14 @@ def test_rule_count_and_our_table() -> None:
     assert not has_our_table([{"table": {"family": "ip", "name": "pymmproxy"}}, {"table": 1}])
 
 
-def test_ours_any_mark() -> None:
+def test_our_mark_of_any_mark() -> None:
     save = _decoded("mark", "0x1c8", "save-mark")
-    assert ours_any_mark(save, Family.V4, "PREROUTING")
-    assert not ours_any_mark(save, Family.V4, "OUTPUT")
-    assert ours_any_mark(_decoded("connmark", "0x7b", "restore-mark"), Family.V6, "OUTPUT")
-    assert not ours_any_mark(_decoded("mark", ["!", "0x7b"], "save-mark"), Family.V4, "PREROUTING")
-    assert not ours_any_mark({"target": "ACCEPT"}, Family.V4, "PREROUTING")
-    assert not ours_any_mark(None, Family.V4, "PREROUTING")
+    assert our_mark(save, Family.V4, "PREROUTING") is not None
+    assert our_mark(save, Family.V4, "OUTPUT") is None
+    assert our_mark(_decoded("connmark", "0x7b", "restore-mark"), Family.V6, "OUTPUT") is not None
+    assert our_mark(_decoded("mark", ["!", "0x7b"], "save-mark"), Family.V4, "PREROUTING") is None
+    assert our_mark({"target": "ACCEPT"}, Family.V4, "PREROUTING") is None
+    assert our_mark(None, Family.V4, "PREROUTING") is None
 
 
 def test_marks_of_our_entries_in_either_backend() -> None:
