@@ -551,22 +551,27 @@ def test_realms_and_protocol_static_lookalikes_are_foreign(ns: Netns) -> None:
 SRC_ROUTE = "local default dev lo scope host src 127.0.0.1 "
 
 
+def refused(ns: Netns, *args: str) -> str:
+    """Run a pathway command that must fail and change nothing; its stderr."""
+    before = dump(ns)
+    res = cli(ns, *args)
+    assert res.returncode == 1, res.stdout
+    assert res.stdout == ""
+    assert dump(ns) == before  # nothing at all changed
+    return res.stderr
+
+
 def test_del_refuses_to_take_a_route_with_a_preferred_source_first(ns: Netns) -> None:
     """``ip route del`` of ours would take the ``src`` route listed before it: refused, and
     the refusal comes before any change, firewall entries included."""
     ok(ns, "add", "123", "--backend", "nft")
     sh(ns, "ip route prepend local 0.0.0.0/0 dev lo table 123 src 127.0.0.1")
     assert ok(ns, "status", "123", "--backend", "nft")[0].startswith("pathway 123: complete")
-    before = dump(ns)
-    res = cli(ns, "del", "123", "--backend", "nft")
-    assert res.returncode == 1
-    assert res.stdout == ""
-    assert res.stderr == (
+    assert refused(ns, "del", "123", "--backend", "nft") == (
         "pymmproxy: pathway del 123: ip route del local 0.0.0.0/0 dev lo table 123: refused, the"
         " kernel would delete a foreign route listed before ours (local 0.0.0.0/0 dev lo table"
         " 123 proto 3 src 127.0.0.1); delete that one first; nothing was deleted\n"
     )
-    assert dump(ns) == before  # nothing at all changed
     sh(ns, "ip route del local 0.0.0.0/0 dev lo table 123 src 127.0.0.1")
     ok(ns, "add", "123", "--backend", "nft")
     sh(ns, "ip route append local 0.0.0.0/0 dev lo table 123 src 127.0.0.1")  # after ours
@@ -580,27 +585,19 @@ def test_a_refused_rule_del_changes_nothing(ns: Netns) -> None:
     sh(ns, "ip -6 rule del fwmark 123 lookup 123 pref 100 protocol 112",
        "ip -6 rule add fwmark 123 iif foo lookup 123 pref 100",
        "ip -6 rule add fwmark 123 lookup 123 pref 100")  # fmt: skip
-    before = dump(ns)
-    res = cli(ns, "del", "123", "--backend", "nft")
-    assert res.returncode == 1
-    assert res.stderr.count("\n") == 1
-    assert "ip -6 rule del fwmark 123 lookup 123 pref 100: refused" in res.stderr
-    assert res.stderr.endswith("; nothing was deleted\n")
-    assert dump(ns) == before
+    stderr = refused(ns, "del", "123", "--backend", "nft")
+    assert stderr.count("\n") == 1
+    assert "ip -6 rule del fwmark 123 lookup 123 pref 100: refused" in stderr
+    assert stderr.endswith("; nothing was deleted\n")
 
 
 def test_add_over_a_blackhole_route_is_a_one_line_error(ns: Netns) -> None:
     sh(ns, "ip route add blackhole 0.0.0.0/0 table 123")
-    before = dump(ns)
-    res = cli(ns, "add", "123", "--backend", "nft")
-    assert res.returncode == 1
-    assert res.stdout == ""
-    assert res.stderr == (
+    assert refused(ns, "add", "123", "--backend", "nft") == (
         "pymmproxy: pathway add 123: ip route add local 0.0.0.0/0 dev lo table 123: refused,"
         " table 123 already holds another route for 0.0.0.0/0 (blackhole 0.0.0.0/0 table 123"
         " proto 3); delete it or use another mark\n"
     )
-    assert dump(ns) == before
     assert "  route local          MISSING  MISSING" in cli(ns, "status", "123").stdout
 
 
