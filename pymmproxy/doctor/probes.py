@@ -9,7 +9,6 @@ from __future__ import annotations
 import errno
 import os
 import socket
-from collections.abc import Iterable
 from pathlib import Path
 
 from pymmproxy import instancelock
@@ -27,13 +26,10 @@ from pymmproxy.pathway import status as pathway_status
 from pymmproxy.pathway.firewall import resolve_backend_name
 from pymmproxy.pathway.firewall.base import BackendName
 from pymmproxy.pathway.firewall.detect import (
-    LEGACY_TABLE_FILES,
     KernelTables,
     detect_backend,
     read_kernel_tables,
-    read_legacy_tables,
 )
-from pymmproxy.pathway.firewall.legacy import our_marks as legacy_marks
 from pymmproxy.pathway.firewall.nft import NftBackend
 from pymmproxy.pathway.ipv6 import Ipv6State
 from pymmproxy.pathway.ipv6 import probe as probe_ipv6
@@ -55,29 +51,17 @@ def privileges(status_file: Path = PROC_STATUS) -> Privileges:
     return Privileges(os.geteuid(), cap_eff)
 
 
-def legacy_tables(
-    files: Iterable[tuple[Path, str]] = LEGACY_TABLE_FILES,
-) -> tuple[str, ...] | None:
-    """xtables-legacy tables of this namespace (what makes iptables-nft warn about them);
-    None if the list is unreadable (it is root-only)."""
-    return read_legacy_tables(files)
-
-
 def other_marks(name: BackendName, kernel: KernelTables) -> tuple[int, ...]:
     """The marks of our entries in the backend other than ``name`` (empty: none, unread)."""
-    if name == "nft" and kernel.ours_legacy:
-        return legacy_marks() or ()
+    if name == "nft":
+        return kernel.legacy_marks  # read once, with the kernel's tables
     if name == "legacy" and kernel.ours_nft:
         try:
             nft = NftBackend()
+            with nft:
+                return nft.marks()
         except (PymmproxyError, OSError):
             return ()
-        try:
-            return nft.marks()
-        except (PymmproxyError, OSError):
-            return ()
-        finally:
-            nft.close()
     return ()
 
 

@@ -23,6 +23,7 @@ from pymmproxy.doctor.facts import (
     TargetFacts,
 )
 from pymmproxy.pathway import ItemStatus, PathwayStatus, plan
+from pymmproxy.pathway.firewall.detect import read_legacy_tables
 from pymmproxy.pathway.ipv6 import LO_DISABLED, Ipv6State
 from pymmproxy.settings import Endpoint, Transport
 
@@ -417,7 +418,7 @@ def test_legacy_tables_lists_names_per_family(tmp_path: Path) -> None:
     v4.write_text("mangle\nfilter\n")
     v6.write_text("")
     files = ((v4, "IPv4"), (v6, "IPv6"), (tmp_path / "absent", "IPv6"))
-    assert probes.legacy_tables(files) == ("mangle (IPv4)", "filter (IPv4)")
+    assert read_legacy_tables(files) == ("mangle (IPv4)", "filter (IPv4)")
 
 
 def test_socket_probes_on_loopback() -> None:

@@ -71,7 +71,12 @@ class KernelTables:
     xt_nft: tuple[str, ...] | None  # e.g. "ip filter"
     legacy_with_rules: tuple[str, ...] | None = None  # None: unknown, all of legacy count
     ours_nft: bool = False  # table inet pymmproxy exists
-    ours_legacy: bool = False  # a legacy mangle table holds CONNMARK rules of ours
+    legacy_marks: tuple[int, ...] = ()  # marks with CONNMARK rules of ours in legacy mangle
+
+    @property
+    def ours_legacy(self) -> bool:
+        """A legacy mangle table holds CONNMARK rules of ours."""
+        return bool(self.legacy_marks)
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,7 +246,7 @@ def read_kernel_tables() -> KernelTables:
         xt_nft=None if listing is None else xt_nft_tables(listing),
         legacy_with_rules=read_legacy_with_rules(legacy),
         ours_nft=listing is not None and has_our_table(listing),
-        ours_legacy=bool(our_marks()),  # None (unreadable) counts as not found
+        legacy_marks=our_marks() or (),  # None (unreadable) counts as none found
     )
 
 

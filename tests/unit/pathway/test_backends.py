@@ -370,8 +370,9 @@ DEBIAN = KernelTables(("filter (IPv4)",), (), legacy_with_rules=())
     [
         # our table wins over legacy tables in use and over our legacy rules
         (KernelTables(("filter (IPv4)",), (), ("filter (IPv4)",), ours_nft=True,
-                      ours_legacy=True), "nft", "kernel: our table inet pymmproxy exists"),
-        (KernelTables(("mangle (IPv4)",), ("ip filter",), ("mangle (IPv4)",), ours_legacy=True),
+                      legacy_marks=(123,)), "nft", "kernel: our table inet pymmproxy exists"),
+        (KernelTables(("mangle (IPv4)",), ("ip filter",), ("mangle (IPv4)",),
+                      legacy_marks=(123,)),
          "legacy", "kernel: our CONNMARK rules are in the legacy mangle table"),
         # an empty legacy table (left by 'iptables-legacy -L') is not "in use"
         (KernelTables(("filter (IPv4)",), ("ip nat",), ()), "nft",
