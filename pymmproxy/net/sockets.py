@@ -63,6 +63,7 @@ def listen_socket(
     reuse_port: bool = False,
     transparent: bool = False,
     backlog: int = 4096,
+    keepalive: int = 0,
 ) -> socket.socket:
     """Bind (and for TCP, listen on) ``endpoint``; ``[::]`` is dual-stack.
 
@@ -87,6 +88,8 @@ def listen_socket(
                 sock.setsockopt(SOL_IP, IP_TRANSPARENT, 1)
         sock.bind((endpoint.host, endpoint.port))
         if kind == socket.SOCK_STREAM:
+            if keepalive:  # before listen(): the first accepted sockets inherit it too
+                keep_alive(sock, keepalive)
             sock.listen(backlog)
         sock.setblocking(False)
     except OSError as exc:

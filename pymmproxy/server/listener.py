@@ -16,7 +16,7 @@ from collections import Counter
 
 from pymmproxy.logsetup import get_logger
 from pymmproxy.net.acceptor import Acceptor
-from pymmproxy.net.sockets import keep_alive, listen_socket
+from pymmproxy.net.sockets import listen_socket
 from pymmproxy.server.context import InstanceContext
 from pymmproxy.server.tcp import ClientProtocol
 from pymmproxy.server.tproxy import TproxyProtocol
@@ -29,7 +29,10 @@ def bind(
 ) -> socket.socket:
     """The instance's listening socket (PymmproxyError with one line if it cannot bind)."""
     kind = socket.SOCK_DGRAM if settings.transport is Transport.UDP else socket.SOCK_STREAM
-    return listen_socket(settings.listen, kind=kind, reuse_port=reuse_port, transparent=transparent)
+    return listen_socket(
+        settings.listen, kind=kind, reuse_port=reuse_port, transparent=transparent,
+        keepalive=settings.limits.keepalive,  # every accepted socket inherits it
+    )  # fmt: skip
 
 
 class Listener:
@@ -65,8 +68,6 @@ class Listener:
                 )
             else:
                 self._server = Acceptor(sock, ctx.reactor, lambda: ClientProtocol(ctx), self.log)
-            if ctx.keepalive and sock.type == socket.SOCK_STREAM and sock.family != socket.AF_UNIX:
-                keep_alive(sock, ctx.keepalive)  # every accepted socket inherits it
         except BaseException:
             sock.close()
             raise

@@ -869,3 +869,19 @@ def test_every_32_bit_mark_can_be_set(mark: int) -> None:
     with socket.socket() as sock:
         sock.setsockopt(socket.SOL_SOCKET, sockets.SO_MARK, sockets.c_int(mark))
         assert sock.getsockopt(socket.SOL_SOCKET, sockets.SO_MARK) & 0xFFFFFFFF == mark
+
+
+def test_a_listening_socket_has_keepalive_before_it_listens() -> None:
+    """Set before ``listen()``: a connection the kernel accepts into the backlog before the
+    daemon's loop is up inherits it too."""
+    from pymmproxy.settings import Endpoint  # noqa: PLC0415
+
+    sock = sockets.listen_socket(Endpoint("127.0.0.1", 0), keepalive=15)
+    sock.setblocking(True)
+    with sock, socket.create_connection(sock.getsockname()) as _client:
+        accepted, _ = sock.accept()
+        with accepted:
+            assert accepted.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+            assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 15
+    with sockets.listen_socket(Endpoint("127.0.0.1", 0)) as plain:
+        assert plain.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 0
