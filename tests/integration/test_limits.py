@@ -110,19 +110,21 @@ def test_idle_timeout_aborts_a_connection_whose_peers_stopped_reading(wl: Worklo
     base = fds(proc.pid)
     stuck = relayed(wl, port, "192.0.2.97", 42601)
     stuck.setblocking(False)
-    sent, last = 0, time.monotonic()
+    sent, last, reset = 0, time.monotonic(), False
     while time.monotonic() - last < 0.5:  # until every buffer on the way stays full
         try:
             sent += stuck.send(b"x" * 65536)
             last = time.monotonic()
         except BlockingIOError:
             time.sleep(0.02)
+        except ConnectionResetError:  # the idle timeout came while we still pushed
+            reset = True
+            break
     assert sent > 1 << 20
     assert settle_fds(proc.pid, base, timeout=4.0) == base  # both sockets closed
     stuck.setblocking(True)
     stuck.settimeout(3)
-    with pytest.raises(ConnectionResetError):  # reset, not a FIN behind megabytes
-        _drain(stuck)
+    assert reset or _ends_in_reset(stuck)  # a reset, not a FIN behind megabytes
     stuck.close()
     assert '"reason": "idle_timeout"' in wl.log(f"daemon-{port}.log")
 
@@ -222,10 +224,14 @@ def test_fd_exhaustion_backs_off_and_recovers(wl: Workload) -> None:
     assert "Traceback" not in wl.log(f"daemon-{port}.log")
 
 
-def _drain(s: socket.socket) -> None:
-    """Read ``s`` to its end (raises if it ends in a reset)."""
-    while s.recv(1 << 20):
-        pass
+def _ends_in_reset(s: socket.socket) -> bool:
+    """Read ``s`` to its end: True if that end is a reset, False if a FIN."""
+    try:
+        while s.recv(1 << 20):
+            pass
+    except ConnectionResetError:
+        return True
+    return False
 
 
 def _timers(out: str, pairs: list[tuple[str, str]]) -> list[str]:
