@@ -122,10 +122,13 @@ class Registry:
             running.spec = desired[name]
             if running.listener.ctx is not None:
                 running.listener.ctx.allow = AllowList(desired[name].settings.allowed)
-                running.listener.ctx.refresh_own_addresses()
                 running.listener.log.info(
                     "daemon.reload", allow=running.listener.ctx.allow.describe()
                 )
+        for name in [n for n in old if n in desired and n not in starting]:
+            ctx = old[name].listener.ctx  # kept instances: the host's addresses may have changed
+            if ctx is not None:
+                ctx.refresh_own_addresses()
         for name in changes.restarted:
             if (held := old[name].lock) is not None:
                 locks[name] = held

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import signal
 import socket
 import subprocess
+import time
 
 import pytest
 
@@ -88,6 +90,28 @@ def test_unsafe_sources_are_not_spoofed(wl: Workload, src: str, kind: str) -> No
     log = wl.log(f"daemon-{PORT}.log")
     assert f'"kind": "{kind}"' in log
     assert '"reason": "source_refused"' in log
+
+
+def test_sighup_rereads_the_hosts_addresses(wl: Workload) -> None:
+    """An address added to the host after start is refused as a source after SIGHUP."""
+    port, added = PORT + 6, "203.0.113.78"
+    proc = wl.daemon("-4", f"127.0.0.1:{WHOAMI}", port=port)
+    assert whoami(wl, encode_v2(header(added, 43400)), port) == f"{added} 43400"
+    wl.ns.run(["ip", "addr", "add", f"{added}/32", "dev", "lo"])
+    try:
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while '"daemon.reload"' not in wl.log(f"daemon-{port}.log"):
+            assert time.monotonic() < deadline, wl.log(f"daemon-{port}.log")
+            time.sleep(0.05)
+        with open_conn(wl, port) as s:
+            s.sendall(encode_v2(header(added, 43401)) + b"GET / HTTP/1.0\r\n\r\n")
+            assert closed_soon(s)
+    finally:
+        wl.ns.run(["ip", "addr", "del", f"{added}/32", "dev", "lo"])
+    assert '"kind": "own_address"' in wl.log(f"daemon-{port}.log")
+    proc.terminate()
+    assert proc.wait(10) == 0
 
 
 def test_normal_sources_still_spoofed(wl: Workload) -> None:

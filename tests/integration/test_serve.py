@@ -193,6 +193,34 @@ def test_allow_lists_are_per_instance(served: Served) -> None:
     assert {e["instance"] for e in refused} == {INSTANCES[2][0]}
 
 
+def test_sighup_rereads_the_hosts_addresses_for_kept_instances(served: Served) -> None:
+    """An address added to the host is refused as a spoofed source after SIGHUP, also by
+    instances whose config did not change."""
+    wl, port, added = served.wl, INSTANCES[0][2], "203.0.113.77"
+
+    def echoed(sport: int) -> bool:  # "a" targets the echo service
+        try:
+            with connect(wl, port) as s:
+                s.sendall(header(added, sport) + b"ping")
+                s.shutdown(socket.SHUT_WR)
+                return recv_all(s) == b"ping"
+        except ConnectionResetError:
+            return False
+
+    assert echoed(41300)
+    wl.ns.run(["ip", "addr", "add", f"{added}/32", "dev", "lo"])
+    try:
+        reloads = len(served.events("serve.reload"))
+        served.proc.send_signal(signal.SIGHUP)
+        assert served.wait_event("serve.reload", reloads + 1)[-1]["added"] == []
+        assert not echoed(41301)
+    finally:
+        wl.ns.run(["ip", "addr", "del", f"{added}/32", "dev", "lo"])
+    refused = [e for e in served.events("conn.failed") if e.get("kind") == "own_address"]
+    assert refused
+    assert {e["instance"] for e in refused} == {INSTANCES[0][0]}
+
+
 def test_sighup_adds_and_removes_while_a_transfer_runs(served: Served) -> None:
     wl, (a_name, _, a_port, _) = served.wl, INSTANCES[0]
     payload = os.urandom(24 * 1024 * 1024)
@@ -211,14 +239,18 @@ def test_sighup_adds_and_removes_while_a_transfer_runs(served: Served) -> None:
         (served.cfg / "instances.tsv").write_text(
             line(*INSTANCES[0][:3]) + line(*ADDED[:3]) + "broken 124 [::]:1 127.0.0.1\n"
         )
+        fails, reloads = (
+            len(served.events("serve.reload_failed")),
+            len(served.events("serve.reload")),
+        )
         served.proc.send_signal(signal.SIGHUP)
-        failed = served.wait_event("serve.reload_failed", 1)[-1]
+        failed = served.wait_event("serve.reload_failed", fails + 1)[-1]
         assert "instances.tsv:3: expected <name>" in str(failed["error"])
         s.sendall(payload[8 << 20 : 16 << 20])
         # 2: drop b and c, add d: a keeps its connection
         write_config(served.cfg, (INSTANCES[0], ADDED))
         served.proc.send_signal(signal.SIGHUP)
-        done = served.wait_event("serve.reload", 1)[-1]
+        done = served.wait_event("serve.reload", reloads + 1)[-1]
         assert done["added"] == [ADDED[0]]
         assert sorted(done["removed"]) == [INSTANCES[1][0], INSTANCES[2][0]]  # type: ignore[call-overload]
         assert done["restarted"] == []
