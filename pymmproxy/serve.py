@@ -129,6 +129,11 @@ class Serve(Lifecycle):
         if not self.initial:
             self.log.warning("serve.no_instances")
         changes = await self.registry.apply(self.initial)
+        if changes.failed:  # nothing starts half: stop what did, say why (one line)
+            self.registry.close()
+            await self.registry.drain()
+            name, why = next(iter(changes.failed.items()))
+            raise PymmproxyError(f"instance {name}: cannot start: {why}")
         self.log.info("serve.started", instances=changes.added)
 
     def close(self) -> None:
@@ -168,8 +173,9 @@ class Serve(Lifecycle):
         except (PymmproxyError, OSError) as exc:  # OSError: a file we may not read, say
             kept = sorted(self.registry.running)
             self.log.error("serve.reload_failed", error=str(exc), kept=kept)  # noqa: TRY400
-        else:
-            self.log.info("serve.reload", **dataclasses.asdict(changes))
+        else:  # an instance that failed to start is named in ``failed``, at error level
+            level = self.log.error if changes.failed else self.log.info
+            level("serve.reload", **dataclasses.asdict(changes))
         finally:
             self.notifier.ready()
 

@@ -66,6 +66,7 @@ class Changes:
     removed: list[str] = field(default_factory=list)
     restarted: list[str] = field(default_factory=list)
     allow_updated: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)  # added/restarted: name -> why not
 
 
 class Registry:
@@ -136,8 +137,11 @@ class Registry:
             self._retire(old[name], release=name in changes.removed)
             del old[name]
         for name in starting:
-            await self._start(name, desired[name], locks.get(name))
-        used = {spec.key for spec in desired.values()}
+            error = await self._start(name, desired[name], locks.get(name))
+            if error is not None:
+                changes.failed[name] = error
+        self._drop_rules([n for n in changes.failed if desired[n].ports is not None])
+        used = {running.spec.key for running in self.running.values()}
         for key in [k for k in self._sockets if k not in used]:
             self._sockets.pop(key).close()
         return changes
@@ -192,14 +196,33 @@ class Registry:
         for change in tproxy.apply(rules, drop, backend=self.backend):
             self.log.info("serve.tproxy_rule", change=change)
 
-    async def _start(self, name: str, spec: Spec, lock: InstanceLock | None) -> None:
+    def _drop_rules(self, names: list[str]) -> None:
+        """Remove the TPROXY rules of instances that are not running after all."""
+        if not names or not self.manage_rules:
+            return
+        from pymmproxy.pathway import tproxy  # noqa: PLC0415 - netlink/nft only when needed
+
+        try:
+            for change in tproxy.apply({}, names, backend=self.backend):
+                self.log.info("serve.tproxy_rule", change=change)
+        except PymmproxyError as exc:
+            self.log.error("serve.tproxy_rule_failed", error=str(exc))  # noqa: TRY400
+
+    async def _start(self, name: str, spec: Spec, lock: InstanceLock | None) -> str | None:
+        """Start ``name``; on failure (out of descriptors, a taken metrics port ...) log and
+        return why. It is then not running: its socket is closed, its lock released, and
+        the next reload tries it again as a new instance."""
         listener = Listener(spec.settings, verbosity=self.verbosity, ports=spec.ports)
-        running = _Running(spec, listener, lock)
         try:
             await listener.start(self._sockets[spec.key].dup())
         except (PymmproxyError, OSError) as exc:
-            listener.log.error("serve.start_failed", error=str(exc))  # noqa: TRY400
-        self.running[name] = running
+            error = str(exc)
+            listener.log.error("serve.start_failed", error=error)  # noqa: TRY400
+            if lock is not None:
+                lock.release()
+            return error
+        self.running[name] = _Running(spec, listener, lock)
+        return None
 
     def _retire(self, running: _Running, *, release: bool) -> None:
         """Stop accepting and drain in the background."""

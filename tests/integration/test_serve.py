@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import resource
 import secrets
 import signal
 import socket
@@ -344,6 +345,50 @@ def test_workers_keep_a_reload_that_adds_an_instance_running_elsewhere(
         wait_port(wl.ns, LB_V4, first[2])
         assert instancelock.acquire(first[0]) is None
         assert not run.events("serve.reload_failed")[1:]  # only the refused one above
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_an_instance_that_cannot_start_on_reload_is_reported_and_retried(
+    served: Served, tmp_path: Path
+) -> None:
+    """An added instance that fails to start (here: out of descriptors) is named in the
+    reload's ``failed``, holds no socket, and the next SIGHUP starts it."""
+    wl = served.wl
+    kept = (f"g{SFX}", 123, 8207, f"{LB_V4}/32\n")
+    added = (f"h{SFX}", 124, 8208, f"{LB_V4}/32\n")
+    cfg = tmp_path / "cfg-fail"
+    write_config(cfg, (kept,))
+    argv = [PY, "-m", "pymmproxy", "serve", "--config-dir", str(cfg), "-v", "1",
+            "-listeners", "1", "--log-format", "json"]  # fmt: skip
+    proc = wl.spawn(argv, "serve-fail.log")
+    run = Served(wl, cfg, proc, "serve-fail.log")
+    try:
+        wait_port(wl.ns, LB_V4, kept[2])
+        # The reload opens the new lock file and binds the new socket (the two lowest free
+        # descriptors), then dup()s the socket for the listener: the limit refuses that one.
+        used = {int(fd) for fd in os.listdir(f"/proc/{proc.pid}/fd")}
+        third_free = [fd for fd in range(len(used) + 3) if fd not in used][2]
+        soft, hard = resource.prlimit(proc.pid, resource.RLIMIT_NOFILE)
+        resource.prlimit(proc.pid, resource.RLIMIT_NOFILE, (third_free, hard))
+        write_config(cfg, (kept, added))
+        proc.send_signal(signal.SIGHUP)
+        (done,) = run.wait_event("serve.reload", 1)
+        assert done["added"] == [added[0]]
+        assert list(done["failed"]) == [added[0]], done  # type: ignore[call-overload]
+        assert "Too many open files" in str(done["failed"][added[0]])  # type: ignore[index]
+        assert done["level"] == "error"
+        with pytest.raises(ConnectionRefusedError):
+            connect(wl, added[2], timeout=2).close()
+        assert instancelock.holder_pid(added[0]) is None  # its lock was released
+        assert whoami(wl, kept[2], "192.0.2.60", 41400) == "192.0.2.60 41400"  # still serves
+        resource.prlimit(proc.pid, resource.RLIMIT_NOFILE, (soft, hard))
+        proc.send_signal(signal.SIGHUP)
+        again = run.wait_event("serve.reload", 2)[-1]
+        assert again["added"] == [added[0]]
+        assert again["failed"] == {}
+        assert whoami(wl, added[2], "192.0.2.61", 41401) == "192.0.2.61 41401"
     finally:
         proc.terminate()
         proc.wait(timeout=30)

@@ -306,3 +306,30 @@ def test_parent_gate_keeps_a_reload_the_workers_would_refuse_from_them(
 
 def _settings() -> InstanceSettings:
     return InstanceSettings(Endpoint("127.0.0.1", 1), Endpoint("127.0.0.1", 2), None)
+
+
+def test_an_instance_that_cannot_start_at_start_stops_serve_with_one_line() -> None:
+    """Nothing starts half: the instances that did start are closed and drained, and the
+    error names the one that could not."""
+    import asyncio  # noqa: PLC0415
+
+    from pymmproxy.serve import Serve  # noqa: PLC0415
+    from pymmproxy.server.registry import Changes  # noqa: PLC0415
+
+    calls: list[str] = []
+
+    class FailingRegistry:
+        async def apply(self, desired: object) -> Changes:
+            return Changes(added=["ok", "web"], failed={"web": "[Errno 24] Too many open files"})
+
+        def close(self) -> None:
+            calls.append("close")
+
+        async def drain(self) -> None:
+            calls.append("drain")
+
+    app = Serve(dict, {}, FailingRegistry())  # type: ignore[arg-type]
+    with pytest.raises(PymmproxyError) as info:
+        asyncio.run(app.start())
+    assert str(info.value) == "instance web: cannot start: [Errno 24] Too many open files"
+    assert calls == ["close", "drain"]
