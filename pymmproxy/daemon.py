@@ -62,6 +62,8 @@ class Reloaded:
     """What SIGHUP may change without dropping connections."""
 
     allow: AllowList
+    #: fields of the instance's line that changed too but need a restart (listen, mark ...)
+    restart_needed: tuple[str, ...] = ()
 
 
 Reloader = Callable[[], Reloaded]
@@ -237,6 +239,11 @@ class Daemon(Lifecycle):
         ctx.allow = new.allow
         ctx.refresh_own_addresses()
         self.log.info("daemon.reload", allow=new.allow.describe())
+        if new.restart_needed:
+            self.log.warning(
+                "daemon.restart_needed", changed=list(new.restart_needed),
+                hint="SIGHUP only reloads the allow list; restart the instance for these",
+            )  # fmt: skip
 
 
 def run(

@@ -8,7 +8,13 @@ import sys
 from collections.abc import Sequence
 
 from pymmproxy import daemon, instancelock
-from pymmproxy.conffiles import Config, instance_settings, load_config, resolve_config_dir
+from pymmproxy.conffiles import (
+    Config,
+    Instance,
+    instance_settings,
+    load_config,
+    resolve_config_dir,
+)
 from pymmproxy.errors import PymmproxyError, UsageError
 from pymmproxy.logsetup import get_logger
 from pymmproxy.policy import AllowList
@@ -71,10 +77,19 @@ def run_instance(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
     def reloader() -> daemon.Reloaded:
         fresh = load_config(config_dir)
-        return daemon.Reloaded(allow=AllowList(fresh.allowed_for(fresh.instance(inst.name))))
+        now = fresh.instance(inst.name)
+        return daemon.Reloaded(
+            allow=AllowList(fresh.allowed_for(now)), restart_needed=restart_needed(inst, now)
+        )
 
     with lock:
         return daemon.run(settings, verbosity=args.verbose, reloader=reloader)
+
+
+def restart_needed(running: Instance, fresh: Instance) -> tuple[str, ...]:
+    """The fields of an instance's line that changed but only take effect on a restart."""
+    fields = ("mark", "listen", "target4", "target6", "transport", "ports")
+    return tuple(f for f in fields if getattr(running, f) != getattr(fresh, f))
 
 
 def _status(config: Config, mark: int) -> str:

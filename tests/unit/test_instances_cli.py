@@ -25,13 +25,18 @@ def config(tmp_path: Path) -> Path:
     return tmp_path
 
 
+reloaders: list[Any] = []  # the reloader each daemon.run got
+
+
 @pytest.fixture
 def runs(monkeypatch: pytest.MonkeyPatch) -> list[tuple[InstanceSettings, int]]:
     """What ``daemon.run`` was called with; no lock file, no logging set-up by the CLI."""
     calls: list[tuple[InstanceSettings, int]] = []
+    reloaders.clear()
 
-    def run(settings: InstanceSettings, *, verbosity: int, **_: Any) -> int:
+    def run(settings: InstanceSettings, *, verbosity: int, **kw: Any) -> int:
         calls.append((settings, verbosity))
+        reloaders.append(kw["reloader"])
         return 0
 
     monkeypatch.setattr(daemon, "run", run)
@@ -112,3 +117,20 @@ def test_instances_table_running_column(
     column = header.index("RUNNING")
     running = {row.split()[0]: row[column:].rstrip() for row in rows}
     assert running == {"vps01-ssh": "pid 4242", "vps01-web": "yes (pid unknown)", "vps01-wg": "no"}
+
+
+def test_sighup_reloads_the_allow_list_and_names_what_needs_a_restart(
+    config: Path, runs: list[tuple[InstanceSettings, int]]
+) -> None:
+    assert cli.main(["--instance", "vps01-ssh", "--config-dir", str(config)]) == 0
+    (reloader,) = reloaders
+    same = reloader()
+    assert same.restart_needed == ()
+    assert same.allow.describe() == "1 network: 192.0.2.0/24"
+    (config / "allow.txt").write_text("198.51.100.0/24\n")
+    changed = SSH.replace("123\t100.101.102.123:2222", "124\t100.101.102.123:2223")
+    (config / "pathways.conf").write_text("123\n124\n")
+    (config / "instances.tsv").write_text(changed.replace("\t22\t", "\t2222\t") + WEB)
+    fresh = reloader()
+    assert fresh.allow.describe() == "1 network: 198.51.100.0/24"
+    assert fresh.restart_needed == ("mark", "listen", "target4", "target6")  # one port for both
