@@ -237,7 +237,7 @@ def _run_proxy(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from pymmproxy.policy import AllowList  # noqa: PLC0415
 
     logsetup.configure(args.verbose, args.log_format)
-    if args.instance:
+    if args.instance is not None:  # "" too: an unset $NAME must not fall back to flags
         from pymmproxy.instances import run_instance  # noqa: PLC0415
 
         return run_instance(args, argv)

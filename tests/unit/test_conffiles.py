@@ -271,6 +271,14 @@ COLUMNS = "expected <name> <fwmark> <listen_addr> <target_ipv4> <target_port> <t
         ),
         ("a 124 0.0.0.0:2222 127.0.0.1 22 -", "clashes with instance 'vps01-ssh'"),
         ("a 124 [::]:2222 127.0.0.1 22 -", "tcp listen_addr [::]:2222 clashes"),
+        (  # an IPv4-mapped address is the IPv4 one (as Go reads it): the same socket address
+            "a 124 [::ffff:100.101.102.123]:2222 127.0.0.1 22 -",
+            "tcp listen_addr 100.101.102.123:2222 clashes with instance 'vps01-ssh' on line 2",
+        ),
+        (
+            "a 123 1.2.3.4:5 - 22 ::ffff:127.0.0.1",
+            "bad target_ipv6 '::ffff:127.0.0.1': an IPv4-mapped address",
+        ),
     ],
 )
 def test_instance_errors(tmp_path: Path, line: str, fragment: str) -> None:

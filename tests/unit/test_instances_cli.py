@@ -77,6 +77,18 @@ def test_instance_refuses_flags_that_instances_tsv_sets(
     assert runs == []
 
 
+def test_an_empty_instance_name_is_refused_not_flags_mode(
+    config: Path, runs: list[tuple[InstanceSettings, int]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An unset ``$NAME`` in a wrapper gives ``--instance ""``: not a daemon on the flags."""
+    code = cli.main(["--instance", "", "--config-dir", str(config), "--allow-any"])
+    assert code == 2
+    assert capsys.readouterr().err.startswith("pymmproxy: --allow-any is not allowed with")
+    assert cli.main(["--instance", "", "--config-dir", str(config)]) == 2
+    assert "no instance ''" in capsys.readouterr().err
+    assert runs == []
+
+
 def test_instance_accepts_its_own_flags(
     config: Path, runs: list[tuple[InstanceSettings, int]]
 ) -> None:
