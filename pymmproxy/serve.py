@@ -251,9 +251,12 @@ class ParentGate:
         known = {spec.key for spec in self.specs.values()}
         new = self.take(specs)
         try:
-            for spec in specs.values():
+            for name, spec in specs.items():
                 if spec.key not in known:
-                    bind(spec.settings, reuse_port=False).close()  # (see daemon.run)
+                    try:
+                        bind(spec.settings, reuse_port=False).close()  # (see daemon.run)
+                    except PymmproxyError as exc:
+                        raise PymmproxyError(f"instance {name}: {exc}") from None
         except BaseException:
             self.drop(new)
             raise

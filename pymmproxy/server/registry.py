@@ -159,7 +159,11 @@ class Registry:
                 spec = desired[name]
                 sock = self._sockets.get(spec.key) or sockets.get(spec.key)
                 if sock is None:
-                    sock = sockets[spec.key] = bind(spec.settings, reuse_port=self.reuse_port)
+                    try:
+                        sock = bind(spec.settings, reuse_port=self.reuse_port)
+                    except PymmproxyError as exc:
+                        raise PymmproxyError(f"instance {name}: {exc}") from None
+                    sockets[spec.key] = sock
                 if spec.ports is not None:
                     v6 = spec.settings.listen.is_v6
                     level, option = (SOL_IPV6, IPV6_TRANSPARENT) if v6 else (SOL_IP, IP_TRANSPARENT)
