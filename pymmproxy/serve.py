@@ -235,9 +235,10 @@ class ParentGate:
     the others refuse for them: an instance already running elsewhere (a ``pymmproxy@NAME``
     unit, which would otherwise share its ``SO_REUSEPORT`` port) or an address another
     program holds. Locks of removed instances are let go as the workers are told. A config
-    that does not load is passed on: each worker logs why it keeps the old. What changes
-    after this check (a port taken in between, the file edited again) can still make a
-    worker refuse; it logs ``serve.reload_failed`` and the next SIGHUP settles it.
+    that does not load is not passed on either: the workers would read the files again, and
+    one fixed meanwhile would start instances the parent never locked. What changes after
+    this check (a port taken in between, the file edited again) can still make a worker
+    refuse; it logs ``serve.reload_failed`` and the next SIGHUP settles it.
     """
 
     def __init__(self, load: Callable[[], dict[str, Spec]], log: BoundLogger) -> None:
@@ -284,11 +285,8 @@ class ParentGate:
         """True if the workers may reload (see the class docstring); False, logged, if not."""
         try:
             specs = self.load()
-        except PymmproxyError:
-            return True
-        try:
             self.admit(specs)
-        except PymmproxyError as exc:
+        except (PymmproxyError, OSError) as exc:  # OSError: a file we may not read, say
             refused = str(exc)
         else:
             self.drop([name for name in self.held if name not in specs])

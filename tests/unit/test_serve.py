@@ -295,8 +295,10 @@ def test_parent_gate_keeps_a_reload_the_workers_would_refuse_from_them(
     freed = instancelock.acquire("a", dirs=[run])
     assert freed is not None
     freed.release()
-    current["broken"] = spec(1003)  # the workers log why; the parent passes it on
-    assert gate.before_reload() is True
+    current["broken"] = spec(1003)  # not passed on: the workers would re-read the files
+    assert gate.before_reload() is False
+    assert "instances.tsv:3: bad line; kept the running config" in log.errors[-1]
+    assert set(gate.held) == {"b"}
     gate.release_all()
     assert gate.held == {}
     again = instancelock.acquire("b", dirs=[run])
