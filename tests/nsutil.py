@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import ctypes
 import functools
 import importlib.util
 import os
@@ -13,9 +14,11 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, TypeVar, cast
 
 import pytest
 
@@ -29,6 +32,7 @@ NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 NOBODY_IMPORTS = ("pymmproxy", "uvloop", "structlog", "pyroute2", "prometheus_client", "iptc",
                   "libxtwrapper")  # fmt: skip
 SYSTEM_BIN = "/usr/local/bin:/usr/bin:/bin"
+T = TypeVar("T")
 
 
 def require(condition: bool, why: str) -> None:
@@ -92,6 +96,35 @@ def netns(prefix: str = "pmt") -> Iterator[Netns]:
             with contextlib.suppress(ProcessLookupError, ValueError):
                 os.kill(int(pid), 9)
         subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+CLONE_NEWNET = 0x40000000
+
+
+def run_in(ns: Netns, fn: Callable[[], T]) -> T:
+    """``fn()`` in a thread that entered ``ns`` (``setns``): the sockets it makes live there."""
+    box: list[Any] = []
+
+    def enter_and_run() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fd = os.open(f"/run/netns/{ns.name}", os.O_RDONLY)
+        try:
+            if libc.setns(fd, CLONE_NEWNET) != 0:
+                box.append(OSError(ctypes.get_errno(), f"setns {ns.name} failed"))
+                return
+        finally:
+            os.close(fd)
+        try:
+            box.append(fn())
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            box.append(exc)
+
+    thread = threading.Thread(target=enter_and_run)
+    thread.start()
+    thread.join()
+    if isinstance(box[0], BaseException):
+        raise box[0]
+    return cast("T", box[0])
 
 
 @functools.cache

@@ -1,13 +1,15 @@
 """sd_notify from the real daemon, received on a real ``AF_UNIX`` datagram socket.
 
-The daemon runs in the host namespace on 127.0.0.1 and an ephemeral port with no spoofing
-(``--allow-any``, a target nobody connects to), which needs no privileges. What systemd
+The daemon runs in a network namespace of this module's own, on 127.0.0.1, with no spoofing
+(``--allow-any``, a target nobody connects to); the notify socket is a path, which crosses
+network namespaces. What systemd
 relies on: READY=1 only once the port accepts connections (and, with ``-listeners N``, once
 every worker listens), STATUS= lines while running, STOPPING=1 on SIGTERM, exit 0.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import signal
@@ -22,9 +24,30 @@ from pathlib import Path
 import pytest
 
 from pymmproxy.cpus import usable_cpus
+from tests.integration.conftest import ns_connect
+from tests.nsutil import Netns, netns, require_root_and_tools
 
+pytestmark = [pytest.mark.netns]
 PY = sys.executable
 STATUS_WAIT = 7.0  # the daemon reports every 5 s
+NS: list[Netns] = []  # the module's namespace (see the fixture below)
+_PORTS = itertools.count(8701)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _namespace() -> Iterator[None]:
+    require_root_and_tools()
+    with netns("pmn") as ns:
+        NS.append(ns)
+        try:
+            yield
+        finally:
+            NS.clear()
+
+
+def in_ns(argv: list[str]) -> list[str]:
+    """``argv`` run in the module's namespace (``ip netns exec`` execs in place: same pid)."""
+    return ["ip", "netns", "exec", NS[0].name, *argv]
 
 
 class Manager:
@@ -65,9 +88,8 @@ def manager(tmp_path: Path) -> Iterator[Manager]:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port nobody uses in the module's fresh namespace."""
+    return next(_PORTS)
 
 
 @contextmanager
@@ -83,7 +105,7 @@ def daemon(
         argv = ["taskset", "-c", ",".join(map(str, sorted(cpus))), *argv]
     log = manager.path.with_name("daemon.log")
     with log.open("wb") as out:
-        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(in_ns(argv), env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
         yield proc
     finally:
@@ -93,9 +115,11 @@ def daemon(
 
 
 def connects(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(1)
-        return s.connect_ex(("127.0.0.1", port)) == 0
+    try:
+        ns_connect(NS[0], "127.0.0.1", port, timeout=1).close()
+    except OSError:
+        return False
+    return True
 
 
 def stop(proc: subprocess.Popen[bytes], manager: Manager) -> None:
@@ -106,11 +130,11 @@ def stop(proc: subprocess.Popen[bytes], manager: Manager) -> None:
     assert code == 0, manager.path.with_name("daemon.log").read_text()
 
 
-def listening_inodes(port: int) -> set[str]:
-    """Socket inodes in LISTEN on 127.0.0.1:port (from /proc/net/tcp)."""
+def listening_inodes(port: int, pid: int) -> set[str]:
+    """Socket inodes in LISTEN on 127.0.0.1:port (``/proc/PID/net/tcp``: ``pid``'s namespace)."""
     local = f"0100007F:{port:04X}"
     found = set()
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+    for line in Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]:
         cols = line.split()
         if cols[1] == local and cols[3] == "0A":
             found.add(cols[9])
@@ -160,7 +184,7 @@ def test_ready_once_after_every_worker_listens(manager: Manager) -> None:
     with daemon(manager, port, "-listeners", "2") as proc:
         manager.wait_for("READY", 10)
         workers = children(proc.pid)
-        listeners = listening_inodes(port)
+        listeners = listening_inodes(port, proc.pid)
         assert len(workers) == 2
         assert len(listeners) == 2
         for worker in workers:
@@ -181,7 +205,7 @@ def test_default_is_one_worker_per_usable_cpu(manager: Manager, first_cpu_only: 
     with daemon(manager, port, cpus=cpus) as proc:
         manager.wait_for("READY", 10)
         expected = 1 if first_cpu_only else usable_cpus()
-        assert len(listening_inodes(port)) == expected
+        assert len(listening_inodes(port, proc.pid)) == expected
         assert len(children(proc.pid)) == (0 if expected == 1 else expected)
         assert connects(port)
         stop(proc, manager)
@@ -219,7 +243,7 @@ def test_sigterm_stops_the_daemon_even_with_its_stderr_gone(workers: str) -> Non
     argv = [PY, "-m", "pymmproxy", "-l", f"127.0.0.1:{port}", "-4", "127.0.0.1:9",
             "-6", "none", "--allow-any", "--drain-timeout", "2", "-v", "2",
             "--log-format", "json", "-listeners", workers]  # fmt: skip
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(in_ns(argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     assert proc.stdout is not None
     try:
         up = b'"daemon.workers_ready"' if workers == "2" else b'"daemon.listening"'

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import pytest
 import structlog
+
+from tests.nsutil import netns, require_root_and_tools, run_in
+
+T = TypeVar("T")
 
 
 @pytest.fixture(autouse=True)
@@ -14,3 +19,12 @@ def _fresh_structlog() -> Iterator[None]:
     pytest's capture closes after the test that called it."""
     yield
     structlog.reset_defaults()
+
+
+@pytest.fixture
+def own_netns() -> Iterator[Callable[[Callable[[], T]], T]]:
+    """``own_netns(fn)`` runs ``fn`` in a network namespace of this test's own (loopback up):
+    a unit test that binds or connects sockets never touches the host's namespace."""
+    require_root_and_tools()
+    with netns("pmu") as ns:
+        yield lambda fn: run_in(ns, fn)

@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -145,12 +146,17 @@ def test_version_and_help() -> None:
         assert flag in helptext
 
 
-def test_listen_address_in_use_is_one_line(allow: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    with socket.socket() as held:
-        held.bind(("127.0.0.1", 0))
-        held.listen()
-        port = held.getsockname()[1]
-        code = main(["-l", f"127.0.0.1:{port}", "-allowed-subnets", str(allow)])
+def test_listen_address_in_use_is_one_line(
+    allow: Path, capsys: pytest.CaptureFixture[str], own_netns: Any
+) -> None:
+    def taken() -> tuple[int, int]:
+        with socket.socket() as held:
+            held.bind(("127.0.0.1", 0))
+            held.listen()
+            port = held.getsockname()[1]
+            return port, main(["-l", f"127.0.0.1:{port}", "-allowed-subnets", str(allow)])
+
+    port, code = own_netns(taken)
     assert code == 1
     err = capsys.readouterr().err
     assert err.startswith(f"pymmproxy: cannot listen on 127.0.0.1:{port}:")

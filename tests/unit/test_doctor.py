@@ -6,6 +6,7 @@ import errno
 import json
 import socket
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -421,7 +422,11 @@ def test_legacy_tables_lists_names_per_family(tmp_path: Path) -> None:
     assert read_legacy_tables(files) == ("mangle (IPv4)", "filter (IPv4)")
 
 
-def test_socket_probes_on_loopback() -> None:
+def test_socket_probes_on_loopback(own_netns: Any) -> None:
+    own_netns(_probe_loopback)
+
+
+def _probe_loopback() -> None:
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen(1)

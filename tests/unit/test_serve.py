@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -206,7 +207,10 @@ def test_tproxy_rule_text() -> None:
 
 
 def test_serve_with_a_taken_metrics_port_fails_at_once(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    own_netns: Any,
 ) -> None:
     """Not an instance started without its listener, while READY says all is well."""
     import socket  # noqa: PLC0415
@@ -218,11 +222,16 @@ def test_serve_with_a_taken_metrics_port_fails_at_once(
 
     monkeypatch.setattr(serve, "run_app", started)
     cfg = config(tmp_path, "ssh 124 127.0.0.1:2222 127.0.0.1 22 -\n")
-    with socket.socket() as held:
-        held.bind(("127.0.0.1", 0))
-        held.listen()
-        port = held.getsockname()[1]
-        code = cli.main(["serve", "--config-dir", str(cfg), "--metrics", f"127.0.0.1:{port}"])
+
+    def taken() -> tuple[int, int]:
+        with socket.socket() as held:
+            held.bind(("127.0.0.1", 0))
+            held.listen()
+            port = held.getsockname()[1]
+            argv = ["serve", "--config-dir", str(cfg), "--metrics", f"127.0.0.1:{port}"]
+            return port, cli.main(argv)
+
+    port, code = own_netns(taken)
     assert code == 1
     err = capsys.readouterr().err
     assert err.startswith(f"pymmproxy: cannot listen on 127.0.0.1:{port}: ")
