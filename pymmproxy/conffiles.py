@@ -259,20 +259,44 @@ def _clash(a: Endpoint, b: Endpoint) -> bool:
     return len(hosts) == 1 or "::" in hosts or ("0.0.0.0" in hosts and not (a.is_v6 or b.is_v6))
 
 
-def load_instances(path: str | Path, pathways: Collection[int] | None) -> dict[str, Instance]:
-    """Read instances.tsv; with ``pathways`` every fwmark must be one of them."""
+def load_instances(
+    path: str | Path,
+    pathways: Collection[int] | None,
+    *,
+    only: str | None = None,
+    skipped: list[ConfigError] | None = None,
+) -> dict[str, Instance]:
+    """Read instances.tsv; with ``pathways`` every fwmark must be one of them.
+
+    With ``only`` (``--instance NAME``) a bad line that is not ``only``'s own (a clash is the
+    later line's) is appended to ``skipped`` instead of raised, so one unit's typo cannot
+    stop the others; if ``only`` has no good line while some line is bad, that line's error
+    is raised (it may be the one meant).
+    """
     path = Path(path)
     instances: dict[str, Instance] = {}
+    bad: list[ConfigError] = []
     for number, fields, err in _lines(path, _read(path)):
-        inst = _instance(fields, number, err, path.parent, pathways)
-        if (first := instances.get(inst.name)) is not None:
-            raise err(f"duplicate instance name {inst.name!r} (first on line {first.line})")
-        for other in instances.values():
-            if other.transport is inst.transport and _clash(other.listen, inst.listen):
-                where = f"instance {other.name!r} on line {other.line}"
-                raise err(f"{inst.transport} listen_addr {inst.listen} clashes with {where}")
-            check_ranges(inst, other, err)  # TPROXY ports= ranges (pymmproxy.portrange)
+        try:
+            inst = _instance(fields, number, err, path.parent, pathways)
+            if (first := instances.get(inst.name)) is not None:
+                raise err(f"duplicate instance name {inst.name!r} (first on line {first.line})")
+            for other in instances.values():
+                if other.transport is inst.transport and _clash(other.listen, inst.listen):
+                    where = f"instance {other.name!r} on line {other.line}"
+                    raise err(f"{inst.transport} listen_addr {inst.listen} clashes with {where}")
+                check_ranges(inst, other, err)  # TPROXY ports= ranges (pymmproxy.portrange)
+        except ConfigError as exc:
+            if only is None or fields[0] == only:  # a clash is the later line's: first wins
+                raise
+            bad.append(exc)
+            continue
         instances[inst.name] = inst
+    if only is not None:
+        if only not in instances and bad:
+            raise bad[0]
+        if skipped is not None:
+            skipped.extend(bad)
     return instances
 
 
@@ -317,20 +341,34 @@ class Config:
         return self.default_allow
 
 
-def load_config(config_dir: str | Path, env: Mapping[str, str] = os.environ) -> Config:
+def load_config(
+    config_dir: str | Path,
+    env: Mapping[str, str] = os.environ,
+    *,
+    only: str | None = None,
+    skipped: list[ConfigError] | None = None,
+) -> Config:
     """Load pathways.conf, instances.tsv and every allow list they use.
 
     The default allow list may be absent unless ``$ALLOW_LIST_PATH`` names it explicitly.
+    With ``only`` (``--instance NAME``): the other instances' bad lines go to ``skipped``
+    (see :func:`load_instances`) and only ``only``'s allow list is read.
     """
     directory = Path(config_dir)
     pathways = load_pathways(directory / PATHWAYS_FILE)
-    instances = load_instances(directory / INSTANCES_FILE, pathways)
+    tsv = directory / INSTANCES_FILE
+    instances = load_instances(tsv, pathways, only=only, skipped=skipped)
     allow_path = allow_list_path(directory, env)
-    default = _default_allow(allow_path, explicit=bool(env.get(ALLOW_LIST_ENV)))
+    uses_default = only is None or (only in instances and instances[only].allow_file is None)
+    default = (
+        _default_allow(allow_path, explicit=bool(env.get(ALLOW_LIST_ENV))) if uses_default else None
+    )
     per_instance: dict[Path, tuple[Network, ...]] = {}
     for inst in instances.values():
+        if only is not None and inst.name != only:
+            continue
         if inst.allow_file is not None and inst.allow_file not in per_instance:
-            data = _read_allow_file(inst.allow_file, directory / INSTANCES_FILE, inst.line)
+            data = _read_allow_file(inst.allow_file, tsv, inst.line)
             per_instance[inst.allow_file] = load_allow_list(inst.allow_file, data)
     return Config(directory, pathways, instances, allow_path, default, per_instance)
 

@@ -15,7 +15,7 @@ from pymmproxy.conffiles import (
     load_config,
     resolve_config_dir,
 )
-from pymmproxy.errors import PymmproxyError, UsageError
+from pymmproxy.errors import ConfigError, PymmproxyError, UsageError
 from pymmproxy.logsetup import get_logger
 from pymmproxy.policy import AllowList
 
@@ -53,7 +53,8 @@ def run_instance(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
     refuse_tsv_flags(argv)
     config_dir = resolve_config_dir(args.config_dir)
-    config = load_config(config_dir)
+    skipped: list[ConfigError] = []  # other instances' bad lines: theirs to fix
+    config = load_config(config_dir, only=args.instance, skipped=skipped)
     inst = config.instance(args.instance)
     if inst.ports is not None:
         raise UsageError(
@@ -74,9 +75,11 @@ def run_instance(args: argparse.Namespace, argv: Sequence[str]) -> int:
         return 0
     log = get_logger(instance=inst.name)
     log.info("instance.start", config_dir=str(config_dir), line=inst.line)
+    for exc in skipped:
+        log.warning("instance.other_line_skipped", error=str(exc))
 
     def reloader() -> daemon.Reloaded:
-        fresh = load_config(config_dir)
+        fresh = load_config(config_dir, only=inst.name)
         now = fresh.instance(inst.name)
         return daemon.Reloaded(
             allow=AllowList(fresh.allowed_for(now)), restart_needed=restart_needed(inst, now)

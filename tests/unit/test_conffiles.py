@@ -522,3 +522,55 @@ def test_unknown_home_directory_is_one_line(tmp_path: Path) -> None:
     line = f"web 123 0.0.0.0:8443 127.0.0.1 443 - allow={nobody}/a.txt\n"
     with pytest.raises(ConfigError, match=r"instances.tsv:1: allow=~pymmproxy-no-such-user"):
         load_config(config_dir(tmp_path, line), {})
+
+
+# --- one instance's view (--instance NAME): the others' typos are theirs -------------------
+
+
+def only_dir(tmp_path: Path, lines: str) -> Path:
+    (tmp_path / "pathways.conf").write_text("123\n124\n")
+    (tmp_path / "instances.tsv").write_text(lines)
+    (tmp_path / "allow.txt").write_text("192.0.2.0/24\n")
+    return tmp_path
+
+
+WEB = "web 124 100.101.102.123:8443 127.0.0.1 443 -"
+
+
+@pytest.mark.parametrize(
+    ("other", "fragment"),
+    [
+        ("broken 124 1.2.3.4:5 127.0.0.1", "got 4 columns"),
+        ("web2 124 1.2.3.4:5 127.0.0.1 22 - allow=missing.txt", None),  # never read
+        ("ssh2 124 100.101.102.123:2222 127.0.0.1 22 -", "clashes with instance 'vps01-ssh'"),
+        ("vps01-ssh 124 1.2.3.4:6 127.0.0.1 22 -", "duplicate instance name 'vps01-ssh'"),
+    ],
+)
+def test_only_skips_the_other_lines_errors(tmp_path: Path, other: str, fragment: str) -> None:
+    cfg = only_dir(tmp_path, f"{SSH}\n{other}\n{WEB}\n")
+    skipped: list[ConfigError] = []
+    config = load_config(cfg, {}, only="web", skipped=skipped)
+    assert config.allowed_for(config.instance("web"))[0] == ipaddress.ip_network("192.0.2.0/24")
+    if fragment is None:
+        assert skipped == []
+    else:
+        assert [(e.path, e.line) for e in skipped] == [(str(cfg / "instances.tsv"), 2)]
+        assert fragment in skipped[0].message
+    with pytest.raises(ConfigError):  # the whole file, as serve and `instances` read it
+        load_config(cfg, {})
+
+
+def test_only_fails_on_its_own_line_and_when_it_may_be_the_bad_one(tmp_path: Path) -> None:
+    cfg = only_dir(tmp_path, f"{SSH}\nweb 124 1.2.3.4:5 127.0.0.1\n")
+    fails(lambda _: load_config(cfg, {}, only="web"), cfg / "instances.tsv", 2, "got 4 columns")
+    cfg = only_dir(tmp_path, f"{SSH}\nwbe 124 1.2.3.4:5 127.0.0.1\n")  # a typo in the name
+    fails(lambda _: load_config(cfg, {}, only="web"), cfg / "instances.tsv", 2, "got 4 columns")
+    # the later of two clashing lines is the one in the wrong
+    cfg = only_dir(tmp_path, f"{SSH}\nweb 124 100.101.102.123:2222 127.0.0.1 22 -\n")
+    fails(lambda _: load_config(cfg, {}, only="web"), cfg / "instances.tsv", 2, "clashes with")
+    cfg = only_dir(tmp_path, f"{SSH}\n{WEB} allow=gone.txt\n")
+    fails(
+        lambda _: load_config(cfg, {}, only="web"), cfg / "instances.tsv", 2, "gone.txt not found"
+    )
+    with pytest.raises(UsageError, match="no instance 'nope'"):
+        load_config(only_dir(tmp_path, f"{SSH}\n"), {}, only="nope").instance("nope")

@@ -146,3 +146,22 @@ def test_sighup_reloads_the_allow_list_and_names_what_needs_a_restart(
     fresh = reloader()
     assert fresh.allow.describe() == "1 network: 198.51.100.0/24"
     assert fresh.restart_needed == ("mark", "listen", "target4", "target6")  # one port for both
+
+
+def test_another_instances_bad_line_does_not_stop_this_one(
+    config: Path, runs: list[tuple[InstanceSettings, int]]
+) -> None:
+    """``pymmproxy@ssh`` starts (with a warning naming the line) while ``web``'s line is
+    broken; ``web`` itself, and serve, refuse the file."""
+    import structlog  # noqa: PLC0415
+
+    tsv = config / "instances.tsv"
+    tsv.write_text(SSH + WEB.replace("\t443\t-", "\t443") + WG)
+    with structlog.testing.capture_logs() as logs:
+        assert cli.main(["--instance", "vps01-ssh", "--config-dir", str(config)]) == 0
+    assert len(runs) == 1
+    (warning,) = [e for e in logs if e["event"] == "instance.other_line_skipped"]
+    assert warning["error"].startswith(f"{tsv}:2: expected <name>")
+    assert cli.main(["--instance", "vps01-web", "--config-dir", str(config)]) == 2
+    assert cli.main(["serve", "--config-dir", str(config)]) == 2
+    assert len(runs) == 1
