@@ -124,9 +124,15 @@ def _listeners(text: str) -> int | None:
     return None if text.strip().lower() == "auto" else _int("listeners")(text)
 
 
-def listeners_from_args(args: argparse.Namespace) -> int:
-    """How many worker processes ``-listeners`` asks for (``auto``: one per usable CPU)."""
-    return usable_cpus() if args.listeners is None else int(args.listeners)
+def listeners_from_args(args: argparse.Namespace, transport: Transport | None = None) -> int:
+    """How many worker processes ``-listeners`` asks for (``auto``: one per usable CPU for
+    TCP; one process for UDP, whose flow table a second worker would not share: the kernel
+    spreads datagrams over workers by the LB's socket, so a client arriving through another
+    LB socket would get a second flow, from a random port)."""
+    if args.listeners is not None:
+        return int(args.listeners)
+    udp = (transport or Transport(args.protocol)) is Transport.UDP
+    return 1 if udp else usable_cpus()
 
 
 def _float(name: str, *, zero: bool = False) -> Callable[[str], float]:

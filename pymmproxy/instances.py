@@ -63,7 +63,9 @@ def run_instance(args: argparse.Namespace, argv: Sequence[str]) -> int:
         )
     settings = instance_settings(inst, config.allowed_for(inst), limits_from_args(args))
     settings = dataclasses.replace(
-        settings, listeners=listeners_from_args(args), metrics=metrics_from_args(args)
+        settings,
+        listeners=listeners_from_args(args, inst.transport),
+        metrics=metrics_from_args(args),
     )
     lock = instancelock.acquire(inst.name)
     if lock is None:

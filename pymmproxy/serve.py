@@ -213,7 +213,7 @@ def main(argv: Sequence[str]) -> int:
     def factory(on_ready: Callable[[], None] | None, index: int) -> Lifecycle:
         registry = Registry(
             verbosity=args.verbose, reuse_port=workers > 1, locks=workers <= 1,
-            manage_rules=index == 0,
+            manage_rules=index == 0, udp=index == 0,
         )  # fmt: skip
         notifier = None if on_ready else Notifier()
         # a worker forked again later starts from what the workers were last told

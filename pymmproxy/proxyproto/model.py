@@ -61,15 +61,21 @@ class Header:
     def relayable_source(self) -> tuple[str, int] | None:
         """``(src_addr, src_port)`` to spoof, or ``None`` to connect without spoofing.
 
+        An IPv4-mapped IPv6 source (``::ffff:192.0.2.1``) is returned as the IPv4 address:
+        that client is IPv4, so it takes the ``-4`` target and an IPv4 socket.
+
         Raises :class:`UnixUnsupportedError` for a PROXY header of family UNIX.
         """
         if self.command != Command.PROXY:
             return None
         family = self.family
         if family in (Family.INET, Family.INET6):
-            if self.src_addr is None or self.src_port is None:
+            src = self.src_addr
+            if src is None or self.src_port is None:
                 return None
-            return (self.src_addr, self.src_port)
+            if family is Family.INET6 and src.startswith("::ffff:") and "." in src:
+                src = src[7:]  # an IPv4 client as a dual-stack LB saw it: spoofed as IPv4
+            return (src, self.src_port)
         if family == Family.UNIX:
             raise UnixUnsupportedError("AF_UNIX addresses cannot be spoofed; use INET/INET6")
         return None

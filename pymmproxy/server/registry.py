@@ -74,13 +74,15 @@ class Registry:
 
     def __init__(
         self, *, verbosity: int = 0, reuse_port: bool = False, locks: bool = True,
-        manage_rules: bool = True, backend: str = "auto",
+        manage_rules: bool = True, backend: str = "auto", udp: bool = True,
     ) -> None:  # fmt: skip
         self.verbosity = verbosity
         self.reuse_port = reuse_port
         self.locks = locks  # take instance locks (off in forked workers: the parent holds them)
         self.manage_rules = manage_rules  # install/remove TPROXY rules (one worker does)
         self.backend = backend
+        #: run UDP instances (one worker does: a flow table is not shared between processes)
+        self.udp = udp
         self.running: dict[str, _Running] = {}
         self.draining: list[Listener] = []
         self._sockets: dict[SocketKey, socket.socket] = {}
@@ -97,6 +99,10 @@ class Registry:
             return await self._apply(desired)
 
     async def _apply(self, desired: Mapping[str, Spec]) -> Changes:
+        if not self.udp:
+            desired = {
+                n: s for n, s in desired.items() if s.settings.transport is not Transport.UDP
+            }
         old = self.running
         changes = Changes()
         for name, spec in desired.items():

@@ -112,14 +112,14 @@ class UdpListener(asyncio.DatagramProtocol):
         try:
             parsed = parse_header(data)
         except ProtocolError as exc:
-            ctx.failed("bad_header", addr, kind=exc.kind, error=str(exc))
+            self._bad_header(addr, exc.kind, str(exc))
             return
         if parsed is None:
-            ctx.failed("bad_header", addr, kind="truncated", error=f"{len(data)} bytes")
+            self._bad_header(addr, "truncated", f"{len(data)} bytes")
             return
         header, used = parsed
         if header.version != 2:
-            ctx.failed("bad_header", addr, kind="v1_over_udp", error="PROXY v1 is TCP only")
+            self._bad_header(addr, "v1_over_udp", "PROXY v1 is TCP only")
             return
         key, source, target = self._route(header, addr)
         if target is None:
@@ -152,16 +152,11 @@ class UdpListener(asyncio.DatagramProtocol):
                 return None, None, None
             return ("local", addr[0], addr[1]), None, chosen[1]
         if header.transport != Transport.DGRAM or header.family not in (Family.INET, Family.INET6):
-            ctx.failed(
-                "bad_header",
-                addr,
-                kind="not_dgram",
-                error=f"PROXY over UDP needs INET/INET6 DGRAM, got "
-                f"{header.family.name}/{header.transport.name}",
-            )
+            got = f"{header.family.name}/{header.transport.name}"
+            self._bad_header(addr, "not_dgram", f"PROXY over UDP needs INET/INET6 DGRAM, got {got}")
             return None, None, None
         source = header.relayable_source  # never None for PROXY over INET/INET6
-        v6 = header.family == Family.INET6
+        v6 = source is not None and ":" in source[0]  # (an IPv4-mapped source is IPv4)
         target = ctx.target6 if v6 else ctx.target4
         if source is None or target is None:
             ctx.failed("no_target", addr, client=endpoint(source), error=f"no -{6 if v6 else 4}")
@@ -174,6 +169,11 @@ class UdpListener(asyncio.DatagramProtocol):
         key = socket.inet_pton(family, source[0]) + source[1].to_bytes(2, "big")
         return key, source, target
 
+    def _bad_header(self, addr: Any, kind: str, error: str) -> None:  # noqa: ANN401
+        """Drop a datagram whose header is unusable: counted by kind, as for TCP."""
+        self.ctx.stats.header_errors[kind] += 1
+        self.ctx.failed("bad_header", addr, kind=kind, error=error)
+
     def _open(
         self,
         key: Hashable,
@@ -183,16 +183,20 @@ class UdpListener(asyncio.DatagramProtocol):
     ) -> Flow | None:
         ctx = self.ctx
         family = socket.AF_INET6 if ":" in target[0] else socket.AF_INET
-        try:
-            sock = upstream_socket(family, target, source, ctx.mark, kind=socket.SOCK_DGRAM)
-        except UpstreamError as exc:
-            ctx.failed("upstream_error", addr, client=endpoint(source), error=str(exc))
-            return None
+        sock = None
+        while sock is None:
+            try:
+                sock = upstream_socket(family, target, source, ctx.mark, kind=socket.SOCK_DGRAM)
+            except UpstreamError as exc:
+                # Out of descriptors: the flow idle the longest makes room, as the cap would.
+                evicted = self.table.evict_oldest() if exc.reason == "out_of_resources" else None
+                if evicted is None:
+                    ctx.failed(exc.reason, addr, client=endpoint(source), error=str(exc))
+                    return None
+                self._evicted(evicted)
         flow, evicted = self.table.add(key, sock, addr, source, target)
         if evicted is not None:
-            ctx.reject(
-                "udp_evicted", evicted.lb, client=endpoint(evicted.client), flows=len(self.table)
-            )
+            self._evicted(evicted)
         ctx.stats.accepted += 1
         ctx.stats.versions["v2" if source is not None else "v2-local"] += 1  # per flow
         if ctx.verbosity >= 2:
@@ -200,6 +204,9 @@ class UdpListener(asyncio.DatagramProtocol):
                 "udp.flow", lb=endpoint(addr), client=endpoint(source), target=endpoint(target)
             )
         return flow
+
+    def _evicted(self, flow: Flow) -> None:
+        self.ctx.reject("udp_evicted", flow.lb, client=endpoint(flow.client), flows=len(self.table))
 
     def _send(self, flow: Flow, payload: bytes) -> None:
         try:
@@ -222,6 +229,7 @@ class UdpListener(asyncio.DatagramProtocol):
             self._sendto(data, lb)
         except BlockingIOError:
             self.dropped_replies += 1
+            self.table.reply_bytes -= len(data)  # counted as relayed when it was read
         except OSError as exc:
             self.error_received(exc)
 

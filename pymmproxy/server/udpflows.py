@@ -95,16 +95,21 @@ class FlowTable:
         target: tuple[str, int],
     ) -> tuple[Flow, Flow | None]:
         """Track a new flow; returns it and the flow evicted to make room (already closed)."""
-        evicted = None
-        if len(self.flows) >= self.max_clients:
-            _, evicted = self.flows.popitem(last=False)
-            self._close(evicted)
-            self.evicted += 1
+        evicted = self.evict_oldest() if len(self.flows) >= self.max_clients else None
         flow = Flow(key, sock, lb=lb, client=client, target=target, now=self.loop.time())
         self.loop.add_reader(sock.fileno(), self._readable, flow)
         self.flows[key] = flow
         self.opened += 1
         return flow, evicted
+
+    def evict_oldest(self) -> Flow | None:
+        """Close the flow idle the longest (out of descriptors: make room); None if none."""
+        if not self.flows:
+            return None
+        _, flow = self.flows.popitem(last=False)
+        self._close(flow)
+        self.evicted += 1
+        return flow
 
     def _readable(self, flow: Flow) -> None:
         """Forward one reply of the target to the flow's load balancer.

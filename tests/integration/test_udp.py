@@ -307,10 +307,46 @@ def test_client_cap_evicts_the_longest_idle(env: Env) -> None:
 
 
 def test_pymmproxy_logs_dropped_datagrams(env: Env) -> None:
-    log = log_of(env, "pymmproxy-lo.log")
-    assert "v1_over_udp" in log
+    port = PORTS["pymmproxy", "lo"]
+    with lb_socket(env.wl) as lb:
+        assert ask(lb, port, b"PROXY TCP4 192.0.2.1 192.0.2.2 1 2\r\nx", timeout=0.2) is None
+        assert ask(env.local_lb(), port, local_dgram(b"health")) is not None
+    deadline = time.monotonic() + 10  # a hang guard: the log line is written at once
+    while "v1_over_udp" not in (log := log_of(env, "pymmproxy-lo.log")) or "udp.local" not in log:
+        assert time.monotonic() < deadline, log[-2000:]
+        time.sleep(0.05)
     assert '"bad_header"' in log
-    assert "udp.local" in log
+
+
+def test_a_client_keeps_its_flow_through_any_lb_socket(env: Env) -> None:
+    """The default for UDP is one process (one flow table): datagrams of one client that come
+    through other LB sockets reuse its flow, from the client's own port, and replies go to
+    the LB socket of the client's latest datagram."""
+    port, client = PORTS["pymmproxy", "lo"], ("192.0.2.70", client_port("pymmproxy"))
+    lbs = [lb_socket(env.wl) for _ in range(6)]
+    try:
+        for n, lb in enumerate(lbs):
+            assert ask(lb, port, dgram(*client, b"%d" % n)) == b"SEEN %s %d|%d" % (
+                client[0].encode(),
+                client[1],
+                n,
+            )
+        env.echo.send_to(client, b"pushed")
+        assert recv(lbs[-1], 2.0) == b"pushed"
+        assert all(recv(lb, 0.2) is None for lb in lbs[:-1])
+    finally:
+        for lb in lbs:
+            lb.close()
+    assert [f for f in live_flows(env.wl) if f[0] == client[0]] == [client]
+
+
+def test_an_ipv4_mapped_client_is_relayed_as_ipv4(env: Env) -> None:
+    """A dual-stack LB writes IPv4 clients as ``::ffff:a.b.c.d`` in an INET6 header: that
+    client is IPv4 (the ``-4`` target, an IPv4 socket), as go-mmproxy reads it too."""
+    sport = client_port("pymmproxy")
+    with lb_socket(env.wl, v6=True) as lb6:
+        reply = ask(lb6, PORTS["pymmproxy", "lo"], dgram("::ffff:192.0.2.91", sport, b"mapped"))
+    assert reply == b"SEEN 192.0.2.91 %d|mapped" % sport
 
 
 def test_v6_client_behind_v4_load_balancer(env: Env) -> None:

@@ -344,3 +344,22 @@ def test_an_instance_that_cannot_start_at_start_stops_serve_with_one_line() -> N
         asyncio.run(app.start())
     assert str(info.value) == "instance web: cannot start: [Errno 24] Too many open files"
     assert calls == ["close", "drain"]
+
+
+def test_only_the_first_worker_runs_udp_instances(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A UDP flow table is one process's: with workers, worker 0 alone serves UDP instances
+    (the others would each open their own flow for a client, from a random port)."""
+    import asyncio  # noqa: PLC0415
+
+    from pymmproxy.server import registry as registry_mod  # noqa: PLC0415
+    from pymmproxy.settings import Transport  # noqa: PLC0415
+
+    def no_bind(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a worker other than the first bound a UDP instance")
+
+    monkeypatch.setattr(registry_mod, "bind", no_bind)
+    udp = Spec(dataclasses.replace(_settings(), transport=Transport.UDP, name="dns"))
+    reg = registry_mod.Registry(locks=False, manage_rules=False, udp=False)
+    changes = asyncio.run(reg.apply({"dns": udp}))
+    assert changes.added == []
+    assert reg.running == {}

@@ -57,3 +57,79 @@ def test_local_and_proxy_flows_are_counted_once_each(monkeypatch: pytest.MonkeyP
     for sock in kept:
         sock.close()
     assert {k: v for k, v in versions.items() if v} == {"v2-local": 1, "v2": 1}
+
+
+def run_listener(
+    monkeypatch: pytest.MonkeyPatch, datagrams: list[bytes], upstream: Any = None
+) -> tuple[InstanceContext, udp.UdpListener, list[socket.socket]]:
+    """Feed ``datagrams`` from one LB to a listener whose upstream sockets are socket pairs."""
+    kept: list[socket.socket] = []
+
+    def pair(*args: Any, **kwargs: Any) -> socket.socket:
+        mine, far = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        kept.append(far)
+        return mine
+
+    monkeypatch.setattr(udp, "upstream_socket", upstream or pair)
+    box: list[Any] = []
+
+    async def main() -> None:
+        settings = InstanceSettings(
+            Endpoint("127.0.0.1", 9), Endpoint("127.0.0.1", 10), None,
+            transport=Transport.UDP, limits=Limits(allow_any_source=True),
+        )  # fmt: skip
+        ctx = InstanceContext(settings, asyncio.get_running_loop())
+        listener = udp.UdpListener(ctx, Listening())  # type: ignore[arg-type]
+        for data in datagrams:
+            listener.datagram_received(data, ("192.0.2.1", 4000))
+        box.extend((ctx, listener))
+        listener.close()
+
+    asyncio.run(main())
+    for sock in kept:
+        sock.close()
+    return box[0], box[1], kept
+
+
+def proxy(src: str, sport: int) -> bytes:
+    return (
+        SIGNATURE + bytes([0x21, 0x12]) + struct.pack("!H", 12) + socket.inet_aton(src)
+        + socket.inet_aton("127.0.0.1") + struct.pack("!HH", sport, 9) + b"y"
+    )  # fmt: skip
+
+
+def test_bad_headers_are_counted_by_kind_as_for_tcp(monkeypatch: pytest.MonkeyPatch) -> None:
+    v1 = b"PROXY TCP4 192.0.2.1 192.0.2.2 1 2\r\nx"
+    stream = bytearray(PROXY)
+    stream[13] = 0x11  # INET over STREAM
+    ctx, _, _ = run_listener(monkeypatch, [b"garbage" * 5, SIGNATURE, v1, bytes(stream)])
+    assert dict(ctx.stats.header_errors) == {
+        "bad_signature": 1, "truncated": 1, "v1_over_udp": 1, "not_dgram": 1,
+    }  # fmt: skip
+    assert ctx.stats.errors["bad_header"] == 4
+
+
+def test_out_of_descriptors_evicts_the_longest_idle_flow(monkeypatch: pytest.MonkeyPatch) -> None:
+    """EMFILE for a new client's socket closes the flow idle the longest and tries again, as
+    the ``--udp-max-clients`` cap would: a low descriptor limit cannot lock new clients out."""
+    from pymmproxy.errors import UpstreamError  # noqa: PLC0415
+
+    made: list[socket.socket] = []
+    far: list[socket.socket] = []
+
+    def limited(*args: Any, **kwargs: Any) -> socket.socket:
+        if len([s for s in made if s.fileno() >= 0]) >= 2:  # two open: "Too many open files"
+            raise UpstreamError("no socket for the target: Too many open files", "out_of_resources")
+        mine, other = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        made.append(mine)
+        far.append(other)
+        return mine
+
+    clients = [proxy("198.51.100.7", 5000 + i) for i in range(4)]
+    ctx, listener, _ = run_listener(monkeypatch, clients, upstream=limited)
+    for sock in far:
+        sock.close()
+    assert ctx.stats.accepted == 4  # every client got a flow
+    assert ctx.stats.rejected["udp_evicted"] == 2  # the two oldest made room
+    assert listener.table.evicted == 2
+    assert ctx.stats.errors == {}

@@ -30,6 +30,7 @@ def header(command: Command, family: Family, src: str | None = "10.0.0.1") -> He
     [
         (header(Command.PROXY, Family.INET), ("10.0.0.1", 4000)),
         (header(Command.PROXY, Family.INET6, "fe80::1"), ("fe80::1", 4000)),
+        (header(Command.PROXY, Family.INET6, "::ffff:192.0.2.9"), ("192.0.2.9", 4000)),
         (header(Command.PROXY, Family.INET, None), None),
         (header(Command.PROXY, Family.UNSPEC, None), None),
         (header(Command.LOCAL, Family.INET), None),
