@@ -13,6 +13,7 @@ import ipaddress
 import socket
 from collections import defaultdict
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 from pymmproxy.settings import Network
@@ -127,9 +128,12 @@ class AllowList:
 
 
 # -- which header sources may be spoofed ---------------------------------------------------
-_V4_FIRST_OCTET = {"0": "unspecified", "127": "loopback"} | {
-    str(octet): "multicast" for octet in range(224, 240)
-}
+_V4_FIRST_OCTET = (
+    {"0": "unspecified", "127": "loopback"}
+    | {str(octet): "multicast" for octet in range(224, 240)}
+    | {str(octet): "reserved" for octet in range(240, 256)}  # 240.0.0.0/4 (class E)
+)
+_V4_COMPAT = ipaddress.ip_network("::/96")  # deprecated IPv4-compatible addresses
 _V6_LINK_LOCAL = frozenset({"fe8", "fe9", "fea", "feb"})
 _MAPPED = "::ffff:"
 
@@ -141,16 +145,34 @@ class SourcePolicy:
     ``::``), ``loopback`` (``127.0.0.0/8``, ``::1``), ``multicast`` (``224.0.0.0/4``,
     ``ff00::/8``), ``link_local`` (``169.254.0.0/16``, ``fe80::/10``: never a client behind a
     load balancer, and a v6 one cannot be bound without a scope), ``broadcast``
-    (``255.255.255.255``) and ``own_address`` (an address of this host: a spoofed
-    connection would look local to the service). IPv4-mapped IPv6 sources are judged by their
-    IPv4 address. Addresses are the parser's canonical ``inet_ntop`` text, so the checks are
-    string tests, not address parsing.
+    (``255.255.255.255`` and the broadcast address of every local subnet: the kernel binds
+    a socket to one as to "any address", so the service would see this host's own),
+    ``reserved`` (``240.0.0.0/4``, the deprecated IPv4-compatible ``::/96``) and
+    ``own_address`` (an address of this host, or inside a local route's prefix (AnyIP): a
+    spoofed connection would look local to the service). IPv4-mapped IPv6 sources are judged
+    by their IPv4 address. Addresses are the parser's canonical ``inet_ntop`` text, so the
+    checks are string tests, not address parsing (but for local prefixes, when the host has
+    any besides loopback).
     """
 
-    __slots__ = ("own",)
+    __slots__ = ("broadcast", "nets", "own")
 
-    def __init__(self, own: Iterable[str] = ()) -> None:
+    def __init__(
+        self,
+        own: Iterable[str] = (),
+        *,
+        broadcast: Iterable[str] = (),
+        nets: Iterable[Network] = (),
+    ) -> None:
         self.own = frozenset(_canonical(ip) for ip in own)
+        self.broadcast = frozenset(_canonical(ip) for ip in broadcast)
+        self.nets = tuple(nets)
+
+    @classmethod
+    def for_host(cls, listen_host: str) -> SourcePolicy:
+        """The policy for this host (see :func:`host_addresses`)."""
+        host = host_addresses(listen_host)
+        return cls(host.own, broadcast=host.broadcast, nets=host.nets)
 
     def refuses(self, ip: str) -> str | None:
         """The kind of address ``ip`` is if it must not be spoofed, else ``None``."""
@@ -164,11 +186,15 @@ class SourcePolicy:
             kind = _V4_FIRST_OCTET.get(ip.partition(".")[0])
             if kind is None and ip.startswith("169.254."):
                 kind = "link_local"
-            elif ip == "255.255.255.255":
+            if ip == "255.255.255.255" or ip in self.broadcast:
                 kind = "broadcast"
-        if kind is None and ip in self.own:
+        if kind is None and (ip in self.own or (self.nets and self._in_nets(ip))):
             return "own_address"
         return kind
+
+    def _in_nets(self, ip: str) -> bool:
+        addr = ipaddress.ip_address(ip)
+        return any(addr in net for net in self.nets if net.version == addr.version)
 
 
 def _v6_kind(ip: str) -> str | None:
@@ -176,6 +202,8 @@ def _v6_kind(ip: str) -> str | None:
         return "unspecified"
     if ip == "::1":
         return "loopback"
+    if ip.startswith("::") and ipaddress.IPv6Address(ip) in _V4_COMPAT:
+        return "reserved"
     head = ip.partition(":")[0]
     if len(head) == 4 and head.startswith("ff"):
         return "multicast"
@@ -184,29 +212,69 @@ def _v6_kind(ip: str) -> str | None:
     return None
 
 
-def own_addresses(listen_host: str) -> frozenset[str]:
+@dataclass(frozen=True, slots=True)
+class HostAddresses:
+    """What this host answers for, from ``/proc`` (see :func:`host_addresses`)."""
+
+    own: frozenset[str]  # its addresses (and the listen address)
+    broadcast: frozenset[str]  # its subnets' broadcast addresses
+    nets: tuple[Network, ...]  # local routes wider than one address (AnyIP), beyond loopback
+
+
+RTF_LOCAL = 0x80000000  # /proc/net/ipv6_route flags: a local route
+_LOOPBACK_V4 = ipaddress.ip_network("127.0.0.0/8")
+
+
+def host_addresses(listen_host: str) -> HostAddresses:
     """This host's addresses to refuse as sources: every local address of the current
-    network namespace (read from ``/proc`` at start-up and on SIGHUP) and the listen address.
+    network namespace (read from ``/proc`` at start-up and on SIGHUP), the listen address,
+    its subnets' broadcast addresses and its local prefixes (``ip route add local
+    198.51.100.0/24 dev lo``: every address in it is the host's).
 
     A service trusts connections from its own host (its public address as much as loopback):
     a header must not be able to claim one, whatever address the proxy listens on.
     """
-    found: set[str] = set()
+    own: set[str] = set()
+    broadcast: set[str] = set()
+    nets: set[Network] = set()
     if listen_host not in {"0.0.0.0", "::"}:
-        found.add(listen_host)
+        own.add(listen_host)
     with contextlib.suppress(OSError):
-        last = ""
-        for line in Path("/proc/net/fib_trie").read_text().splitlines():
+        last, table = "", ""
+        for line in Path("/proc/thread-self/net/fib_trie").read_text().splitlines():
             text = line.strip()
+            if not line.startswith(" "):  # "Main:", "Local:", "Id 123:" (a pathway's table)
+                table = text
+            elif table != "Local:":  # what the host answers for is in its local table
+                continue
             if text.startswith(("|--", "+--")):
                 last = text[3:].split()[0]
             elif text.startswith("/32 host LOCAL"):
-                found.add(last)
+                own.add(last)
+            elif text.startswith("/32 link BROADCAST"):
+                broadcast.add(last)
+            elif text.startswith("/") and text.endswith(" host LOCAL"):  # a local prefix
+                with contextlib.suppress(ValueError):
+                    net = ipaddress.ip_network(f"{last}{text.split()[0]}")
+                    if not net.subnet_of(_LOOPBACK_V4):  # type: ignore[arg-type]
+                        nets.add(net)
     with contextlib.suppress(OSError):
-        for line in Path("/proc/net/if_inet6").read_text().splitlines():
+        for line in Path("/proc/thread-self/net/if_inet6").read_text().splitlines():
             raw = line.split()[0]
-            found.add(socket.inet_ntop(socket.AF_INET6, bytes.fromhex(raw)))
-    return frozenset(_canonical(ip) for ip in found if "/" not in ip)
+            own.add(socket.inet_ntop(socket.AF_INET6, bytes.fromhex(raw)))
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/thread-self/net/ipv6_route").read_text().splitlines():
+            cols = line.split()
+            length = int(cols[1], 16)
+            # (a pathway's "local ::/0" in its own table has length 0; no table is listed)
+            if int(cols[8], 16) & RTF_LOCAL and 0 < length < 128:
+                address = socket.inet_ntop(socket.AF_INET6, bytes.fromhex(cols[0]))
+                nets.add(ipaddress.ip_network(f"{address}/{length}"))
+    return HostAddresses(
+        frozenset(_canonical(ip) for ip in own if "/" not in ip),
+        frozenset(_canonical(ip) for ip in broadcast if "/" not in ip),
+        tuple(sorted(nets, key=str)),
+    )
 
 
 def _canonical(ip: str) -> str:

@@ -14,7 +14,7 @@ from pymmproxy.errors import UpstreamError
 from pymmproxy.logsetup import RateLimiter, get_logger
 from pymmproxy.net.reactor import Reactor
 from pymmproxy.net.relay import endpoint
-from pymmproxy.policy import AllowList, SourcePolicy, own_addresses
+from pymmproxy.policy import AllowList, SourcePolicy
 from pymmproxy.settings import Endpoint, InstanceSettings, Transport
 
 IDLE_CHECKS = 4  # the idle sweep runs every idle_timeout / IDLE_CHECKS seconds
@@ -88,7 +88,7 @@ class InstanceContext:
         if limits.allow_any_source:
             self.log.warning("daemon.unsafe", allow_any_source=True)
         else:
-            self.sources = SourcePolicy(own_addresses(settings.listen.host))
+            self.sources = SourcePolicy.for_host(settings.listen.host)
         self.metrics: Any = None
         self._reactor: Reactor | None = None
         self._sweeper: asyncio.TimerHandle | None = None
@@ -118,7 +118,7 @@ class InstanceContext:
     def refresh_own_addresses(self) -> None:
         """Re-read this host's addresses for the source policy (e.g. on SIGHUP)."""
         if self.sources is not None:
-            self.sources = SourcePolicy(own_addresses(self.settings.listen.host))
+            self.sources = SourcePolicy.for_host(self.settings.listen.host)
 
     def opened(self, conn: object) -> None:
         self.conns.add(conn)

@@ -72,6 +72,8 @@ UNSAFE = [
     ("224.0.0.1", "multicast"), ("239.255.255.250", "multicast"), ("ff02::1", "multicast"),
     ("169.254.169.254", "link_local"), ("fe80::1", "link_local"),
     ("255.255.255.255", "broadcast"), (LB_V4, "own_address"), (LB_V6, "own_address"),
+    ("198.51.100.255", "broadcast"),  # the LB subnet's: bound as "any address" by the kernel
+    ("240.0.0.1", "reserved"), ("::127.0.0.1", "reserved"),
 ]  # fmt: skip
 
 
@@ -117,6 +119,9 @@ def test_sighup_rereads_the_hosts_addresses(wl: Workload) -> None:
 def test_normal_sources_still_spoofed(wl: Workload) -> None:
     assert whoami(wl, encode_v2(header("192.0.2.101", 43200)), PORT) == "192.0.2.101 43200"
     assert whoami(wl, encode_v2(header("2001:db8:1::101", 43201)), PORT) == "2001:db8:1::101 43201"
+    # an IPv4 client as a dual-stack LB writes it (INET6 header): relayed as IPv4
+    assert whoami(wl, encode_v2(header("::ffff:192.0.2.102", 43202)), PORT) == "192.0.2.102 43202"
+    assert whoami(wl, encode_v1(header("::ffff:192.0.2.103", 43203)), PORT) == "192.0.2.103 43203"
 
 
 def test_allow_any_source_lifts_the_check(wl: Workload) -> None:
