@@ -19,8 +19,11 @@ from pymmproxy import __version__
 from pymmproxy.cpus import usable_cpus
 from pymmproxy.errors import PymmproxyError, UsageError
 from pymmproxy.settings import (
+    DEFAULT_MAX_HEADER_SIZE,
     DEFAULT_MAX_PENDING_HEADERS,
     MAX_MARK,
+    MAX_MAX_HEADER_SIZE,
+    MIN_MAX_HEADER_SIZE,
     Endpoint,
     InstanceSettings,
     Limits,
@@ -76,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--max-pending-headers", type=_int("max-pending-headers"), metavar="N",
         default=DEFAULT_MAX_PENDING_HEADERS, help="most connections still waiting for their "
         "PROXY header; more are refused at once (0 = no limit)")  # fmt: skip
+    add("--max-header-size", type=_int("max-header-size"), metavar="BYTES",
+        default=DEFAULT_MAX_HEADER_SIZE, help="largest PROXY v2 header accepted (default "
+        f"{DEFAULT_MAX_HEADER_SIZE}; the spec's maximum is {MAX_MAX_HEADER_SIZE})")  # fmt: skip
     add("--idle-timeout", type=_float("idle-timeout", zero=True), default=0.0, metavar="SECONDS",
         help="close relayed connections silent this long (0 = never, like go-mmproxy)")  # fmt: skip
     add("--keepalive", type=_int("keepalive"), default=15, metavar="SECONDS",
@@ -211,6 +217,11 @@ def limits_from_args(args: argparse.Namespace) -> Limits:
         raise UsageError(f"--keepalive must be 0..{MAX_KEEPIDLE} (seconds; 0 = off)")
     if getattr(args, "max_pending_headers", 0) < 0:
         raise UsageError("--max-pending-headers must be >= 0")
+    size = getattr(args, "max_header_size", DEFAULT_MAX_HEADER_SIZE)
+    if not MIN_MAX_HEADER_SIZE <= size <= MAX_MAX_HEADER_SIZE:
+        raise UsageError(
+            f"--max-header-size must be {MIN_MAX_HEADER_SIZE}..{MAX_MAX_HEADER_SIZE} (bytes)"
+        )
     return Limits(
         header_timeout=args.header_timeout,
         connect_timeout=args.connect_timeout,
@@ -222,6 +233,7 @@ def limits_from_args(args: argparse.Namespace) -> Limits:
         idle_timeout=getattr(args, "idle_timeout", 0.0),
         keepalive=getattr(args, "keepalive", 15),
         allow_any_source=getattr(args, "allow_any_source", False),
+        max_header_size=size,
     )
 
 

@@ -73,6 +73,11 @@ def validate_mark(value: int, *, what: str = "mark") -> int:
     return value
 
 
+DEFAULT_MAX_HEADER_SIZE = 16384  # HAProxy reads a header into one 16 KB buffer, too
+MIN_MAX_HEADER_SIZE = 16 + 216  # room for a v2 UNIX address block
+MAX_MAX_HEADER_SIZE = 16 + 0xFFFF
+
+
 @dataclass(frozen=True, slots=True)
 class Limits:
     header_timeout: float = 5.0
@@ -87,6 +92,9 @@ class Limits:
         DEFAULT_MAX_PENDING_HEADERS  # connections still waiting for their header; 0 = unlimited
     )
     allow_any_source: bool = False  # spoof loopback/multicast/own addresses too (unsafe)
+    #: the largest v2 header accepted (16 + its length field; the spec allows 16 + 65535):
+    #: what an allowed peer can make the parser read and hold per pending connection
+    max_header_size: int = DEFAULT_MAX_HEADER_SIZE
 
     def share(self, workers: int) -> Limits:
         """One of ``workers`` processes' part of the connection limits, rounded up: the

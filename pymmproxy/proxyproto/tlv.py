@@ -94,6 +94,8 @@ class SSLInfo:
         return self.verify == 0 and bool(self.client & cert)
 
 
+MAX_TLVS = 256  # per level (top, inside SSL); the spec sets no bound, HAProxy sends < 20
+
 # String-valued types and the encoding the spec gives them (top level / inside SSL).
 _TOP_TEXT: dict[int, str] = {TLVType.AUTHORITY: "utf-8", TLVType.NETNS: "ascii"}
 _SSL_TEXT: dict[int, str] = {
@@ -106,9 +108,11 @@ _SSL_TEXT: dict[int, str] = {
 
 
 def _split(buf: bytes, pos: int, end: int, where: str) -> list[TLV]:
-    """Split ``buf[pos:end]`` into TLVs; they must tile it exactly."""
+    """Split ``buf[pos:end]`` into TLVs; they must tile it exactly, at most ``MAX_TLVS``."""
     tlvs = []
     while pos < end:
+        if len(tlvs) == MAX_TLVS:  # real headers carry a handful: this is a CPU-burning flood
+            raise BadTLVError(f"{where}: more than {MAX_TLVS} TLVs")
         if end - pos < 3:
             raise BadTLVError(f"{where}: {end - pos} stray byte(s) at offset {pos}, short of a TLV")
         type_ = buf[pos]

@@ -75,6 +75,7 @@ class InstanceContext:
         self.keepalive = limits.keepalive
         self.max_connections = limits.max_connections
         self.max_pending_headers = limits.max_pending_headers
+        self.max_header_size = limits.max_header_size
         self.target4 = _addr(settings.target4)
         self.target6 = _addr(settings.target6)
         self.stats = Stats()

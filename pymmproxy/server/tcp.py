@@ -98,7 +98,7 @@ class ClientProtocol(asyncio.Protocol):
             return
         buf = self.buf + data if self.buf else data
         try:
-            parsed = parse_header(buf)
+            parsed = parse_header(buf, max_v2_length=self.ctx.max_header_size)
         except ProtocolError as exc:
             self._fail_header(exc)
             return

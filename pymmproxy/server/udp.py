@@ -110,7 +110,7 @@ class UdpListener(asyncio.DatagramProtocol):
         """Full parse: new clients, LOCAL, TLVs, and everything that gets dropped."""
         ctx = self.ctx
         try:
-            parsed = parse_header(data)
+            parsed = parse_header(data, max_v2_length=ctx.max_header_size)
         except ProtocolError as exc:
             self._bad_header(addr, exc.kind, str(exc))
             return

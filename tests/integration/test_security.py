@@ -134,6 +134,30 @@ def test_allow_any_source_lifts_the_check(wl: Workload) -> None:
     assert proc.wait(10) == 0
 
 
+def test_headers_over_the_size_limit_are_refused(wl: Workload) -> None:
+    """``--max-header-size``: a v2 header whose length field says more is reset at once
+    (kind too_long), before its bytes arrive; one within the limit is relayed."""
+    port = PORT + 7
+    proc = wl.daemon("-4", f"127.0.0.1:{WHOAMI}", "--max-header-size", "1024", port=port)
+
+    def padded(sport: int, pad: int) -> bytes:
+        plain = encode_v2(header("192.0.2.104", sport))  # 16 + 12 bytes, no TLVs
+        noop = bytes([0x04]) + pad.to_bytes(2, "big") + bytes(pad)
+        length = (len(plain) - 16 + len(noop)).to_bytes(2, "big")
+        return plain[:14] + length + plain[16:] + noop
+
+    fits = padded(43500, 1024 - 28 - 3)  # 1024 bytes in all
+    assert len(fits) == 1024
+    assert whoami(wl, fits, port) == "192.0.2.104 43500"
+    with open_conn(wl, port) as s:
+        s.sendall(padded(43501, 1024 - 28 - 3 + 1)[:16])  # only the fixed part: too long
+        assert closed_soon(s)
+    log = wl.log(f"daemon-{port}.log")
+    assert '"kind": "too_long"' in log
+    proc.terminate()
+    assert proc.wait(10) == 0
+
+
 def test_flags_documented_in_help() -> None:
     helptext = subprocess.run(
         [PY, "-m", "pymmproxy", "--help"], capture_output=True, text=True, check=True

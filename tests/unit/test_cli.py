@@ -100,6 +100,8 @@ def test_default_deny_without_allow_list() -> None:
         (["-4", "localhost:80"], "not an IP address"),
         (["-v=-1"], "must be >= 0"),
         (["--keepalive", "40000"], "must be 0..32767"),
+        (["--max-header-size", "231"], "--max-header-size must be 232..65551 (bytes)"),
+        (["--max-header-size", "65552"], "--max-header-size must be 232..65551 (bytes)"),
         (["-p", "sctp"], "invalid choice"),
         (["-listeners", "0"], "-listeners must be >= 1"),
         (["--header-timeout", "0"], "must be > 0"),

@@ -164,3 +164,14 @@ def test_parsed_header_compares_and_hashes() -> None:
     assert second is not None
     assert hash(first[0]) == hash(second[0])
     assert first[0] == Header(*[getattr(first[0], f) for f in Header.__dataclass_fields__])
+
+
+def test_at_most_256_tlvs_per_level() -> None:
+    """A header of thousands of tiny TLVs only burns CPU (~1.6 µs each): 256 per level pass,
+    one more is refused, at the top level and inside SSL."""
+    noop = tlv(0x04, b"")
+    assert len(parse_all_ways(proxy_inet(noop * 256)).tlvs) == 256
+    reject_all_ways(proxy_inet(noop * 257), "bad_tlv")
+    many_subs = ssl_value(1, 0, tlv(0x21, b"TLSv1.3") * 256)
+    assert parse_all_ways(proxy_inet(tlv(0x20, many_subs))).ssl is not None
+    reject_all_ways(proxy_inet(tlv(0x20, ssl_value(1, 0, tlv(0x21, b"x") * 257))), "bad_tlv")
