@@ -100,7 +100,10 @@ class MetricsServer:
                     f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")  # fmt: skip
             writer.write(head.encode() + (b"" if method == b"HEAD" else body))
             await writer.drain()
-        except (TimeoutError, ValueError, asyncio.IncompleteReadError, ConnectionError):
+        except (
+            TimeoutError, ValueError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
+            ConnectionError,
+        ):  # fmt: skip
             pass  # a bad or vanished scraper: just hang up
         finally:
             writer.close()

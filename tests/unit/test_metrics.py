@@ -156,3 +156,29 @@ def test_http_handler(request_line: bytes, status: bytes) -> None:
     assert writer.data.split(b" ")[1] == status
     sample = b'pymmproxy_connections_accepted_total{proxy="0.0.0.0:8443"} 3.0'
     assert (sample in writer.data) == (request_line.startswith(b"GET /") and status == b"200")
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [b"GET /metrics HTTP/1.1\r\nX: " + b"a" * 9000 + b"\r\n\r\n", b"a" * 9000],
+    ids=["long-header", "no-crlf"],
+)
+def test_an_oversized_request_is_hung_up_on_without_a_traceback(request_bytes: bytes) -> None:
+    """Past ``MAX_REQUEST`` bytes without the blank line: close, nothing logged or raised
+    (it leaked a multi-line traceback per request into the one-JSON-line log)."""
+    server = object.__new__(metrics.MetricsServer)
+    errors: list[dict[str, Any]] = []
+
+    async def serve() -> FakeWriter:
+        asyncio.get_running_loop().set_exception_handler(lambda _loop, ctx: errors.append(ctx))
+        reader = asyncio.StreamReader(limit=metrics.MAX_REQUEST)
+        reader.feed_data(request_bytes)
+        reader.feed_eof()
+        writer = FakeWriter()
+        await server._handle(reader, writer)  # type: ignore[arg-type]
+        return writer
+
+    writer = asyncio.run(serve())
+    assert writer.closed
+    assert writer.data == b""
+    assert errors == []
