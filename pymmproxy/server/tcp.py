@@ -266,6 +266,8 @@ class ClientProtocol(asyncio.Protocol):
     # -- failure and teardown --------------------------------------------------------------
     def abort(self) -> None:
         """Reset both sides now (the drain ran out, or a second stop signal)."""
+        if self.reason == "done":  # its conn.closed line must not read like a normal end
+            self.reason = "aborted"
         self._close(abort=True)
 
     def _leave_header(self) -> None:
