@@ -39,6 +39,7 @@ import uvloop
 from structlog.typing import FilteringBoundLogger as BoundLogger
 
 from pymmproxy.errors import PymmproxyError
+from pymmproxy.handoff import Handoff
 from pymmproxy.logsetup import get_logger
 from pymmproxy.net.sockets import check_spoofing, raise_nofile_limit
 from pymmproxy.notify import Notifier
@@ -265,22 +266,33 @@ def run(
         check(settings.metrics, workers)
     log = get_logger(instance=settings.name) if settings.name else get_logger()
     forwarded: list[Reloaded] = []  # the parent's load at the last SIGHUP, for new workers
+    # With workers the parent loads once and hands that to each (see pymmproxy.handoff).
+    handoff = Handoff() if workers > 1 and reloader is not None else None
 
     def before_reload() -> bool:
-        if reloader is not None:
-            # a failure: the workers fail to load it too, log why and keep theirs
-            with contextlib.suppress(PymmproxyError, OSError):
-                forwarded[:] = [reloader()]
+        if reloader is None or handoff is None:
+            return True
+        try:
+            loaded = reloader()
+        except (PymmproxyError, OSError) as exc:  # the workers keep what they run
+            log.error("daemon.reload_failed", error=str(exc))  # noqa: TRY400
+            return False
+        forwarded[:] = [loaded]
+        handoff.publish(loaded)
         return True
 
     def factory(on_ready: Callable[[], None] | None, _index: int) -> Lifecycle:
         notifier = None if on_ready else Notifier()
         return Daemon(
-            settings, verbosity=verbosity, reloader=reloader, notifier=notifier,
-            on_ready=on_ready, forwarded=forwarded,
+            settings, verbosity=verbosity, notifier=notifier, on_ready=on_ready,
+            reloader=reloader if handoff is None else handoff.take, forwarded=forwarded,
         )  # fmt: skip
 
-    return run_app(factory, workers, log, before_reload=before_reload)
+    try:
+        return run_app(factory, workers, log, before_reload=before_reload)
+    finally:
+        if handoff is not None:
+            handoff.close()
 
 
 def run_app(
@@ -365,15 +377,13 @@ def _run_workers(
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
-    # SIGHUP/SIGUSR1 would end a process that has no handler for them yet: ignore them until
-    # the parent forwards (below) and each worker's loop takes them over.
-    for signum in (signal.SIGHUP, signal.SIGUSR1):
-        signal.signal(signum, signal.SIG_IGN)
-    for index in range(workers):
-        spawn(index)
+    # The parent's handlers come first: a stop signal while the workers are forked must
+    # not kill it (status -15) with workers already listening; spawn() passes the stop on.
     old_wakeup = signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
     for signum in _FORWARDED:
         signal.signal(signum, forward)  # (USR1 would kill us)
+    for index in range(workers):
+        spawn(index)
 
     def on_line(line: str) -> None:
         kind, _, rest = line.partition(" ")

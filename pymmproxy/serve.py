@@ -33,6 +33,7 @@ from pymmproxy.conffiles import instance_settings, load_config, resolve_config_d
 from pymmproxy.cpus import usable_cpus
 from pymmproxy.daemon import Lifecycle, run_app
 from pymmproxy.errors import PymmproxyError, UsageError
+from pymmproxy.handoff import Handoff
 from pymmproxy.instancelock import InstanceLock
 from pymmproxy.instances import TSV_FLAGS
 from pymmproxy.logsetup import get_logger
@@ -206,7 +207,7 @@ def main(argv: Sequence[str]) -> int:
         check_spoofing(spec.settings.mark for spec in initial.values())
     log = get_logger()
     log.info("serve.start", config_dir=str(config_dir), instances=list(initial), workers=workers)
-    gate = ParentGate(load, log)
+    gate = ParentGate(load, log, Handoff() if workers > 1 else None)
     if workers > 1:  # fail before forking; the parent holds the locks for all workers
         gate.admit(initial)
 
@@ -218,12 +219,16 @@ def main(argv: Sequence[str]) -> int:
         notifier = None if on_ready else Notifier()
         # a worker forked again later starts from what the workers were last told
         specs = gate.specs if workers > 1 else initial
-        return Serve(load, specs, registry, notifier=notifier, on_ready=on_ready)
+        # with workers, a reload applies what the parent loaded (see pymmproxy.handoff)
+        loader = load if gate.handoff is None else gate.handoff.take
+        return Serve(loader, specs, registry, notifier=notifier, on_ready=on_ready)
 
     try:
         return run_app(factory, workers, log, before_reload=gate.before_reload)
     finally:
         gate.release_all()
+        if gate.handoff is not None:
+            gate.handoff.close()
 
 
 class ParentGate:
@@ -234,15 +239,18 @@ class ParentGate:
     new, so the refusals it can foresee happen here, once, and no worker applies a reload
     the others refuse for them: an instance already running elsewhere (a ``pymmproxy@NAME``
     unit, which would otherwise share its ``SO_REUSEPORT`` port) or an address another
-    program holds. Locks of removed instances are let go as the workers are told. A config
-    that does not load is not passed on either: the workers would read the files again, and
-    one fixed meanwhile would start instances the parent never locked. What changes after
-    this check (a port taken in between, the file edited again) can still make a worker
-    refuse; it logs ``serve.reload_failed`` and the next SIGHUP settles it.
+    program holds. Locks of removed instances are let go as the workers are told. The
+    workers apply the very config the parent admitted (:mod:`pymmproxy.handoff`), not the
+    files as they are by then; a config that does not load is not passed on. What changes
+    after this check (a port taken in between) can still make a worker refuse; it logs
+    ``serve.reload_failed`` and the next SIGHUP settles it.
     """
 
-    def __init__(self, load: Callable[[], dict[str, Spec]], log: BoundLogger) -> None:
+    def __init__(
+        self, load: Callable[[], dict[str, Spec]], log: BoundLogger, handoff: Handoff | None = None
+    ) -> None:
         self.load, self.log = load, log
+        self.handoff = handoff  # where the workers take an admitted config from
         self.specs: dict[str, Spec] = {}  # what the workers were last told to run
         self.held: dict[str, InstanceLock] = {}
 
@@ -290,6 +298,8 @@ class ParentGate:
             refused = str(exc)
         else:
             self.drop([name for name in self.held if name not in specs])
+            if self.handoff is not None:
+                self.handoff.publish(specs)
             return True
         self.log.error("serve.reload_failed", error=f"{refused}; kept the running config")
         return False

@@ -109,7 +109,7 @@ _SSL_TEXT: dict[int, str] = {
 
 def _split(buf: bytes, pos: int, end: int, where: str) -> list[TLV]:
     """Split ``buf[pos:end]`` into TLVs; they must tile it exactly, at most ``MAX_TLVS``."""
-    tlvs = []
+    tlvs: list[TLV] = []
     while pos < end:
         if len(tlvs) == MAX_TLVS:  # real headers carry a handful: this is a CPU-burning flood
             raise BadTLVError(f"{where}: more than {MAX_TLVS} TLVs")

@@ -21,7 +21,6 @@ from tests.e2e.helpers import (
     start_proxy,
     wait_for,
 )
-from tests.nsutil import recv_all
 
 pytestmark = [pytest.mark.e2e, pytest.mark.netns]
 
@@ -81,42 +80,71 @@ def via_lb(lab: Lab, src: str, port: int) -> tuple[int, dict[str, Any]]:
     return sport, lab.connect_from_client(src, dst, port, sport=sport, timeout=10)
 
 
-def lb_raw(lab: Lab, port: int, payload: bytes, timeout: float = 5) -> tuple[bytes, float]:
-    """Connect from the lb ns straight to the daemon, send ``payload``, read to EOF."""
+def lb_raw(lab: Lab, port: int, payload: bytes, timeout: float = 5) -> tuple[bytes, float, bool]:
+    """Connect from the lb ns straight to the daemon, send ``payload``, read to the end:
+    what came back, when it ended, and whether that end was a reset (else a FIN)."""
     with lab.lb.socket(socket.AF_INET) as sock:
         sock.settimeout(timeout)
         sock.connect((WK, port))
         start = time.monotonic()
         sock.sendall(payload)
-        data = recv_all(sock, reset_is_eof=True)
-        return data, time.monotonic() - start
+        chunks, reset = [], False
+        try:
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+        except ConnectionResetError:
+            reset = True
+        return b"".join(chunks), time.monotonic() - start, reset
+
+
+def direct_whoami(lab: Lab, port: int) -> int:
+    """One request straight to the whoami service on ``port`` (from the workload ns, not
+    through any proxy); its source port, once the service has logged it."""
+    sport = next_sport()
+    job = {"src": "127.0.0.1", "sport": sport, "dst": "127.0.0.1", "port": port,
+           "send": HTTP_GET.decode()}  # fmt: skip
+    (res,) = lab.clients_in(lab.workload, [job])
+    assert body(res) == f"127.0.0.1 {sport}", res
+    return sport
 
 
 @pytest.mark.parametrize("src", [CLIENT_V4[0], CLIENT_V6[0]])
 def test_allow_list_rejects_lb(lab: Lab, proxies: set[str], impl: str, src: str) -> None:
     """The LB is not in the allow list: closed without data, nothing reaches the service."""
     need(impl, proxies)
+    tport = target("deny", impl)
+    before = len(seen_by(lab, tport))
     _, res = via_lb(lab, src, PORTS["deny", impl])
     assert res["received"] == 0, res
+    # The daemon resets the LB's connection; HAProxy then ends the client's its own way (a
+    # FIN or a reset, by version and timing): through the LB either end is right.
     assert res["end"] in {"eof", "reset"}, res
-    time.sleep(0.3)
-    assert seen_by(lab, target("deny", impl)) == []
+    # A request after the refusal, straight to the service: the service logs connections
+    # in the order it accepts them, so a relayed refused one would show before this one.
+    marker = direct_whoami(lab, tport)
+    seen = seen_by(lab, tport)[before:]
+    assert [(e["peer"], e["port"]) for e in seen] == [("127.0.0.1", marker)], seen
 
 
 def test_header_timeout_closes_silent_connection(lab: Lab, proxies: set[str]) -> None:
     need("py", proxies)
-    data, elapsed = lb_raw(lab, HEADER_TIMEOUT_PORT, b"", timeout=6)
+    # Straight from the lb ns (no HAProxy in between): the daemon's own reset arrives. The
+    # 10 s socket timeout is a hang guard (10x the header timeout), not a speed claim.
+    data, elapsed, reset = lb_raw(lab, HEADER_TIMEOUT_PORT, b"", timeout=10)
     assert data == b""
-    assert 0.7 < elapsed < 5, elapsed
+    assert reset, "the header timeout ended the connection with a FIN, not a reset"
+    assert elapsed > 0.7, elapsed  # not before the 1 s header timeout
 
 
 def test_target_down_then_recovers(lab: Lab, proxies: set[str], impl: str) -> None:
-    """No service: the client is closed promptly; once the service is up, requests work."""
+    """No service: the client is closed; once the service is up, requests work."""
     need(impl, proxies)
     port, tport = PORTS["down", impl], target("down", impl)
     _, res = via_lb(lab, CLIENT_V4[1], port)
     assert res["received"] == 0, res
-    assert res["elapsed"] < 5, res  # promptly, with room for a loaded CI machine
+    # Ended, not timed out (the client's 10 s timeout is the hang guard). Through HAProxy,
+    # which ends the client's connection its own way: a FIN or a reset are both right.
+    assert res["end"] in {"eof", "reset"}, res
     svc = lab.start_service("whoami", f"127.0.0.1:{tport}", f"[::1]:{tport}")
     try:
         for src in (CLIENT_V4[1], CLIENT_V6[1]):
@@ -143,7 +171,7 @@ def test_direct_v2_local_is_relayed_from_own_address(
     lab: Lab, proxies: set[str], impl: str
 ) -> None:
     need(impl, proxies)
-    data, _ = lb_raw(lab, 8000 + PORTS["check", impl], V2_LOCAL + HTTP_GET)
+    data, _, _ = lb_raw(lab, 8000 + PORTS["check", impl], V2_LOCAL + HTTP_GET)
     peer = data.partition(b"\r\n\r\n")[2].decode().split()
     assert peer, data
     assert peer[0] in {"127.0.0.1", "::1"}, data

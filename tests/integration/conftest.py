@@ -14,12 +14,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
-from tests.nsutil import Netns, netns, require_root_and_tools
+from tests.nsutil import Netns, netns, recv_all, require_root_and_tools
 
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -27,6 +28,7 @@ PY = sys.executable
 LB_V4 = "198.51.100.2"
 LB_V6 = "2001:db8:2::2"
 MARK = 123
+T = TypeVar("T")
 
 
 def ns_socket(
@@ -65,6 +67,67 @@ def ns_connect(ns: Netns, host: str, port: int, timeout: float = 5.0) -> socket.
         s.close()
         raise
     return s
+
+
+def wait_for(cond: Callable[[], T], timeout: float = 10.0, what: str = "") -> T:
+    """Poll ``cond`` until it returns something truthy, and return that.
+
+    ``timeout`` is a hang guard, not a speed claim: keep it generous (several seconds).
+    """
+    deadline = time.monotonic() + timeout
+    while not (got := cond()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what or cond}"
+        time.sleep(0.05)
+    return got
+
+
+def catches(pid: int, signum: int) -> bool:
+    """``pid`` has a handler for ``signum`` (its bit in SigCgt of /proc/PID/status)."""
+    status = Path(f"/proc/{pid}/status").read_text().splitlines()
+    caught = next(int(line.split()[1], 16) for line in status if line.startswith("SigCgt:"))
+    return bool(caught >> (signum - 1) & 1)
+
+
+def closed_soon(s: socket.socket) -> bool:
+    """True if the proxy ends ``s`` (EOF or reset) before the socket's timeout.
+
+    For ends where either is right; a refused or failed connection must be reset: use
+    :func:`reset_by_proxy` for those.
+    """
+    try:
+        return recv_all(s) == b""
+    except ConnectionResetError:
+        return True
+
+
+def reset_by_proxy(conn: socket.socket | Callable[[], socket.socket], data: bytes = b"") -> None:
+    """Assert that the proxy ends the connection with a reset (RST), not a FIN.
+
+    ``conn`` is a connected socket, or a function that connects one (a connection refused
+    at accept may be reset before ``connect()`` returns, which then raises the reset).
+    ``data`` is sent first, then one ``recv``: a reset raises ConnectionResetError from
+    connect, send or recv; a FIN makes recv return b"" even if our own send drew a reset
+    from the closed socket afterwards (Linux reports the FIN first, and a reset in
+    CLOSE_WAIT is EPIPE, not ECONNRESET). Data, or the socket's timeout (the hang guard),
+    fails too.
+
+    A socket closed with bytes it never read sends a reset by itself: for the assertion to
+    tell the proxy's abort from a plain close, the proxy must have read everything sent on
+    ``conn`` before it ends it (so nothing is sent on connections refused at accept).
+    """
+    try:
+        s = conn() if callable(conn) else conn
+    except ConnectionResetError:
+        return
+    with s:
+        try:
+            if data:
+                s.sendall(data)
+            got = s.recv(65536)
+        except ConnectionResetError:
+            return
+    end = "a FIN (a normal close)" if got == b"" else f"data {got[:64]!r}"
+    raise AssertionError(f"expected a reset from the proxy, got {end}")
 
 
 def wait_port(ns: Netns, host: str, port: int, timeout: float = 10.0) -> None:

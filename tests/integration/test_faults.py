@@ -21,7 +21,13 @@ from typing import TypeVar
 import pytest
 
 from pymmproxy.proxyproto import encode_v2
-from tests.integration.conftest import CLONE_NEWNET, LB_V4, Workload, ns_socket
+from tests.integration.conftest import (
+    CLONE_NEWNET,
+    LB_V4,
+    Workload,
+    ns_socket,
+    reset_by_proxy,
+)
 from tests.integration.test_daemon import header, open_conn
 from tests.nsutil import recv_all
 
@@ -82,14 +88,6 @@ def settle_fds(pid: int, limit: int, timeout: float = 5.0) -> int:
     return count
 
 
-def closed_soon(s: socket.socket) -> bool:
-    """True if the proxy ends ``s`` (EOF or reset) before the socket's timeout."""
-    try:
-        return recv_all(s) == b""
-    except ConnectionResetError:
-        return True
-
-
 def service_events(wl: Workload, name: str, event: str) -> list[dict[str, object]]:
     return [e for line in wl.log(name).splitlines() if (e := json.loads(line))["event"] == event]
 
@@ -114,30 +112,29 @@ def test_slow_target_connect_timeout_fires(wl: Workload) -> None:
     time.sleep(0.2)
     wl.daemon("-4", f"127.0.0.1:{SLOW}", "--connect-timeout", "1", port=PORT)
     try:
-        with open_conn(wl, PORT) as s:
+        # The socket's 10 s timeout is only a hang guard (10x the connect timeout), not a
+        # speed claim: if the timeout never fired, recv raises TimeoutError, not a reset.
+        with open_conn(wl, PORT, timeout=10) as s:
             start = time.monotonic()
             s.sendall(encode_v2(header("192.0.2.80", 41080)) + b"hello")
             with pytest.raises(ConnectionResetError):  # a reset: the connection failed
                 recv_all(s)
             elapsed = time.monotonic() - start
-        assert 0.9 < elapsed < 3.0
+        assert elapsed > 0.9  # the connect timeout fired, and not before its time
         assert '"reason": "connect_timeout"' in wl.log(f"daemon-{PORT}.log")
     finally:
         for sock in (target, *fillers):
             sock.close()
 
 
-def test_refusing_target_closes_promptly_with_reason(wl: Workload) -> None:
+def test_refusing_target_resets_client_with_reason(wl: Workload) -> None:
     wl.daemon("-4", f"127.0.0.1:{REFUSED}", port=PORT + 1)
-    with open_conn(wl, PORT + 1) as s:
-        start = time.monotonic()
-        s.sendall(encode_v2(header("192.0.2.81", 41081)) + b"hello")
-        assert closed_soon(s)
-    assert time.monotonic() - start < 1.0
+    with open_conn(wl, PORT + 1) as s:  # its 5 s timeout is the hang guard
+        reset_by_proxy(s, encode_v2(header("192.0.2.81", 41081)) + b"hello")
     assert '"reason": "target_refused"' in wl.log(f"daemon-{PORT + 1}.log")
 
 
-def test_target_reset_mid_stream_closes_client(wl: Workload) -> None:
+def test_target_reset_mid_stream_resets_client(wl: Workload) -> None:
     target = ns_socket(wl.ns)
     target.bind(("127.0.0.1", RST_TARGET))
     target.listen(8)
@@ -152,9 +149,7 @@ def test_target_reset_mid_stream_closes_client(wl: Workload) -> None:
             assert conn.recv(5) == b"hello"
             conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RST)
             conn.close()
-            start = time.monotonic()
-            assert closed_soon(s)
-            assert time.monotonic() - start < 1.0
+            reset_by_proxy(s)  # the socket's 5 s timeout is the hang guard
         assert '"reason": "reset"' in wl.log(f"daemon-{PORT + 2}.log")
     finally:
         target.close()

@@ -3,15 +3,28 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import signal
 import socket
+import subprocess
 import time
+from typing import Any
 
 import pytest
 
 from pymmproxy.proxyproto import encode_v2
-from tests.integration.conftest import LB_V4, MARK, PY, Workload, wait_port
+from tests.integration.conftest import (
+    LB_V4,
+    MARK,
+    PY,
+    Workload,
+    catches,
+    reset_by_proxy,
+    wait_for,
+    wait_port,
+)
 from tests.integration.test_daemon import header, open_conn
-from tests.integration.test_faults import closed_soon, cpu_seconds, fds, in_ns, settle_fds
+from tests.integration.test_faults import cpu_seconds, fds, in_ns, settle_fds
 from tests.nsutil import recv_all
 
 pytestmark = [pytest.mark.netns]
@@ -41,40 +54,54 @@ def echoes(s: socket.socket, data: bytes = b"still here") -> bool:
     return got == data
 
 
+def log_events(wl: Workload, name: str, event: str) -> list[dict[str, Any]]:
+    """The ``event`` lines of a daemon's JSON log (a line still being written is left out)."""
+    lines = wl.log(name).split("\n")[:-1]
+    return [
+        e for line in lines if line.startswith("{") and (e := json.loads(line))["event"] == event
+    ]
+
+
 def test_max_connections_refuses_new_keeps_existing(wl: Workload) -> None:
+    log = f"daemon-{PORT}.log"
     wl.daemon("-4", f"127.0.0.1:{ECHO}", "--max-connections", "5", "-listeners", "1", port=PORT)
     kept = [relayed(wl, PORT, "192.0.2.90", 42000 + i) for i in range(5)]
     try:
-        for _ in range(3):
-            with open_conn(wl, PORT) as extra:
-                start = time.monotonic()
-                with contextlib.suppress(ConnectionResetError):  # reset at once: may be here
-                    extra.sendall(encode_v2(header("192.0.2.90", 42010)) + b"hi")
-                assert closed_soon(extra)
-                assert time.monotonic() - start < 0.5
+        for _ in range(3):  # refused at accept: nothing sent (see reset_by_proxy)
+            reset_by_proxy(lambda: open_conn(wl, PORT))
         assert all(echoes(s) for s in kept)  # existing connections untouched
-        assert wl.log(f"daemon-{PORT}.log").count('"reason": "over_limit"') == 3
+        assert wl.log(log).count('"reason": "over_limit"') == 3
     finally:
-        kept.pop().close()
-    time.sleep(0.2)
+        last = kept.pop()
+        freed = f"[::ffff:{LB_V4}]:{last.getsockname()[1]}"
+        last.close()
+    # conn.closed (-v 2) is logged once the daemon no longer counts it: a slot is free.
+    wait_for(lambda: [e for e in log_events(wl, log, "conn.closed") if e["lb"] == freed])
     with relayed(wl, PORT, "192.0.2.90", 42011) as again:  # a slot is free again
         assert echoes(again)
     for s in kept:
         s.close()
 
 
+def daemon_stats(wl: Workload, proc: subprocess.Popen[bytes], port: int) -> dict[str, Any]:
+    """SIGUSR1 a one-process daemon and return the ``daemon.stats`` line it logs."""
+    log = f"daemon-{port}.log"
+    wait_for(lambda: catches(proc.pid, signal.SIGUSR1))  # else SIGUSR1 would end it
+    before = len(log_events(wl, log, "daemon.stats"))
+    proc.send_signal(signal.SIGUSR1)
+    return wait_for(lambda: log_events(wl, log, "daemon.stats")[before:])[0]
+
+
 def test_max_pending_headers_refuses_new_keeps_pending(wl: Workload) -> None:
-    wl.daemon(
+    proc = wl.daemon(
         "-4", f"127.0.0.1:{ECHO}", "--max-pending-headers", "10", "-listeners", "1", port=PORT + 1
     )
     raw = [encode_v2(header("192.0.2.91", 42100 + i)) for i in range(10)]
     pending = [open_conn(wl, PORT + 1) for _ in range(10)]
     for s, h in zip(pending, raw, strict=True):
         s.sendall(h[:7])  # half a header
-    time.sleep(0.2)
-    with open_conn(wl, PORT + 1) as extra:
-        extra.sendall(encode_v2(header("192.0.2.91", 42199)))
-        assert closed_soon(extra)
+    wait_for(lambda: daemon_stats(wl, proc, PORT + 1)["pending_headers"] == 10)
+    reset_by_proxy(lambda: open_conn(wl, PORT + 1))  # refused at accept: nothing sent
     for s, h in zip(pending, raw, strict=True):  # the pending ones finish and are relayed
         s.sendall(h[7:] + b"hi")
         assert s.recv(2) == b"hi"
@@ -87,11 +114,11 @@ def test_idle_timeout_closes_silent_keeps_busy(wl: Workload) -> None:
     silent = relayed(wl, PORT + 2, "192.0.2.92", 42200)
     busy = relayed(wl, PORT + 2, "192.0.2.92", 42201)
     start = time.monotonic()
-    silent.settimeout(3)
+    silent.settimeout(10)  # a hang guard
     while time.monotonic() - start < 2.0:  # busy talks every 0.3 s for 2 s
         assert echoes(busy, b"tick")
         time.sleep(0.3)
-    assert closed_soon(silent)
+    assert recv_all(silent) == b""  # a FIN (nothing was stuck), not a reset
     assert echoes(busy)
     busy.close()
     silent.close()
@@ -136,32 +163,32 @@ def test_idle_timeout_is_off_by_default(wl: Workload) -> None:
         assert echoes(s)
 
 
-def test_slowloris_does_not_delay_normal_clients(wl: Workload) -> None:
+def test_slowloris_does_not_block_normal_clients(wl: Workload) -> None:
+    """Every normal request is answered while 500 half headers are held open (how fast is
+    for the benchmarks: the 10 s per request is a hang guard)."""
     wl.daemon("-4", f"127.0.0.1:{WHOAMI}", "-v", "0", "--header-timeout", "30", port=PORT + 4)
 
-    def attack_and_serve() -> tuple[int, float]:
+    def attack_and_serve() -> tuple[int, int]:
         loris = []
         for _ in range(500):
             s = socket.socket()
             s.connect((LB_V4, PORT + 4))
             s.sendall(b"PROXY TCP4 192.0.2.94 ")  # and never the rest
             loris.append(s)
-        worst = 0.0
+        served = 0
         for i in range(50):
-            start = time.monotonic()
-            with socket.create_connection((LB_V4, PORT + 4), timeout=5) as s:
+            with socket.create_connection((LB_V4, PORT + 4), timeout=10) as s:
                 s.sendall(encode_v2(header("192.0.2.95", 42400 + i)) + b"GET / HTTP/1.0\r\n\r\n")
                 assert recv_all(s).endswith(f"192.0.2.95 {42400 + i}\n".encode())
-            worst = max(worst, time.monotonic() - start)
+            served += 1
         alive = sum(1 for s in loris if _still_open(s))
         for s in loris:
             s.close()
-        return alive, worst
+        return served, alive
 
-    alive, worst = in_ns(wl, attack_and_serve)
-    print(f"\nslowloris: 500 half headers held ({alive} still open), worst normal {worst:.3f}s")
-    assert alive == 500
-    assert worst < 0.5
+    served, alive = in_ns(wl, attack_and_serve)
+    print(f"\nslowloris: 500 half headers held ({alive} still open), {served}/50 served")
+    assert (served, alive) == (50, 500)  # all served while every half header was held
 
 
 def _still_open(s: socket.socket) -> bool:
@@ -175,53 +202,59 @@ def _still_open(s: socket.socket) -> bool:
 
 
 def test_fd_exhaustion_backs_off_and_recovers(wl: Workload) -> None:
-    """RLIMIT_NOFILE 64 and a flood of 400 connections: no spin, no crash, serves after."""
+    """RLIMIT_NOFILE 64 and a flood of 400 connections: accepting pauses instead of spinning
+    on the ready listener, no crash, serves after."""
     port = PORT + 5
+    log = f"daemon-{port}.log"
     allow = wl.tmp / f"allow-{port}.txt"
     allow.write_text("198.51.100.0/24\n")
     argv = ["prlimit", "--nofile=64:64", PY, "-m", "pymmproxy", "-l", f"[::]:{port}",
             "-4", f"127.0.0.1:{WHOAMI}", "-mark", str(MARK), "-allowed-subnets", str(allow),
             "--header-timeout", "30", "-listeners", "1"]  # fmt: skip
-    proc = wl.spawn(argv, f"daemon-{port}.log")
+    proc = wl.spawn(argv, log)
     wait_port(wl.ns, LB_V4, port)
     pid = proc.pid  # ip netns exec and prlimit both exec in place
 
-    def flood() -> tuple[float, float, int, int]:
+    def flood() -> tuple[float, float, int, int, int]:
         held = []
+        began = time.monotonic()  # before any pause could start
         for _ in range(400):
             s = socket.socket()
             s.setblocking(False)
             s.connect_ex((LB_V4, port))
             held.append(s)
-        time.sleep(0.5)
-        cpu0, t0 = cpu_seconds(pid), time.monotonic()
-        time.sleep(2.0)
-        busy = (cpu_seconds(pid) - cpu0) / (time.monotonic() - t0)
+        wait_for(lambda: '"daemon.accept_paused"' in wl.log(log), what="accept_paused")
         at_limit = fds(pid)
+        cpu0, t0 = cpu_seconds(pid), time.monotonic()
+        time.sleep(2.0)  # held at the limit, the backlog full: a spinning acceptor would show
+        busy = (cpu_seconds(pid) - cpu0) / (time.monotonic() - t0)
+        pauses = wl.log(log).count('"daemon.accept_paused"')
+        span = time.monotonic() - began
         for s in held:
             s.close()
-        time.sleep(0.5)
-        served, worst = 0, 0.0
-        deadline = time.monotonic() + 10
-        while served < 20 and time.monotonic() < deadline:
-            start = time.monotonic()
-            with contextlib.suppress(OSError), socket.create_connection((LB_V4, port), 2) as s:
+        served = 0
+        deadline = time.monotonic() + 30  # a hang guard, not a speed claim
+        while served < 20:
+            assert time.monotonic() < deadline, f"served {served}/20"
+            with contextlib.suppress(OSError), socket.create_connection((LB_V4, port), 5) as s:
                 s.sendall(encode_v2(header("192.0.2.96", 42500 + served)) + b"GET /\r\n\r\n")
                 if recv_all(s).endswith(b"\n"):
                     served += 1
-                    worst = max(worst, time.monotonic() - start)
-        return busy, worst, at_limit, served
+        return busy, span, pauses, at_limit, served
 
-    busy, worst, at_limit, served = in_ns(wl, flood)
-    assert worst < 2.0
-    print(f"\nEMFILE: fds at limit {at_limit}, CPU {busy:.1%} of a core, served {served}/20")
+    busy, span, pauses, at_limit, served = in_ns(wl, flood)
+    print(f"\nEMFILE: fds at limit {at_limit}, {pauses} pauses in {span:.1f}s, "
+          f"CPU {busy:.1%} of a core, served {served}/20")  # fmt: skip
     assert at_limit >= 60  # the flood did reach the limit
-    assert busy < 0.5
+    # Each pause lasts 1 s (README): `span` seconds hold at most span/1 + 1 of them (a slow
+    # machine only makes fewer), while an acceptor that retried at once would log one per
+    # try, thousands. A lower bound on the pause: behaviour, not speed.
+    assert 1 <= pauses <= span / 1.0 + 2
     assert served == 20
     assert proc.poll() is None
     proc.terminate()
     assert proc.wait(10) == 0
-    assert "Traceback" not in wl.log(f"daemon-{port}.log")
+    assert "Traceback" not in wl.log(log)
 
 
 def _ends_in_reset(s: socket.socket) -> bool:

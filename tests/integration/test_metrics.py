@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import signal
 import socket
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from pymmproxy.proxyproto import encode_v1, encode_v2
-from tests.integration.conftest import LB_V4, PY, Workload, ns_socket, wait_port
+from tests.integration.conftest import (
+    LB_V4,
+    PY,
+    Workload,
+    ns_socket,
+    reset_by_proxy,
+    wait_for,
+    wait_port,
+)
 from tests.integration.test_daemon import header, local_header, open_conn, whoami
-from tests.integration.test_faults import closed_soon
 from tests.nsutil import recv_all
 
 pytestmark = [pytest.mark.netns]
@@ -70,17 +74,26 @@ def test_scrape_after_traffic(wl: Workload) -> None:
     assert whoami(wl, encode_v1(header("192.0.2.110", 44010)), PORT).endswith("44010")
     assert whoami(wl, encode_v2(local_header()), PORT).startswith("127.0.0.1")
     for raw in (b"GET / HTTP/1.1\r\n\r\n", encode_v2(header("127.0.0.1", 44020))):
-        with open_conn(wl, PORT) as s:
-            s.sendall(raw)
-            assert closed_soon(s)
-    stranger = ns_socket(wl.ns)
-    stranger.bind(("127.0.0.1", 0))  # a peer outside the allow list
-    stranger.settimeout(5)
-    with stranger, contextlib.suppress(ConnectionResetError):  # reset at once: maybe here
-        stranger.connect((LB_V4, PORT))
-        assert closed_soon(stranger)
-    time.sleep(0.2)
-    m = scrape(wl, METRICS)
+        reset_by_proxy(open_conn(wl, PORT), raw)  # a bad header, a refused source: reset
+
+    def stranger() -> socket.socket:  # a peer outside the allow list
+        s = ns_socket(wl.ns)
+        s.settimeout(5)
+        try:
+            s.bind(("127.0.0.1", 0))
+            s.connect((LB_V4, PORT))
+        except OSError:
+            s.close()
+            raise
+        return s
+
+    reset_by_proxy(stranger)  # refused at accept: nothing sent
+
+    def settled() -> Samples | None:  # every connection closed (and so counted)
+        m = scrape(wl, METRICS)
+        return m if value(m, "pymmproxy_connections_active") == 0 else None
+
+    m = wait_for(settled, what="no active connection")
     assert value(m, "pymmproxy_connections_accepted_total") == 9  # with wait_port's probe
     assert value(m, "pymmproxy_connections_failed_total", reason="eof_before_header") == 1
     assert value(m, "pymmproxy_connections_relayed_total") == 5
@@ -106,6 +119,8 @@ def test_two_workers_reload_and_drain_together(wl: Workload) -> None:
                      "--metrics", f"127.0.0.1:{mports[0]}", port=port)  # fmt: skip
     for mport in mports:
         wait_port(wl.ns, "127.0.0.1", mport)
+    # From here the parent forwards signals (before, it ignores SIGHUP).
+    wait_for(lambda: '"daemon.workers_ready"' in wl.log(f"daemon-{port}.log"))
 
     def echo_once(i: int) -> bool:
         try:
@@ -124,7 +139,7 @@ def test_two_workers_reload_and_drain_together(wl: Workload) -> None:
     allow = wl.tmp / f"allow-{port}.txt"
     allow.write_text("203.0.113.0/24\n")
     proc.send_signal(signal.SIGHUP)
-    _wait_for(lambda: wl.log(f"daemon-{port}.log").count('"daemon.reload"') == 2)
+    wait_for(lambda: wl.log(f"daemon-{port}.log").count('"daemon.reload"') == 2)
     assert not any(echo_once(100 + i) for i in range(40))
     refused = [value(scrape(wl, p), "pymmproxy_connections_rejected_total") for p in mports]
     assert all(n > 0 for n in refused), refused
@@ -132,7 +147,7 @@ def test_two_workers_reload_and_drain_together(wl: Workload) -> None:
 
     allow.write_text("198.51.100.0/24\n")
     proc.send_signal(signal.SIGHUP)
-    _wait_for(lambda: wl.log(f"daemon-{port}.log").count('"daemon.reload"') == 4)
+    wait_for(lambda: wl.log(f"daemon-{port}.log").count('"daemon.reload"') == 4)
     kept: list[socket.socket] = []
     while len(kept) < 40 and not all(
         value(scrape(wl, p), "pymmproxy_connections_active") > 0 for p in mports
@@ -144,7 +159,8 @@ def test_two_workers_reload_and_drain_together(wl: Workload) -> None:
     assert all(value(scrape(wl, p), "pymmproxy_connections_active") > 0 for p in mports)
 
     proc.send_signal(signal.SIGTERM)
-    time.sleep(0.3)
+    # Each worker logs daemon.draining once its listener is closed.
+    wait_for(lambda: wl.log(f"daemon-{port}.log").count('"daemon.draining"') == 2)
     with pytest.raises(ConnectionRefusedError):
         open_conn(wl, port).close()
     payload = os.urandom(256 * 1024)
@@ -170,13 +186,6 @@ def test_two_workers_reload_and_drain_together(wl: Workload) -> None:
     assert results == [True] * len(kept)
     assert proc.wait(20) == 0
     assert wl.log(f"daemon-{port}.log").count('"daemon.stopped"') == 2
-
-
-def _wait_for(cond: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
 
 
 def test_a_taken_worker_metrics_port_fails_the_start(wl: Workload) -> None:
@@ -205,16 +214,16 @@ def test_a_worker_forked_again_keeps_the_allow_list_its_siblings_run(wl: Workloa
     port = PORT + 5
     proc = wl.daemon("-4", f"127.0.0.1:{ECHO}", "-listeners", "2", "-v", "0", port=port)
     log = f"daemon-{port}.log"
-    _wait_for(lambda: '"daemon.workers_ready"' in wl.log(log))
+    wait_for(lambda: '"daemon.workers_ready"' in wl.log(log))
     allow = wl.tmp / f"allow-{port}.txt"
     allow.write_text("203.0.113.0/24\n")  # the load balancer is out
     proc.send_signal(signal.SIGHUP)
-    _wait_for(lambda: wl.log(log).count('"daemon.reload"') == 2)
+    wait_for(lambda: wl.log(log).count('"daemon.reload"') == 2)
     allow.write_text("198.51.100.0/24\n")  # edited back, but no SIGHUP
     children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
     assert len(children) == 2
     os.kill(int(children[0]), signal.SIGKILL)
-    _wait_for(lambda: wl.log(log).count('"daemon.reload"') == 3)  # the new worker caught up
+    wait_for(lambda: wl.log(log).count('"daemon.reload"') == 3)  # the new worker caught up
 
     def refused(i: int) -> bool:
         try:

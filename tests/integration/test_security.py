@@ -10,9 +10,9 @@ import time
 import pytest
 
 from pymmproxy.proxyproto import Command, Family, Header, Transport, encode_v1, encode_v2
-from tests.integration.conftest import LB_V4, LB_V6, PY, Workload, ns_socket
+from tests.integration.conftest import LB_V4, LB_V6, PY, Workload, ns_socket, reset_by_proxy
 from tests.integration.test_daemon import header, open_conn, whoami
-from tests.integration.test_faults import closed_soon, service_events
+from tests.integration.test_faults import service_events
 
 pytestmark = [pytest.mark.netns]
 WHOAMI = 8381
@@ -86,7 +86,7 @@ def test_unsafe_sources_are_not_spoofed(wl: Workload, src: str, kind: str) -> No
     for encoded in (encode_v2(raw), encode_v1(raw)):
         with open_conn(wl, PORT) as s:
             s.sendall(encoded + b"GET / HTTP/1.0\r\n\r\n")
-            assert closed_soon(s)
+            reset_by_proxy(s)
     assert not [e for e in service_events(wl, f"service-whoami-{WHOAMI}.log", "conn")
                 if e["port"] == sport]  # fmt: skip
     log = wl.log(f"daemon-{PORT}.log")
@@ -108,7 +108,7 @@ def test_sighup_rereads_the_hosts_addresses(wl: Workload) -> None:
             time.sleep(0.05)
         with open_conn(wl, port) as s:
             s.sendall(encode_v2(header(added, 43401)) + b"GET / HTTP/1.0\r\n\r\n")
-            assert closed_soon(s)
+            reset_by_proxy(s)
     finally:
         wl.ns.run(["ip", "addr", "del", f"{added}/32", "dev", "lo"])
     assert '"kind": "own_address"' in wl.log(f"daemon-{port}.log")
@@ -151,7 +151,7 @@ def test_headers_over_the_size_limit_are_refused(wl: Workload) -> None:
     assert whoami(wl, fits, port) == "192.0.2.104 43500"
     with open_conn(wl, port) as s:
         s.sendall(padded(43501, 1024 - 28 - 3 + 1)[:16])  # only the fixed part: too long
-        assert closed_soon(s)
+        reset_by_proxy(s)
     log = wl.log(f"daemon-{port}.log")
     assert '"kind": "too_long"' in log
     proc.terminate()

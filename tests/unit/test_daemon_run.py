@@ -179,6 +179,20 @@ class _Supervised:
             give_up.cancel()
         return [x for x in self.lines if x.startswith(prefix)]
 
+    def parent_handles_signals(self, timeout: float = 10.0) -> None:
+        """Wait until the parent has its handlers (it sets them once every worker is forked:
+        before, a SIGHUP is ignored and a SIGTERM kills it). The workers' ``up`` lines do
+        not say so: under load they can come first. ``timeout`` is a hang guard."""
+        wanted = (1 << (signal.SIGHUP - 1)) | (1 << (signal.SIGTERM - 1))
+        deadline = time.monotonic() + timeout
+        while True:
+            status = Path(f"/proc/{self.proc.pid}/status").read_text().splitlines()
+            caught = next(int(x.split()[1], 16) for x in status if x.startswith("SigCgt:"))
+            if caught & wanted == wanted:
+                return
+            assert time.monotonic() < deadline, "the parent never set its signal handlers"
+            time.sleep(0.01)
+
     def finish(self) -> tuple[int, list[str], str]:
         """Exit status, all stdout lines and stderr, once it ends (killed after 15 s)."""
         try:
@@ -196,6 +210,7 @@ def test_a_worker_that_dies_is_forked_again_and_catches_up_on_reloads() -> None:
     try:
         started = sup.until("started", 2)
         sup.until("up", 2)
+        sup.parent_handles_signals()
         sup.proc.send_signal(signal.SIGHUP)
         sup.until("reload", 2)
         victim = int(next(x for x in started if x.startswith("started 1")).split()[2])
@@ -237,6 +252,7 @@ def test_one_stop_sent_to_the_whole_group_drains_instead_of_aborting() -> None:
     sup = _Supervised("normal")
     try:
         sup.until("up", 2)
+        sup.parent_handles_signals()
         os.killpg(sup.proc.pid, signal.SIGTERM)
     finally:
         code, lines, _err = sup.finish()
@@ -251,6 +267,7 @@ def test_a_second_stop_after_the_repeat_window_aborts() -> None:
     try:
         started = sup.until("started", 2)
         sup.until("up", 2)
+        sup.parent_handles_signals()
         sup.proc.send_signal(signal.SIGTERM)
         sup.until("close", 2)
         time.sleep(daemon.REPEAT_WINDOW + 0.2)
@@ -269,6 +286,7 @@ def test_a_stop_that_lands_while_a_worker_is_forked_again_reaches_it() -> None:
     try:
         started = sup.until("started", 2)
         sup.until("up", 2)
+        sup.parent_handles_signals()
         os.kill(int(next(x for x in started if x.startswith("started 1")).split()[2]), 9)
     finally:
         code, lines, err = sup.finish()
@@ -283,7 +301,7 @@ def test_a_sighup_before_every_worker_is_up_reaches_all_of_them() -> None:
     try:
         assert sup.until("started", 1) == [sup.lines[0]]
         assert sup.lines[0].startswith("started 0")
-        time.sleep(0.3)  # the parent's handlers are in place; worker 1 is still starting
+        sup.parent_handles_signals()  # worker 1 is still starting (for 1.5 s)
         sup.proc.send_signal(signal.SIGHUP)
         sup.until("reload", 2)
         sup.proc.send_signal(signal.SIGTERM)

@@ -14,6 +14,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from types import SimpleNamespace
 from typing import Any, cast
@@ -623,13 +624,25 @@ def test_acceptor_pauses_on_emfile_instead_of_spinning(
     acc = Acceptor(listener, reactor, Recorder)  # type: ignore[arg-type]
     logged: list[tuple[str, dict[str, Any]]] = []
     acc.log = SimpleNamespace(warning=lambda event, **kw: logged.append((event, kw)))  # type: ignore[assignment]
-    reactor.dispatch()
-    reactor.dispatch()
+    before = loop.time()
+    for _ in range(5):  # the listener stays readable: a spinning acceptor would retry
+        reactor.dispatch()
     assert listener.calls == 1  # parked after the first EMFILE
-    assert acc.paused is not None
-    loop.run_until_complete(asyncio.sleep(0.12))  # the loop dispatches the reactor itself
-    assert 2 <= listener.calls <= 4  # retried after each pause, not spun on
-    assert logged[0] == ("daemon.accept_paused", {"error": "Too many open files", "seconds": 0.05})
+    first = acc.paused
+    assert first is not None
+    assert first.when() >= before + 0.05 - 0.002  # for RETRY_DELAY (uvloop: 1 ms steps)
+    deadline = time.monotonic() + 10  # a hang guard, not a speed claim
+    while listener.calls < 2:  # the loop dispatches the reactor itself
+        assert time.monotonic() < deadline, "never retried after the pause"
+        loop.run_until_complete(asyncio.sleep(0.01))
+    assert acc.paused is not None  # retried once the pause ended, and parked again
+    assert acc.paused is not first
+    retried = listener.calls
+    for _ in range(5):
+        reactor.dispatch()
+    assert listener.calls == retried  # not spun on while parked
+    paused = ("daemon.accept_paused", {"error": "Too many open files", "seconds": 0.05})
+    assert logged == [paused] * retried  # every try ended in a pause
     acc.close()
 
 
@@ -809,6 +822,11 @@ def test_a_close_that_cannot_flush_gives_up_without_progress(
 ) -> None:
     """A peer that stops reading cannot hold a closing channel (and its buffer) forever."""
     monkeypatch.setattr(channel_mod, "FLUSH_TIMEOUT", 0.05)
+    checks: list[int] = []
+    real_check = Plain._check_flush
+    monkeypatch.setattr(
+        Plain, "_check_flush", lambda self, left: (checks.append(left), real_check(self, left))
+    )
     _lb_ours, _lb = pair(pairs)
     ours, svc = pair(pairs)
     side = Plain(ours, reactor, None)
@@ -823,14 +841,24 @@ def test_a_close_that_cannot_flush_gives_up_without_progress(
     svc.recv(65536)  # some progress: the deadline starts again
     side.on_event(channel_mod.OUT)
     assert 0 < side.unsent() < queued
-    reactor.loop.run_until_complete(asyncio.sleep(0.08))
-    assert not side.closed  # it moved within the first period
     aborted: list[bool] = []
     real_abort = Plain.abort
     monkeypatch.setattr(Plain, "abort", lambda self: (aborted.append(True), real_abort(self)))
-    reactor.loop.run_until_complete(asyncio.sleep(0.1))
+    until_checked(reactor.loop, checks, 1)
+    assert not side.closed  # it moved within the first period: checked again later
+    assert not aborted
+    until_checked(reactor.loop, checks, 2)
     assert side.closed  # no progress in the second period:
     assert aborted  # aborted (a reset: a FIN would pass the cut-off stream off as complete)
+
+
+def until_checked(loop: asyncio.AbstractEventLoop, checks: list[int], count: int) -> None:
+    """Run ``loop`` until ``_check_flush`` has run ``count`` times (a 10 s hang guard)."""
+    deadline = time.monotonic() + 10
+    while len(checks) < count:
+        assert time.monotonic() < deadline, f"{len(checks)} flush checks, not {count}"
+        loop.run_until_complete(asyncio.sleep(0.01))
+    assert len(checks) == count
 
 
 def test_no_descriptor_for_the_upstream_is_an_upstream_error(
