@@ -168,6 +168,10 @@ def test_bad_config_line_exits_2_with_file_and_line(site: Site, tmp_path: Path) 
         f"pymmproxy: {bad}/instances.tsv:2: fwmark 999 is not listed in pathways.conf"
         " (known: 123)\n"
     )
-    for args in (["--instance", site.ssh], ["instances"]):
+    for args in (["--instance", site.web], ["instances"]):  # its own line, the whole file
         res = site.cli(*args, "--config-dir", str(bad))
         assert (res.returncode, res.stdout, res.stderr) == (2, "", line)
+    # another instance's bad line does not stop this one (it is running already here)
+    res = site.cli("--instance", site.ssh, "--config-dir", str(bad))
+    assert res.returncode == 0
+    assert "already running" in res.stderr
