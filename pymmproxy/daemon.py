@@ -67,7 +67,8 @@ class Reloaded:
     restart_needed: tuple[str, ...] = ()
 
 
-Reloader = Callable[[], Reloaded]
+#: None: nothing to reload (a worker's SIGHUP before its parent handed any config over)
+Reloader = Callable[[], Reloaded | None]
 #: Builds the app of one process: ``factory(on_ready, worker_index)``.
 AppFactory = Callable[[Callable[[], None] | None, int], "Lifecycle"]
 
@@ -88,6 +89,9 @@ class Lifecycle(abc.ABC):
         self.report_status: Callable[[str], None] | None = None
         #: set in a worker forked again after SIGHUPs: :meth:`catch_up_reload` once started
         self.catch_up = False
+        #: set in a worker forked again (its siblings kept serving): a start that is only
+        #: partly possible must not stop the daemon now
+        self.respawned = False
         self._stop = asyncio.Event()
         self._first_stop: float | None = None  # monotonic time of the first stop signal
 
@@ -227,6 +231,9 @@ class Daemon(Lifecycle):
                 "daemon.reload_failed", error=str(exc), kept=ctx.allow.describe()
             )
             return
+        if new is None:
+            self.log.info("daemon.reload_ignored", reason="no config from the parent yet")
+            return
         self._apply(ctx, new)
 
     def catch_up_reload(self) -> None:
@@ -274,11 +281,12 @@ def run(
             return True
         try:
             loaded = reloader()
+            if loaded is not None:
+                handoff.publish(loaded)
         except (PymmproxyError, OSError) as exc:  # the workers keep what they run
             log.error("daemon.reload_failed", error=str(exc))  # noqa: TRY400
             return False
-        forwarded[:] = [loaded]
-        handoff.publish(loaded)
+        forwarded[:] = [] if loaded is None else [loaded]  # published: now it is theirs
         return True
 
     def factory(on_ready: Callable[[], None] | None, _index: int) -> Lifecycle:
@@ -357,7 +365,7 @@ def _run_workers(
 
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
-    def spawn(index: int) -> None:
+    def spawn(index: int, *, again: bool = False) -> None:
         # Signals wait while the worker is forked and registered: a stop that came first
         # reaches it below, one that comes meanwhile is forwarded to it once unblocked, and
         # the child never runs the parent's handlers (it sets its own, then unblocks).
@@ -369,8 +377,9 @@ def _run_workers(
                 for fd in (pipe_r, wake_r, wake_w):
                     os.close(fd)
                 _worker_main(
-                    factory, index, pipe_w, prctl, parent, catch_up=state.reloaded, mask=mask
-                )
+                    factory, index, pipe_w, prctl, parent, catch_up=state.reloaded,
+                    again=again, mask=mask,
+                )  # fmt: skip
             children[pid] = index
             if state.stopping:
                 _signal_all([pid], signal.SIGTERM)
@@ -432,7 +441,7 @@ def _run_workers(
                 continue
             log.error("daemon.worker_exited", worker=index, status=code, action="restart")
             respawns.append(now)
-            spawn(index)
+            spawn(index, again=True)
 
     def on_wake() -> bool:
         reap()
@@ -471,6 +480,7 @@ def _worker_main(
     parent: int,
     *,
     catch_up: bool,
+    again: bool,
     mask: Iterable[int],
 ) -> None:
     """A forked worker: run its app, then leave with ``os._exit`` (never return). Signals
@@ -488,7 +498,7 @@ def _worker_main(
     code = 0
     try:
         app = _worker_app(factory, index, pipe)
-        app.catch_up = catch_up
+        app.catch_up, app.respawned = catch_up, again
         uvloop.run(app.run())
     except PymmproxyError as exc:
         sys.stderr.write(f"pymmproxy: {exc}\n")

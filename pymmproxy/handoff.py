@@ -37,21 +37,23 @@ class Handoff:
         os.pwrite(self.fd, _HEAD.pack(0, 0), 0)
 
     def publish(self, value: object) -> None:
-        """Replace the value (parent only)."""
+        """Replace the value (parent only). OSError (out of memory, say) leaves the header
+        odd, so readers wait and then fail, until a later publish succeeds."""
         data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
-        self.generation += 1  # odd: a reader now waits
-        os.pwrite(self.fd, _HEAD.pack(self.generation, 0), 0)
+        writing = self.generation + 1  # odd: a reader now waits (the same odd number again
+        os.pwrite(self.fd, _HEAD.pack(writing, 0), 0)  # after a publish that failed)
         os.ftruncate(self.fd, _HEAD.size + len(data))
         os.pwrite(self.fd, data, _HEAD.size)
-        self.generation += 1
-        os.pwrite(self.fd, _HEAD.pack(self.generation, len(data)), 0)
+        os.pwrite(self.fd, _HEAD.pack(writing + 1, len(data)), 0)
+        self.generation = writing + 1
 
     def take(self) -> Any:  # noqa: ANN401 - what publish() was given
-        """The value last published (PymmproxyError if none was, or it never held still)."""
+        """The value last published, None if none was yet (a SIGHUP sent to a worker
+        directly); PymmproxyError if it never held still."""
         for _ in range(_ATTEMPTS):
             generation, length = _HEAD.unpack(os.pread(self.fd, _HEAD.size, 0))
             if generation == 0:
-                raise PymmproxyError("reload: the parent published no config")
+                return None
             if not generation % 2:
                 data = os.pread(self.fd, length, _HEAD.size)
                 if _HEAD.unpack(os.pread(self.fd, _HEAD.size, 0))[0] == generation:

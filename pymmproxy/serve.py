@@ -41,7 +41,7 @@ from pymmproxy.net.sockets import check_spoofing
 from pymmproxy.notify import Notifier
 from pymmproxy.server.listener import bind, status_line
 from pymmproxy.server.registry import Registry, Spec
-from pymmproxy.settings import Endpoint, Limits
+from pymmproxy.settings import Endpoint, Limits, Transport
 
 #: Flags of the single-proxy command line that make no sense here.
 _REFUSED = {**TSV_FLAGS, "instance": "--instance"}
@@ -104,8 +104,12 @@ def load_specs(
 
 def auto_workers(specs: dict[str, Spec], cpus: int) -> int:
     """``-listeners auto``: one worker per CPU, or one process if an instance is a TPROXY
-    port range (its rule belongs to one process)."""
-    return 1 if any(spec.ports is not None for spec in specs.values()) else cpus
+    port range (its rule belongs to one process) or if every instance is UDP (only the
+    first worker runs UDP instances: a flow table is one process's)."""
+    if any(spec.ports is not None for spec in specs.values()):
+        return 1
+    udp_only = bool(specs) and all(s.settings.transport is Transport.UDP for s in specs.values())
+    return 1 if udp_only else cpus
 
 
 class Serve(Lifecycle):
@@ -113,7 +117,7 @@ class Serve(Lifecycle):
 
     def __init__(
         self,
-        load: Callable[[], dict[str, Spec]],
+        load: Callable[[], dict[str, Spec] | None],
         initial: dict[str, Spec],
         registry: Registry,
         *,
@@ -130,7 +134,8 @@ class Serve(Lifecycle):
         if not self.initial:
             self.log.warning("serve.no_instances")
         changes = await self.registry.apply(self.initial)
-        if changes.failed:  # nothing starts half: stop what did, say why (one line)
+        if changes.failed and not self.respawned:  # nothing starts half: stop what did, say
+            # why (one line); a worker forked again serves what it can, as its siblings do
             self.registry.close()
             await self.registry.drain()
             name, why = next(iter(changes.failed.items()))
@@ -170,7 +175,11 @@ class Serve(Lifecycle):
         self.notifier.reloading()
         self.log.info("serve.reloading")
         try:
-            changes = await self.registry.apply(self.load())
+            desired = self.load()
+            if desired is None:
+                self.log.info("serve.reload_ignored", reason="no config from the parent yet")
+                return
+            changes = await self.registry.apply(desired)
         except (PymmproxyError, OSError) as exc:  # OSError: a file we may not read, say
             kept = sorted(self.registry.running)
             self.log.error("serve.reload_failed", error=str(exc), kept=kept)  # noqa: TRY400
@@ -254,9 +263,10 @@ class ParentGate:
         self.specs: dict[str, Spec] = {}  # what the workers were last told to run
         self.held: dict[str, InstanceLock] = {}
 
-    def admit(self, specs: dict[str, Spec]) -> None:
+    def admit(self, specs: dict[str, Spec]) -> list[str]:
         """Lock the names not held yet and test-bind the addresses not served yet, or
-        neither (PymmproxyError): at start for every instance, on SIGHUP for what is new."""
+        neither (PymmproxyError): at start for every instance, on SIGHUP for what is new.
+        Returns the names it locked."""
         known = {spec.key for spec in self.specs.values()}
         new = self.take(specs)
         try:
@@ -270,6 +280,7 @@ class ParentGate:
             self.drop(new)
             raise
         self.specs = specs
+        return new
 
     def take(self, names: Iterable[str]) -> list[str]:
         """Lock every name not held yet (the ones it locked), or none (PymmproxyError)."""
@@ -291,16 +302,23 @@ class ParentGate:
 
     def before_reload(self) -> bool:
         """True if the workers may reload (see the class docstring); False, logged, if not."""
+        old = self.specs
         try:
             specs = self.load()
-            self.admit(specs)
+            new = self.admit(specs)
         except (PymmproxyError, OSError) as exc:  # OSError: a file we may not read, say
             refused = str(exc)
         else:
-            self.drop([name for name in self.held if name not in specs])
-            if self.handoff is not None:
-                self.handoff.publish(specs)
-            return True
+            try:  # handed over first: only then is it the workers' (and new workers') config
+                if self.handoff is not None:
+                    self.handoff.publish(specs)
+            except OSError as exc:
+                self.drop(new)
+                self.specs = old
+                refused = f"cannot hand it to the workers: {exc}"
+            else:
+                self.drop([name for name in self.held if name not in specs])
+                return True
         self.log.error("serve.reload_failed", error=f"{refused}; kept the running config")
         return False
 

@@ -84,6 +84,9 @@ class Registry:
         #: run UDP instances (one worker does: a flow table is not shared between processes)
         self.udp = udp
         self.running: dict[str, _Running] = {}
+        #: instances whose start failed, with the lock they keep (as a parent with workers
+        #: keeps it): tried again at the next apply, released once the config drops them
+        self.failed: dict[str, InstanceLock | None] = {}
         self.draining: list[Listener] = []
         self._sockets: dict[SocketKey, socket.socket] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -118,12 +121,15 @@ class Registry:
         try:
             self._sync_rules(desired, starting, changes.removed)
         except PymmproxyError:
-            for lock in locks.values():
-                lock.release()
+            self._release_new(locks)
             for sock in sockets.values():
                 sock.close()
             raise
         self._sockets.update(sockets)
+        for name in list(self.failed):  # tried again below, or dropped from the config
+            lock = self.failed.pop(name)
+            if name not in desired and lock is not None:
+                lock.release()
         for name in changes.allow_updated:
             running = old[name]
             running.spec = desired[name]
@@ -160,7 +166,8 @@ class Registry:
         sockets: dict[SocketKey, socket.socket] = {}
         try:
             for name in added if self.locks else ():
-                locks[name] = instancelock.require(name)
+                held = self.failed.get(name)  # still ours since its start failed
+                locks[name] = held if held is not None else instancelock.require(name)
             for name in starting:
                 spec = desired[name]
                 sock = self._sockets.get(spec.key) or sockets.get(spec.key)
@@ -181,12 +188,17 @@ class Registry:
                             f"for ports=: {exc.strerror or exc} (need CAP_NET_ADMIN, or root)"
                         ) from None
         except BaseException:
-            for lock in locks.values():
-                lock.release()
+            self._release_new(locks)
             for sock in sockets.values():
                 sock.close()
             raise
         return locks, sockets
+
+    def _release_new(self, locks: Mapping[str, InstanceLock]) -> None:
+        """Release the locks :meth:`_prepare` took (not those kept from a failed start)."""
+        for name, lock in locks.items():
+            if self.failed.get(name) is not lock:
+                lock.release()
 
     def _sync_rules(
         self, desired: Mapping[str, Spec], starting: list[str], removed: list[str]
@@ -220,16 +232,18 @@ class Registry:
 
     async def _start(self, name: str, spec: Spec, lock: InstanceLock | None) -> str | None:
         """Start ``name``; on failure (out of descriptors, a taken metrics port ...) log and
-        return why. It is then not running: its socket is closed, its lock released, and
-        the next reload tries it again as a new instance."""
+        return why. It is then not running: its socket and context are closed, it keeps its
+        lock (:attr:`failed`), and the next reload tries it again as a new instance."""
         listener = Listener(spec.settings, verbosity=self.verbosity, ports=spec.ports)
         try:
             await listener.start(self._sockets[spec.key].dup())
         except (PymmproxyError, OSError) as exc:
             error = str(exc)
             listener.log.error("serve.start_failed", error=error)  # noqa: TRY400
-            if lock is not None:
-                lock.release()
+            listener.close()
+            if listener.ctx is not None:  # made before the failure: timers, metrics
+                listener.ctx.close()
+            self.failed[name] = lock
             return error
         self.running[name] = _Running(spec, listener, lock)
         return None
@@ -273,6 +287,10 @@ class Registry:
         for running in self.running.values():
             if running.lock is not None:
                 running.lock.release()
+        for lock in self.failed.values():
+            if lock is not None:
+                lock.release()
+        self.failed.clear()
 
     def abort(self) -> None:
         for listener in self.listeners():

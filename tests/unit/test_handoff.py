@@ -12,10 +12,32 @@ from pymmproxy.errors import PymmproxyError
 from pymmproxy.handoff import _HEAD, Handoff
 
 
-def test_nothing_published_is_an_error() -> None:
+def test_nothing_published_is_none() -> None:
+    """A worker that gets a SIGHUP straight from a terminal before any reload: no config."""
     handoff = Handoff()
-    with pytest.raises(PymmproxyError, match="published no config"):
+    assert handoff.take() is None
+    handoff.close()
+
+
+def test_a_failed_publish_keeps_readers_off_until_the_next_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    handoff = Handoff()
+    handoff.publish("old")
+    real = os.ftruncate
+
+    def no_memory(fd: int, size: int) -> None:
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(os, "ftruncate", no_memory)
+    with pytest.raises(OSError, match="Cannot allocate memory"):
+        handoff.publish("lost")
+    monkeypatch.setattr("pymmproxy.handoff._ATTEMPTS", 3)
+    with pytest.raises(PymmproxyError, match="kept changing"):  # odd: mid-write
         handoff.take()
+    monkeypatch.setattr(os, "ftruncate", real)
+    handoff.publish("new")  # never an even header before its bytes
+    assert handoff.take() == "new"
     handoff.close()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -363,3 +364,95 @@ def test_only_the_first_worker_runs_udp_instances(monkeypatch: pytest.MonkeyPatc
     changes = asyncio.run(reg.apply({"dns": udp}))
     assert changes.added == []
     assert reg.running == {}
+
+
+def test_a_worker_forked_again_serves_what_it_can() -> None:
+    """The first start stops on a failed instance; a worker forked again (its siblings kept
+    serving, with that instance failed) starts without it instead of stopping the daemon."""
+    import asyncio  # noqa: PLC0415
+
+    from pymmproxy.serve import Serve  # noqa: PLC0415
+    from pymmproxy.server.registry import Changes  # noqa: PLC0415
+
+    class FailingRegistry:
+        async def apply(self, desired: object) -> Changes:
+            return Changes(added=["ok", "web"], failed={"web": "[Errno 24] Too many open files"})
+
+    app = Serve(dict, {}, FailingRegistry())  # type: ignore[arg-type]
+    app.respawned = True
+    asyncio.run(app.start())  # no PymmproxyError
+
+
+def test_a_failed_start_closes_the_context_and_keeps_the_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import asyncio  # noqa: PLC0415
+
+    from pymmproxy.server import registry as registry_mod  # noqa: PLC0415
+
+    closed: list[str] = []
+
+    class Ctx:
+        def close(self) -> None:
+            closed.append("ctx")
+
+    class BrokenListener:
+        def __init__(self, settings: InstanceSettings, **kwargs: object) -> None:
+            self.ctx: Ctx | None = None
+            self.log = _Log()
+
+        async def start(self, sock: object) -> None:
+            self.ctx = Ctx()  # made (timers, metrics) before the failure
+            raise OSError(24, "Too many open files")
+
+        def close(self) -> None:
+            closed.append("listener")
+
+    class Sock:
+        def dup(self) -> Sock:
+            return self
+
+        def close(self) -> None:
+            closed.append("socket")
+
+    monkeypatch.setattr(registry_mod, "Listener", BrokenListener)
+    monkeypatch.setattr(registry_mod, "bind", lambda *a, **k: Sock())
+    run = tmp_path / "run"
+    monkeypatch.setattr(instancelock, "lock_dirs", lambda: [run])
+    reg = registry_mod.Registry(manage_rules=False)
+    spec = Spec(dataclasses.replace(_settings(), name="web"))
+    changes = asyncio.run(reg.apply({"web": spec}))
+    assert changes.failed == {"web": "[Errno 24] Too many open files"}
+    assert reg.running == {}
+    assert closed == ["listener", "ctx", "socket"]
+    assert instancelock.acquire("web", dirs=[run]) is None  # still held by the registry
+    changes = asyncio.run(reg.apply({}))  # dropped from the config: let go
+    freed = instancelock.acquire("web", dirs=[run])
+    assert freed is not None
+    freed.release()
+
+
+def test_the_gate_commits_nothing_the_workers_were_not_handed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pymmproxy.handoff import Handoff  # noqa: PLC0415
+
+    run = tmp_path / "run"
+    monkeypatch.setattr(instancelock, "lock_dirs", lambda: [run])
+    monkeypatch.setattr(serve, "bind", lambda *a, **k: SimpleNamespace(close=lambda: None))
+    current = {"a": Spec(_settings())}
+    handoff = Handoff()
+    gate = ParentGate(lambda: dict(current), _Log(), handoff)  # type: ignore[arg-type]
+    gate.admit(dict(current))
+    current["b"] = Spec(dataclasses.replace(_settings(), listen=Endpoint("127.0.0.1", 7)))
+
+    def full(self: Handoff, value: object) -> None:
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(Handoff, "publish", full)
+    assert gate.before_reload() is False
+    assert set(gate.specs) == {"a"}
+    assert set(gate.held) == {"a"}  # b's lock let go again
+    assert "cannot hand it to the workers" in gate.log.errors[-1]  # type: ignore[attr-defined]
+    gate.release_all()
+    handoff.close()
