@@ -17,7 +17,7 @@ from pymmproxy.pathway.plan import Family
 from pymmproxy.serve import ParentGate, auto_workers, load_specs, parse_args, selected
 from pymmproxy.server.registry import Spec
 from pymmproxy.server.tproxy import pick_port
-from pymmproxy.settings import Endpoint, InstanceSettings, Limits
+from pymmproxy.settings import Endpoint, InstanceSettings, Limits, Transport
 
 ROWS = (
     "web 123 [::]:7999 127.0.0.1 9000 ::1 ports=8000-8099\n"
@@ -73,6 +73,9 @@ def test_auto_workers_one_per_cpu_but_one_process_for_tproxy(tmp_path: Path) -> 
     specs = load_specs(config(tmp_path), None, Limits(), 1)
     assert auto_workers(specs, 4) == 1
     assert auto_workers({"ssh": specs["ssh"]}, 4) == 4
+    dns = Spec(dataclasses.replace(specs["ssh"].settings, transport=Transport.UDP))
+    assert auto_workers({"dns": dns}, 4) == 1  # only worker 0 would run UDP instances
+    assert auto_workers({"dns": dns, "ssh": specs["ssh"]}, 4) == 4
     assert parse_args([]).listeners is None
     assert parse_args(["-listeners", "auto"]).listeners is None
 
