@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from pymmproxy.net.localroutes import RT_TABLE_LOCAL, RTN_BROADCAST, local_routes
 from pymmproxy.settings import Network
 
 DEFAULT_CACHE_SIZE = 4096
@@ -128,12 +129,9 @@ class AllowList:
 
 
 # -- which header sources may be spoofed ---------------------------------------------------
-_V4_FIRST_OCTET = (
-    {"0": "unspecified", "127": "loopback"}
-    | {str(octet): "multicast" for octet in range(224, 240)}
-    | {str(octet): "reserved" for octet in range(240, 256)}  # 240.0.0.0/4 (class E)
-)
-_V4_COMPAT = ipaddress.ip_network("::/96")  # deprecated IPv4-compatible addresses
+_V4_FIRST_OCTET = {"0": "unspecified", "127": "loopback"} | {
+    str(octet): "multicast" for octet in range(224, 240)
+}
 _V6_LINK_LOCAL = frozenset({"fe8", "fe9", "fea", "feb"})
 _MAPPED = "::ffff:"
 
@@ -146,16 +144,14 @@ class SourcePolicy:
     ``ff00::/8``), ``link_local`` (``169.254.0.0/16``, ``fe80::/10``: never a client behind a
     load balancer, and a v6 one cannot be bound without a scope), ``broadcast``
     (``255.255.255.255`` and the broadcast address of every local subnet: the kernel binds
-    a socket to one as to "any address", so the service would see this host's own),
-    ``reserved`` (``240.0.0.0/4``, the deprecated IPv4-compatible ``::/96``) and
-    ``own_address`` (an address of this host, or inside a local route's prefix (AnyIP): a
-    spoofed connection would look local to the service). IPv4-mapped IPv6 sources are judged
-    by their IPv4 address. Addresses are the parser's canonical ``inet_ntop`` text, so the
-    checks are string tests, not address parsing (but for local prefixes, when the host has
-    any besides loopback).
+    a socket to one as to "any address", so the service would see this host's own) and
+    ``own_address`` (an address of this host, or inside a prefix of its local table (AnyIP):
+    a spoofed connection would look local to the service). IPv4-mapped IPv6 sources are
+    judged by their IPv4 address. Addresses are the parser's canonical ``inet_ntop`` text,
+    so the checks are string tests; local prefixes (rare) are integer ranges per family.
     """
 
-    __slots__ = ("broadcast", "nets", "own")
+    __slots__ = ("broadcast", "own", "ranges4", "ranges6")
 
     def __init__(
         self,
@@ -166,7 +162,11 @@ class SourcePolicy:
     ) -> None:
         self.own = frozenset(_canonical(ip) for ip in own)
         self.broadcast = frozenset(_canonical(ip) for ip in broadcast)
-        self.nets = tuple(nets)
+        ranges: dict[int, list[tuple[int, int]]] = {4: [], 6: []}
+        for net in nets:
+            first = int(net.network_address)
+            ranges[net.version].append((first, first + net.num_addresses - 1))
+        self.ranges4, self.ranges6 = tuple(ranges[4]), tuple(ranges[6])
 
     @classmethod
     def for_host(cls, listen_host: str) -> SourcePolicy:
@@ -186,15 +186,20 @@ class SourcePolicy:
             kind = _V4_FIRST_OCTET.get(ip.partition(".")[0])
             if kind is None and ip.startswith("169.254."):
                 kind = "link_local"
-            if ip == "255.255.255.255" or ip in self.broadcast:
+            elif kind is None and (ip == "255.255.255.255" or ip in self.broadcast):
                 kind = "broadcast"
-        if kind is None and (ip in self.own or (self.nets and self._in_nets(ip))):
+        if kind is None and (ip in self.own or self._in_ranges(ip)):
             return "own_address"
         return kind
 
-    def _in_nets(self, ip: str) -> bool:
-        addr = ipaddress.ip_address(ip)
-        return any(addr in net for net in self.nets if net.version == addr.version)
+    def _in_ranges(self, ip: str) -> bool:
+        """Inside a local prefix (none on most hosts: then two attribute tests)."""
+        v6 = ":" in ip
+        ranges = self.ranges6 if v6 else self.ranges4
+        if not ranges:
+            return False
+        value = int.from_bytes(socket.inet_pton(socket.AF_INET6 if v6 else socket.AF_INET, ip))
+        return any(first <= value <= last for first, last in ranges)
 
 
 def _v6_kind(ip: str) -> str | None:
@@ -202,8 +207,6 @@ def _v6_kind(ip: str) -> str | None:
         return "unspecified"
     if ip == "::1":
         return "loopback"
-    if ip.startswith("::") and ipaddress.IPv6Address(ip) in _V4_COMPAT:
-        return "reserved"
     head = ip.partition(":")[0]
     if len(head) == 4 and head.startswith("ff"):
         return "multicast"
@@ -214,22 +217,25 @@ def _v6_kind(ip: str) -> str | None:
 
 @dataclass(frozen=True, slots=True)
 class HostAddresses:
-    """What this host answers for, from ``/proc`` (see :func:`host_addresses`)."""
+    """What this host answers for (see :func:`host_addresses`)."""
 
     own: frozenset[str]  # its addresses (and the listen address)
     broadcast: frozenset[str]  # its subnets' broadcast addresses
-    nets: tuple[Network, ...]  # local routes wider than one address (AnyIP), beyond loopback
+    nets: tuple[Network, ...]  # prefixes of its local table (AnyIP), beyond loopback
 
 
-RTF_LOCAL = 0x80000000  # /proc/net/ipv6_route flags: a local route
 _LOOPBACK_V4 = ipaddress.ip_network("127.0.0.0/8")
 
 
 def host_addresses(listen_host: str) -> HostAddresses:
-    """This host's addresses to refuse as sources: every local address of the current
-    network namespace (read from ``/proc`` at start-up and on SIGHUP), the listen address,
-    its subnets' broadcast addresses and its local prefixes (``ip route add local
-    198.51.100.0/24 dev lo``: every address in it is the host's).
+    """This host's addresses to refuse as sources, read at start-up and on SIGHUP from the
+    kernel's routes (:mod:`pymmproxy.net.localroutes`) in the calling thread's network
+    namespace: every local address (a full-length ``local`` route, in any table: a VRF's
+    addresses count too), every local subnet's broadcast address, every wider ``local``
+    prefix of the local table (``ip route add local 198.51.100.0/24 dev lo``: every address
+    in it is the host's; not a pathway's ``local 0.0.0.0/0`` in its own table, which holds
+    for marked packets only), plus the listen address and the IPv6 addresses of
+    ``if_inet6`` (also on interfaces that are down).
 
     A service trusts connections from its own host (its public address as much as loopback):
     a header must not be able to claim one, whatever address the proxy listens on.
@@ -239,40 +245,27 @@ def host_addresses(listen_host: str) -> HostAddresses:
     nets: set[Network] = set()
     if listen_host not in {"0.0.0.0", "::"}:
         own.add(listen_host)
-    with contextlib.suppress(OSError):
-        last, table = "", ""
-        for line in Path("/proc/thread-self/net/fib_trie").read_text().splitlines():
-            text = line.strip()
-            if not line.startswith(" "):  # "Main:", "Local:", "Id 123:" (a pathway's table)
-                table = text
-            elif table != "Local:":  # what the host answers for is in its local table
-                continue
-            if text.startswith(("|--", "+--")):
-                last = text[3:].split()[0]
-            elif text.startswith("/32 host LOCAL"):
-                own.add(last)
-            elif text.startswith("/32 link BROADCAST"):
-                broadcast.add(last)
-            elif text.startswith("/") and text.endswith(" host LOCAL"):  # a local prefix
-                with contextlib.suppress(ValueError):
-                    net = ipaddress.ip_network(f"{last}{text.split()[0]}")
-                    if not net.subnet_of(_LOOPBACK_V4):  # type: ignore[arg-type]
-                        nets.add(net)
+    for family, full in ((socket.AF_INET, 32), (socket.AF_INET6, 128)):
+        try:
+            routes = local_routes(family)
+        except OSError:  # (IPv6 off: EAFNOSUPPORT, or an empty dump)
+            continue
+        for route in routes:
+            if route.kind == RTN_BROADCAST:
+                broadcast.add(route.dst)
+            elif route.length == full:
+                own.add(route.dst)
+            elif route.length and route.table == RT_TABLE_LOCAL:
+                net = ipaddress.ip_network(f"{route.dst}/{route.length}")
+                if not (net.version == 4 and net.subnet_of(_LOOPBACK_V4)):  # type: ignore[arg-type]
+                    nets.add(net)
     with contextlib.suppress(OSError):
         for line in Path("/proc/thread-self/net/if_inet6").read_text().splitlines():
             raw = line.split()[0]
             own.add(socket.inet_ntop(socket.AF_INET6, bytes.fromhex(raw)))
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        for line in Path("/proc/thread-self/net/ipv6_route").read_text().splitlines():
-            cols = line.split()
-            length = int(cols[1], 16)
-            # (a pathway's "local ::/0" in its own table has length 0; no table is listed)
-            if int(cols[8], 16) & RTF_LOCAL and 0 < length < 128:
-                address = socket.inet_ntop(socket.AF_INET6, bytes.fromhex(cols[0]))
-                nets.add(ipaddress.ip_network(f"{address}/{length}"))
     return HostAddresses(
-        frozenset(_canonical(ip) for ip in own if "/" not in ip),
-        frozenset(_canonical(ip) for ip in broadcast if "/" not in ip),
+        frozenset(_canonical(ip) for ip in own),
+        frozenset(_canonical(ip) for ip in broadcast),
         tuple(sorted(nets, key=str)),
     )
 

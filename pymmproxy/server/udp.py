@@ -45,6 +45,7 @@ from pymmproxy.server.udpflows import Flow, FlowTable
 _INET_PROXY_DGRAM = 0x12  # family INET, transport DGRAM
 _INET6_PROXY_DGRAM = 0x22
 _V2_PROXY = 0x21  # version 2, command PROXY
+_MAPPED_PREFIX = bytes(10) + b"\xff\xff"  # ::ffff:0:0/96, IPv4-mapped
 
 
 class UdpListener(asyncio.DatagramProtocol):
@@ -89,7 +90,10 @@ class UdpListener(asyncio.DatagramProtocol):
             if ft == _INET_PROXY_DGRAM and data[15] == 12:
                 key, used = data[16:20] + data[24:26], 28
             elif ft == _INET6_PROXY_DGRAM and data[15] == 36 and len(data) >= 52:
-                key, used = data[16:32] + data[48:50], 52
+                if data[16:28] == _MAPPED_PREFIX:  # an IPv4 client: keyed as one (_route)
+                    key, used = data[28:32] + data[48:50], 52
+                else:
+                    key, used = data[16:32] + data[48:50], 52
             if key is not None and data[:12] == SIGNATURE:
                 flow = self.flows.get(key)
                 if flow is not None:
@@ -183,17 +187,21 @@ class UdpListener(asyncio.DatagramProtocol):
     ) -> Flow | None:
         ctx = self.ctx
         family = socket.AF_INET6 if ":" in target[0] else socket.AF_INET
-        sock = None
-        while sock is None:
+        try:
+            sock = upstream_socket(family, target, source, ctx.mark, kind=socket.SOCK_DGRAM)
+        except UpstreamError as exc:
+            # Out of descriptors (or memory): the flow idle the longest makes room, as the
+            # cap would; one per new client, so a shortage cannot empty the table.
+            evicted = self.table.evict_oldest() if exc.reason == "out_of_resources" else None
+            if evicted is None:
+                ctx.failed(exc.reason, addr, client=endpoint(source), error=str(exc))
+                return None
+            self._evicted(evicted)
             try:
                 sock = upstream_socket(family, target, source, ctx.mark, kind=socket.SOCK_DGRAM)
-            except UpstreamError as exc:
-                # Out of descriptors: the flow idle the longest makes room, as the cap would.
-                evicted = self.table.evict_oldest() if exc.reason == "out_of_resources" else None
-                if evicted is None:
-                    ctx.failed(exc.reason, addr, client=endpoint(source), error=str(exc))
-                    return None
-                self._evicted(evicted)
+            except UpstreamError as again:
+                ctx.failed(again.reason, addr, client=endpoint(source), error=str(again))
+                return None
         flow, evicted = self.table.add(key, sock, addr, source, target)
         if evicted is not None:
             self._evicted(evicted)

@@ -73,7 +73,6 @@ UNSAFE = [
     ("169.254.169.254", "link_local"), ("fe80::1", "link_local"),
     ("255.255.255.255", "broadcast"), (LB_V4, "own_address"), (LB_V6, "own_address"),
     ("198.51.100.255", "broadcast"),  # the LB subnet's: bound as "any address" by the kernel
-    ("240.0.0.1", "reserved"), ("::127.0.0.1", "reserved"),
 ]  # fmt: skip
 
 

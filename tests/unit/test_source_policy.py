@@ -16,11 +16,10 @@ from tests.nsutil import netns, require_root_and_tools, run_in
 V4_RULES = [
     ("0.0.0.0/8", "unspecified"), ("127.0.0.0/8", "loopback"), ("224.0.0.0/4", "multicast"),
     ("169.254.0.0/16", "link_local"), ("255.255.255.255/32", "broadcast"),
-    ("240.0.0.0/4", "reserved"),
 ]  # fmt: skip
 V6_RULES = [
-    ("::/128", "unspecified"), ("::1/128", "loopback"), ("::/96", "reserved"),
-    ("ff00::/8", "multicast"), ("fe80::/10", "link_local"),
+    ("::/128", "unspecified"), ("::1/128", "loopback"), ("ff00::/8", "multicast"),
+    ("fe80::/10", "link_local"),
 ]  # fmt: skip
 
 
@@ -68,7 +67,7 @@ def test_agrees_with_ipaddress(text: str) -> None:
      ("fe80::1", "link_local"), ("fec0::1", None), ("255.255.255.255", "broadcast"),
      ("192.0.2.1", "own_address"), ("::ffff:192.0.2.1", "own_address"),
      ("198.51.100.7", None), ("2001:db8:1::7", None), ("1.2.3.4", None),
-     ("240.0.0.1", "reserved"), ("::127.0.0.1", "reserved"), ("::2", "reserved"),
+     ("240.0.0.1", None), ("::127.0.0.1", None), ("127.255.255.255", "loopback"),
      ("192.0.2.255", "broadcast"), ("203.0.113.77", "own_address"),
      ("2001:db8:5::1234", "own_address"), ("2001:db8:6::1", None)],
 )  # fmt: skip
@@ -107,12 +106,15 @@ def test_subnet_broadcasts_and_local_prefixes_are_the_hosts() -> None:
             # a pathway's table: local for marked packets only, not the host's
             ["route", "add", "local", "0.0.0.0/0", "dev", "lo", "table", "123"],
             ["-6", "route", "add", "local", "::/0", "dev", "lo", "table", "123"],
+            ["-6", "route", "add", "local", "2000::/3", "dev", "lo", "table", "124"],
+            ["-6", "route", "add", "local", "2001:db8:7::7/128", "dev", "lo"],  # AnyIP /128
+            ["route", "add", "local", "192.0.2.77/32", "dev", "lo"],
         ]
         for argv in setup:
             subprocess.run(["ip", "-n", ns.name, *argv], check=True)
         host = run_in(ns, lambda: host_addresses("0.0.0.0"))
         policy = run_in(ns, lambda: SourcePolicy.for_host("0.0.0.0"))
-    assert "203.0.113.5" in host.own
+    assert {"203.0.113.5", "2001:db8:7::7", "192.0.2.77"} <= host.own
     assert "203.0.113.255" in host.broadcast
     assert {str(n) for n in host.nets} == {"198.51.100.0/24", "2001:db8:5::/64"}
     assert policy.refuses("203.0.113.255") == "broadcast"
@@ -120,3 +122,4 @@ def test_subnet_broadcasts_and_local_prefixes_are_the_hosts() -> None:
     assert policy.refuses("2001:db8:5::9") == "own_address"
     assert policy.refuses("::ffff:198.51.100.77") == "own_address"
     assert policy.refuses("203.0.114.1") is None
+    assert policy.refuses("2a00:1450::1") is None  # local only in table 124, not the host's

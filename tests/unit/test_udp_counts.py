@@ -133,3 +133,47 @@ def test_out_of_descriptors_evicts_the_longest_idle_flow(monkeypatch: pytest.Mon
     assert ctx.stats.rejected["udp_evicted"] == 2  # the two oldest made room
     assert listener.table.evicted == 2
     assert ctx.stats.errors == {}
+
+
+def test_a_lasting_shortage_evicts_one_flow_per_new_client(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Memory short, not descriptors: closing flows does not help, so each new client
+    evicts one at most and the table is not emptied."""
+    from pymmproxy.errors import UpstreamError  # noqa: PLC0415
+
+    made: list[socket.socket] = []
+
+    def short(*args: Any, **kwargs: Any) -> socket.socket:
+        if len(made) >= 5:
+            raise UpstreamError("no socket for the target: No buffer space", "out_of_resources")
+        mine, other = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        made.extend((mine, other))
+        return mine
+
+    clients = [proxy("198.51.100.7", 6000 + i) for i in range(5)]
+    ctx, listener, _ = run_listener(monkeypatch, clients, upstream=short)
+    for sock in made:
+        sock.close()
+    assert ctx.stats.accepted == 3  # three flows, then every new client fails
+    assert listener.table.evicted == 2  # one per failed client, not the whole table
+    assert ctx.stats.errors["out_of_resources"] == 2
+
+
+def test_ipv4_mapped_clients_take_the_fast_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    mapped = (
+        SIGNATURE + bytes([0x21, 0x22]) + struct.pack("!H", 36)
+        + bytes(10) + b"\xff\xff" + socket.inet_aton("198.51.100.9")
+        + socket.inet_pton(socket.AF_INET6, "2001:db8::1") + struct.pack("!HH", 7000, 9) + b"z"
+    )  # fmt: skip
+    slow: list[bytes] = []
+    real = udp.UdpListener._slow_path
+
+    def counted(self: udp.UdpListener, data: bytes, addr: Any) -> None:
+        slow.append(data)
+        real(self, data, addr)
+
+    monkeypatch.setattr(udp.UdpListener, "_slow_path", counted)
+    ctx, _, _ = run_listener(monkeypatch, [mapped] * 20)
+    assert len(slow) == 1  # the first datagram opens the flow, the others hit it
+    assert ctx.stats.accepted == 1
