@@ -382,8 +382,8 @@ def test_an_instance_that_cannot_start_on_reload_is_reported_and_retried(
         with pytest.raises(ConnectionRefusedError):
             connect(wl, added[2], timeout=2).close()
         assert instancelock.holder_pid(added[0]) == proc.pid  # kept, as with workers
-        assert whoami(wl, kept[2], "192.0.2.60", 41400) == "192.0.2.60 41400"  # still serves
-        resource.prlimit(proc.pid, resource.RLIMIT_NOFILE, (soft, hard))
+        resource.prlimit(proc.pid, resource.RLIMIT_NOFILE, (soft, hard))  # descriptors back
+        assert whoami(wl, kept[2], "192.0.2.60", 41400) == "192.0.2.60 41400"  # undisturbed
         proc.send_signal(signal.SIGHUP)
         again = run.wait_event("serve.reload", 2)[-1]
         assert again["added"] == [added[0]]
