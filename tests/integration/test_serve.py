@@ -298,6 +298,17 @@ def test_three_instances_through_haproxy(tmp_path: Path) -> None:
         assert "Traceback" not in proc.log()
 
 
+def own_serve(
+    wl: Workload, cfg: Path, instances: tuple[tuple[str, int, int, str], ...], log: str,
+    *, listeners: int,
+) -> Served:  # fmt: skip
+    """A serve of the test's own on ``instances`` (config written to ``cfg``), JSON logs."""
+    write_config(cfg, instances)
+    argv = [PY, "-m", "pymmproxy", "serve", "--config-dir", str(cfg), "-v", "1",
+            "-listeners", str(listeners), "--log-format", "json"]  # fmt: skip
+    return Served(wl, cfg, wl.spawn(argv, log), log)
+
+
 def test_workers_keep_a_reload_that_adds_an_instance_running_elsewhere(
     served: Served, tmp_path: Path
 ) -> None:
@@ -308,11 +319,8 @@ def test_workers_keep_a_reload_that_adds_an_instance_running_elsewhere(
     first = (f"e{SFX}", 123, 8205, f"{LB_V4}/32\n")
     second = (f"f{SFX}", 124, 8206, f"{LB_V4}/32\n")
     cfg = tmp_path / "cfg-workers"
-    write_config(cfg, (first,))
-    argv = [PY, "-m", "pymmproxy", "serve", "--config-dir", str(cfg), "-v", "1",
-            "-listeners", "2", "--log-format", "json"]  # fmt: skip
-    proc = wl.spawn(argv, "serve-workers.log")
-    run = Served(wl, cfg, proc, "serve-workers.log")
+    run = own_serve(wl, cfg, (first,), "serve-workers.log", listeners=2)
+    proc = run.proc
     try:
         wait_port(wl.ns, LB_V4, first[2])
         elsewhere = instancelock.acquire(second[0])
@@ -359,11 +367,8 @@ def test_an_instance_that_cannot_start_on_reload_is_reported_and_retried(
     kept = (f"g{SFX}", 123, 8207, f"{LB_V4}/32\n")
     added = (f"h{SFX}", 124, 8208, f"{LB_V4}/32\n")
     cfg = tmp_path / "cfg-fail"
-    write_config(cfg, (kept,))
-    argv = [PY, "-m", "pymmproxy", "serve", "--config-dir", str(cfg), "-v", "1",
-            "-listeners", "1", "--log-format", "json"]  # fmt: skip
-    proc = wl.spawn(argv, "serve-fail.log")
-    run = Served(wl, cfg, proc, "serve-fail.log")
+    run = own_serve(wl, cfg, (kept,), "serve-fail.log", listeners=1)
+    proc = run.proc
     try:
         wait_port(wl.ns, LB_V4, kept[2])
         # The reload opens the new lock file and binds the new socket (the two lowest free

@@ -29,36 +29,6 @@ class Listening:
         return len(data)
 
 
-def test_local_and_proxy_flows_are_counted_once_each(monkeypatch: pytest.MonkeyPatch) -> None:
-    kept: list[socket.socket] = []
-
-    def upstream_socket(*args: Any, **kwargs: Any) -> socket.socket:
-        mine, far = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-        kept.append(far)
-        return mine
-
-    monkeypatch.setattr(udp, "upstream_socket", upstream_socket)
-
-    async def main() -> dict[str, int]:
-        settings = InstanceSettings(
-            Endpoint("127.0.0.1", 9), Endpoint("127.0.0.1", 10), None,
-            transport=Transport.UDP, limits=Limits(allow_any_source=True),
-        )  # fmt: skip
-        ctx = InstanceContext(settings, asyncio.get_running_loop())
-        listener = udp.UdpListener(ctx, Listening())  # type: ignore[arg-type]
-        lb = ("192.0.2.1", 4000)
-        for data in (LOCAL, LOCAL, LOCAL, PROXY, PROXY):
-            listener.datagram_received(data, lb)
-        listener.close()
-        assert ctx.stats.accepted == 2
-        return dict(ctx.stats.versions)
-
-    versions = asyncio.run(main())
-    for sock in kept:
-        sock.close()
-    assert {k: v for k, v in versions.items() if v} == {"v2-local": 1, "v2": 1}
-
-
 def run_listener(
     monkeypatch: pytest.MonkeyPatch, datagrams: list[bytes], upstream: Any = None
 ) -> tuple[InstanceContext, udp.UdpListener, list[socket.socket]]:
@@ -89,6 +59,12 @@ def run_listener(
     for sock in kept:
         sock.close()
     return box[0], box[1], kept
+
+
+def test_local_and_proxy_flows_are_counted_once_each(monkeypatch: pytest.MonkeyPatch) -> None:
+    ctx, _, _ = run_listener(monkeypatch, [LOCAL, LOCAL, LOCAL, PROXY, PROXY])
+    assert ctx.stats.accepted == 2
+    assert {k: v for k, v in ctx.stats.versions.items() if v} == {"v2-local": 1, "v2": 1}
 
 
 def proxy(src: str, sport: int) -> bytes:
