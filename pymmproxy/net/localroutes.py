@@ -9,6 +9,7 @@ for marked packets, and from a VRF's, whose local routes are its addresses.
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 from typing import NamedTuple
@@ -54,7 +55,9 @@ def local_routes(family: socket.AddressFamily) -> list[Route]:
                     return routes
                 if kind == NLMSG_ERROR:
                     code = -struct.unpack_from("=i", data, pos + _NLMSG.size)[0]
-                    raise OSError(code, f"netlink route dump: error {code}")
+                    if not code:  # an acknowledgement: the dump is over
+                        return routes
+                    raise OSError(code, f"netlink route dump: {os.strerror(code)}")
                 if length < _NLMSG.size:
                     raise OSError(0, "netlink route dump: a malformed message")
                 route = _route(data, pos + _NLMSG.size, pos + length, family)
