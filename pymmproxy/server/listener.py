@@ -70,6 +70,9 @@ class Listener:
                 self._server = Acceptor(sock, ctx.reactor, lambda: ClientProtocol(ctx), self.log)
         except BaseException:
             sock.close()
+            if self.ctx is not None:  # made before the failure: its timers, metrics, reactor
+                self.ctx.close()
+                self.ctx = None
             raise
         settings = self.settings
         self.log.info(

@@ -210,25 +210,27 @@ class Registry:
         install = {n: p for n in starting if (p := desired[n].ports) is not None}
         drop = [n for n in removed if old[n].spec.ports is not None]
         drop += [n for n in starting if n in old and old[n].spec.ports and n not in install]
-        if not install and not drop:
-            return
-        from pymmproxy.pathway import tproxy  # noqa: PLC0415 - netlink/nft only when needed
-
-        rules = {n: tproxy.rules_for(n, desired[n].settings.listen, p) for n, p in install.items()}
-        for change in tproxy.apply(rules, drop, backend=self.backend):
-            self.log.info("serve.tproxy_rule", change=change)
+        if install or drop:
+            self._apply_rules(desired, install, drop)
 
     def _drop_rules(self, names: list[str]) -> None:
         """Remove the TPROXY rules of instances that are not running after all."""
         if not names or not self.manage_rules:
             return
-        from pymmproxy.pathway import tproxy  # noqa: PLC0415 - netlink/nft only when needed
-
         try:
-            for change in tproxy.apply({}, names, backend=self.backend):
-                self.log.info("serve.tproxy_rule", change=change)
+            self._apply_rules({}, {}, names)
         except PymmproxyError as exc:
             self.log.error("serve.tproxy_rule_failed", error=str(exc))  # noqa: TRY400
+
+    def _apply_rules(
+        self, desired: Mapping[str, Spec], install: Mapping[str, tuple[int, int]], drop: list[str]
+    ) -> None:
+        """Install ``install``'s port ranges for those instances, remove ``drop``'s rules."""
+        from pymmproxy.pathway import tproxy  # noqa: PLC0415 - netlink/nft only when needed
+
+        rules = {n: tproxy.rules_for(n, desired[n].settings.listen, p) for n, p in install.items()}
+        for change in tproxy.apply(rules, drop, backend=self.backend):
+            self.log.info("serve.tproxy_rule", change=change)
 
     async def _start(self, name: str, spec: Spec, lock: InstanceLock | None) -> str | None:
         """Start ``name``; on failure (out of descriptors, a taken metrics port ...) log and
@@ -240,9 +242,6 @@ class Registry:
         except (PymmproxyError, OSError) as exc:
             error = str(exc)
             listener.log.error("serve.start_failed", error=error)  # noqa: TRY400
-            listener.close()
-            if listener.ctx is not None:  # made before the failure: timers, metrics
-                listener.ctx.close()
             self.failed[name] = lock
             return error
         self.running[name] = _Running(spec, listener, lock)

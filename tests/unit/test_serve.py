@@ -386,30 +386,56 @@ def test_a_worker_forked_again_serves_what_it_can() -> None:
     asyncio.run(app.start())  # no PymmproxyError
 
 
-def test_a_failed_start_closes_the_context_and_keeps_the_lock(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_a_listener_that_fails_to_start_closes_its_context(
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """What ``start`` made before the failure (timers, metrics, the epoll set) is closed, and
+    so is the socket it was handed."""
+    import asyncio  # noqa: PLC0415
+    import socket  # noqa: PLC0415
+
+    from pymmproxy.server import listener as listener_mod  # noqa: PLC0415
+    from pymmproxy.server.context import InstanceContext  # noqa: PLC0415
+
+    closed: list[InstanceContext] = []
+    real_close = InstanceContext.close
+
+    def close(ctx: InstanceContext) -> None:
+        closed.append(ctx)
+        real_close(ctx)
+
+    def no_acceptor(*args: object) -> None:
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(InstanceContext, "close", close)
+    monkeypatch.setattr(listener_mod, "Acceptor", no_acceptor)
+    listener = listener_mod.Listener(_settings())
+    sock, other = socket.socketpair()
+
+    async def start() -> None:
+        with pytest.raises(OSError, match="Too many open files"):
+            await listener.start(sock)
+
+    asyncio.run(start())
+    other.close()
+    assert len(closed) == 1
+    assert listener.ctx is None
+    assert sock.fileno() == -1
+
+
+def test_a_failed_start_keeps_the_lock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import asyncio  # noqa: PLC0415
 
     from pymmproxy.server import registry as registry_mod  # noqa: PLC0415
 
     closed: list[str] = []
 
-    class Ctx:
-        def close(self) -> None:
-            closed.append("ctx")
-
     class BrokenListener:
         def __init__(self, settings: InstanceSettings, **kwargs: object) -> None:
-            self.ctx: Ctx | None = None
             self.log = _Log()
 
         async def start(self, sock: object) -> None:
-            self.ctx = Ctx()  # made (timers, metrics) before the failure
             raise OSError(24, "Too many open files")
-
-        def close(self) -> None:
-            closed.append("listener")
 
     class Sock:
         def dup(self) -> Sock:
@@ -427,7 +453,7 @@ def test_a_failed_start_closes_the_context_and_keeps_the_lock(
     changes = asyncio.run(reg.apply({"web": spec}))
     assert changes.failed == {"web": "[Errno 24] Too many open files"}
     assert reg.running == {}
-    assert closed == ["listener", "ctx", "socket"]
+    assert closed == ["socket"]  # the registry's own: nothing else holds the address now
     assert instancelock.acquire("web", dirs=[run]) is None  # still held by the registry
     changes = asyncio.run(reg.apply({}))  # dropped from the config: let go
     freed = instancelock.acquire("web", dirs=[run])
