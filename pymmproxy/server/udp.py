@@ -9,7 +9,10 @@ Replies follow go-mmproxy (``udp.go``): whatever the target sends on a flow's so
 written, as is -- no PROXY header is added -- from the listening socket to the LB address
 that carried the client's datagrams. go-mmproxy remembers the LB of a flow's *first*
 datagram; this module uses the LB of its *latest* one, which is the same with one LB and
-follows a client that moves to another LB. Like go-mmproxy:
+follows a client that moves to another LB. A wildcard listener (``0.0.0.0``, ``[::]``)
+answers from the address the LB sent to (``IP_PKTINFO``, see :mod:`pymmproxy.net.pktinfo`);
+go-mmproxy lets the kernel pick, which on a host with several addresses can be another one,
+and an LB that checks where answers come from drops those. Like go-mmproxy:
 
 * LOCAL datagrams are relayed without spoofing (the kernel picks our address), on one
   socket per LB, to the target of the LB's address family; they are counted and logged at
@@ -34,18 +37,20 @@ import socket
 from collections.abc import Hashable
 from typing import Any
 
-from pymmproxy.errors import ProtocolError, UpstreamError
+from pymmproxy.errors import ProtocolError, PymmproxyError, UpstreamError
 from pymmproxy.logsetup import RateLimiter
+from pymmproxy.net import pktinfo
 from pymmproxy.net.relay import endpoint
 from pymmproxy.net.sockets import upstream_socket
 from pymmproxy.proxyproto import SIGNATURE, Command, Family, Header, Transport, parse_header
 from pymmproxy.server.context import InstanceContext
-from pymmproxy.server.udpflows import Flow, FlowTable
+from pymmproxy.server.udpflows import MAX_DATAGRAM, Flow, FlowTable
 
 _INET_PROXY_DGRAM = 0x12  # family INET, transport DGRAM
 _INET6_PROXY_DGRAM = 0x22
 _V2_PROXY = 0x21  # version 2, command PROXY
 _MAPPED_PREFIX = bytes(10) + b"\xff\xff"  # ::ffff:0:0/96, IPv4-mapped
+READ_BATCH = 64  # datagrams read per wake-up of a wildcard listener at most
 
 
 class UdpListener(asyncio.DatagramProtocol):
@@ -55,7 +60,14 @@ class UdpListener(asyncio.DatagramProtocol):
         self.ctx = ctx
         #: Replies go straight out of the listening socket (non-blocking): a full send
         #: buffer drops the reply, as a busy link would, instead of queueing it.
+        self.sock = sock
         self._sendto = sock.sendto
+        self._sendmsg = sock.sendmsg
+        #: A wildcard listener reads with recvmsg and answers from the address the LB sent
+        #: to: what that needs, for the datagram being handled (None: the kernel picks).
+        self._via: pktinfo.Ancillary | None = None
+        self._reply_from = pktinfo.ReplyFrom()
+        self._reading = False
         limits = ctx.settings.limits
         self.table = FlowTable(
             ctx.loop,
@@ -76,6 +88,27 @@ class UdpListener(asyncio.DatagramProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self._stats_timer = self.ctx.loop.call_later(1.0, self._flush_stats)
+
+    def read_own(self) -> None:
+        """Read the socket with ``recvmsg`` (wildcard listeners) instead of a transport."""
+        pktinfo.enable(self.sock)
+        self.ctx.loop.add_reader(self.sock.fileno(), self._readable)
+        self._reading = True
+        self._stats_timer = self.ctx.loop.call_later(1.0, self._flush_stats)
+
+    def _readable(self) -> None:
+        """Read what has queued (up to ``READ_BATCH`` datagrams), each with its local address."""
+        recvmsg, reply_from = self.sock.recvmsg, self._reply_from
+        for _ in range(READ_BATCH):
+            try:
+                data, ancdata, _, addr = recvmsg(MAX_DATAGRAM, pktinfo.ANCILLARY_SIZE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self.error_received(exc)
+                return
+            self._via = reply_from(ancdata)
+            self.datagram_received(data, addr)
 
     # -- load balancer -> target -----------------------------------------------------------
     def datagram_received(self, data: bytes, addr: Any) -> None:  # noqa: ANN401
@@ -100,6 +133,7 @@ class UdpListener(asyncio.DatagramProtocol):
                     self.flows.move_to_end(key)
                     flow.last = self.time()
                     flow.lb = addr
+                    flow.via = self._via
                     try:
                         flow.send(data[used:])
                     except OSError as exc:
@@ -137,6 +171,7 @@ class UdpListener(asyncio.DatagramProtocol):
             self.flows.move_to_end(key)
             flow.last = ctx.loop.time()
             flow.lb = addr
+        flow.via = self._via
         self._send(flow, data[used:])
 
     def _route(
@@ -232,9 +267,13 @@ class UdpListener(asyncio.DatagramProtocol):
             self._flow_error(flow, exc)
 
     # -- target -> load balancer -----------------------------------------------------------
-    def _deliver(self, data: memoryview, lb: Any) -> None:  # noqa: ANN401
+    def _deliver(self, data: memoryview, flow: Flow) -> None:
+        via = flow.via
         try:
-            self._sendto(data, lb)
+            if via is None:
+                self._sendto(data, flow.lb)
+            else:
+                self._sendmsg((data,), via, 0, flow.lb)
         except BlockingIOError:
             self.dropped_replies += 1
             self.table.reply_bytes -= len(data)  # counted as relayed when it was read
@@ -276,12 +315,28 @@ class UdpListener(asyncio.DatagramProtocol):
         self._collect()
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
+        elif self._reading:
+            self._reading = False
+            self.ctx.loop.remove_reader(self.sock.fileno())
+            self.sock.close()
         closed = self.table.close()
         self.ctx.stats.active = 0
         return closed
 
 
 async def serve_udp(ctx: InstanceContext, sock: socket.socket) -> UdpListener:
-    """Start relaying datagrams arriving on the bound UDP socket ``sock``."""
+    """Start relaying datagrams arriving on the bound UDP socket ``sock``.
+
+    A specific listen address uses the event loop's datagram transport; a wildcard one is
+    read with ``recvmsg``, to learn each datagram's local address (see the module doc).
+    """
+    if pktinfo.is_wildcard(sock):
+        protocol = UdpListener(ctx, sock)
+        try:
+            protocol.read_own()
+        except OSError as exc:
+            what = f"cannot read local addresses on {ctx.settings.listen}: {exc.strerror or exc}"
+            raise PymmproxyError(what) from None
+        return protocol
     _, protocol = await ctx.loop.create_datagram_endpoint(lambda: UdpListener(ctx, sock), sock=sock)
     return protocol

@@ -26,7 +26,7 @@ MAX_DATAGRAM = 65535
 class Flow:
     """One client's upstream socket and where its replies go."""
 
-    __slots__ = ("key", "sock", "send", "lb", "last", "client", "target")
+    __slots__ = ("key", "sock", "send", "lb", "via", "last", "client", "target")
 
     def __init__(
         self,
@@ -42,12 +42,15 @@ class Flow:
         self.sock = sock
         self.send = sock.send
         self.lb = lb
+        #: ``sendmsg`` ancillary data naming the address to answer from (wildcard
+        #: listeners, see pymmproxy.net.pktinfo); None: the kernel picks
+        self.via: list[tuple[int, int, bytes]] | None = None
         self.last = now
         self.client = client
         self.target = target
 
 
-Deliver = Callable[[memoryview, Any], None]
+Deliver = Callable[[memoryview, "Flow"], None]
 OnError = Callable[[Flow, OSError], None]
 
 
@@ -129,7 +132,7 @@ class FlowTable:
         self.reply_bytes += size
         flow.last = self.time()
         self.flows.move_to_end(flow.key)  # a closed flow has no reader, so it is present
-        self.deliver(self._view[:size], flow.lb)
+        self.deliver(self._view[:size], flow)
 
     def _sweep(self) -> None:
         """Close the flows idle for at least ``close_after`` seconds, oldest first."""

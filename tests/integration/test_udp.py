@@ -35,6 +35,7 @@ PORTS = {  # listen port per (implementation, target kind)
     ("go-mmproxy", "lo"): 9301, ("go-mmproxy", "dev"): 9302,
 }  # fmt: skip
 CAP_PORT, TERM_PORT, INST_PORT, CAP = 9203, 9204, 9205, 4
+V4_ANY_PORT, ONE_ADDR_PORT = 9206, 9207
 _client_ports = {"pymmproxy": itertools.count(21000), "go-mmproxy": itertools.count(31000)}
 
 
@@ -58,13 +59,15 @@ def client_port(impl: str) -> int:
     return next(_client_ports[impl])
 
 
-def proxy_argv(impl: str, port: int, target: str, *extra: str) -> list[str]:
+def proxy_argv(
+    impl: str, port: int, target: str, *extra: str, listen: str | None = None
+) -> list[str]:
     t4, t6 = ("127.0.0.1", "[::1]") if target == "lo" else (DEV_V4, f"[{DEV_V6}]")
     echo = ECHO_LO if target == "lo" else ECHO_DEV
     exe = [GO] if impl == "go-mmproxy" else [PY, "-m", "pymmproxy"]
-    return [*exe, "-p", "udp", "-l", f"[::]:{port}", "-4", f"{t4}:{echo}", "-6", f"{t6}:{echo}",
-            "-mark", str(MARK), "-allowed-subnets", "ALLOW", "-close-after", "1", "-v", "2",
-            *extra]  # fmt: skip
+    return [*exe, "-p", "udp", "-l", listen or f"[::]:{port}", "-4", f"{t4}:{echo}",
+            "-6", f"{t6}:{echo}", "-mark", str(MARK), "-allowed-subnets", "ALLOW",
+            "-close-after", "1", "-v", "2", *extra]  # fmt: skip
 
 
 def lb_socket(wl: Workload, v6: bool = False, bind: str | None = None) -> socket.socket:
@@ -348,6 +351,65 @@ def test_an_ipv4_mapped_client_is_relayed_as_ipv4(env: Env) -> None:
     with lb_socket(env.wl, v6=True) as lb6:
         reply = ask(lb6, PORTS["pymmproxy", "lo"], dgram("::ffff:192.0.2.91", sport, b"mapped"))
     assert reply == b"SEEN 192.0.2.91 %d|mapped" % sport
+
+
+def ask_from(lb: socket.socket, dest: tuple[str, int], data: bytes) -> tuple[bytes, str]:
+    """Send to ``dest``; the reply and the address it came from (fails on no reply)."""
+    lb.sendto(data, dest)
+    lb.settimeout(2.0)
+    reply, src = lb.recvfrom(65535)
+    return reply, src[0]
+
+
+@pytest.mark.parametrize("v6", [False, True], ids=["lb-v4", "lb-v6"])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_wildcard_listener_answers_from_the_address_the_lb_sent_to(
+    env: Env, impl: str, v6: bool
+) -> None:
+    """With ``[::]`` the LB sends to a second address of the host (DEV_V4/DEV_V6). The
+    kernel's own pick of a source for the answer is the LB's address: an LB that checks
+    where answers come from would drop them. pymmproxy answers from the address the
+    datagram came to (IP_PKTINFO); go-mmproxy 2.1 leaves it to the kernel."""
+    dest = DEV_V6 if v6 else DEV_V4
+    # (a client of the LB's family: go-mmproxy picks the target by the LB's family)
+    client = ("2001:db8:1::80" if v6 else "192.0.2.80", client_port(impl))
+    with lb_socket(env.wl, v6=v6) as lb:
+        for n in range(2):  # a new flow, then the fast path of a known one
+            reply, src = ask_from(lb, (dest, PORTS[impl, "lo"]), dgram(*client, b"%d" % n))
+            assert reply == b"SEEN %s %d|%d" % (client[0].encode(), client[1], n)
+            assert src == (dest if impl == "pymmproxy" else LB_V6 if v6 else LB_V4)
+        env.echo.send_to(client, b"pushed")  # a datagram the target starts goes the same way
+        pushed, (src, *_) = lb.recvfrom(65535)
+        assert pushed == b"pushed"
+        assert src == (dest if impl == "pymmproxy" else LB_V6 if v6 else LB_V4)
+
+
+def test_ipv4_wildcard_and_a_specific_address_answer_from_the_address_used(env: Env) -> None:
+    """``0.0.0.0`` (an IPv4 socket, IP_PKTINFO) answers from the address the LB sent to; a
+    specific listen address is served by the loop's transport and answers from itself."""
+    wl = env.wl
+    listens = {V4_ANY_PORT: "0.0.0.0", ONE_ADDR_PORT: DEV_V4}
+    procs = {
+        port: spawn(wl, proxy_argv("pymmproxy", port, "lo", listen=f"{host}:{port}"),
+                    f"listen-{port}.log")
+        for port, host in listens.items()
+    }  # fmt: skip
+    try:
+        for port in listens:
+            client = ("203.0.113.80", client_port("pymmproxy"))
+            deadline = time.monotonic() + 15
+            with lb_socket(wl) as lb:
+                while True:  # until it listens: every answer names the address it came from
+                    try:
+                        reply, src = ask_from(lb, (DEV_V4, port), dgram(*client, b"any"))
+                        break
+                    except TimeoutError:
+                        assert time.monotonic() < deadline, wl.log(f"listen-{port}.log")
+            assert (reply, src) == (b"SEEN 203.0.113.80 %d|any" % client[1], DEV_V4)
+    finally:
+        for proc in procs.values():
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=5) == 0
 
 
 def test_v6_client_behind_v4_load_balancer(env: Env) -> None:

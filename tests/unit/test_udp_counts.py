@@ -28,6 +28,9 @@ class Listening:
     def sendto(self, data: bytes, addr: Any) -> int:
         return len(data)
 
+    def sendmsg(self, buffers: Any, ancdata: Any = (), flags: int = 0, addr: Any = None) -> int:
+        return sum(len(b) for b in buffers)
+
 
 def run_listener(
     monkeypatch: pytest.MonkeyPatch, datagrams: list[bytes], upstream: Any = None

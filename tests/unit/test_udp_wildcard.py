@@ -1,0 +1,88 @@
+"""A wildcard UDP listener reads with recvmsg: it relays, answers from the address used,
+survives a read error, and gives its socket back when closed (in a namespace of its own)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+from collections.abc import Callable
+from typing import Any
+
+from pymmproxy.proxyproto import SIGNATURE
+from pymmproxy.server import udp
+from pymmproxy.server.context import InstanceContext
+from pymmproxy.settings import Endpoint, InstanceSettings, Limits, Transport
+
+LOCAL = SIGNATURE + bytes([0x20, 0x00]) + struct.pack("!H", 0)
+
+
+async def relay_and_close() -> dict[str, Any]:
+    """LOCAL datagrams (relayed unspoofed: no pathway needed) through ``0.0.0.0``."""
+    loop = asyncio.get_running_loop()
+    echo = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    echo.bind(("127.0.0.1", 0))
+    echo.setblocking(False)
+    loop.add_reader(echo.fileno(), lambda: echo.sendto(*echo.recvfrom(100)))
+    settings = InstanceSettings(
+        Endpoint("0.0.0.0", 0), Endpoint("127.0.0.1", echo.getsockname()[1]), None,
+        transport=Transport.UDP, limits=Limits(allow_any_source=True),
+    )  # fmt: skip
+    listen = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    listen.bind(("0.0.0.0", 0))
+    listen.setblocking(False)
+    port = listen.getsockname()[1]
+    ctx = InstanceContext(settings, loop)
+    listener = await udp.serve_udp(ctx, listen)
+    got: dict[str, Any] = {"transport": listener.transport}
+    lb = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    lb.bind(("127.0.0.1", 0))
+    lb.setblocking(False)
+    try:
+        replies = []
+        for n, dest in enumerate(("127.0.0.2", "127.0.0.3", "127.0.0.2")):
+            await loop.sock_sendto(lb, LOCAL + b"%d" % n, (dest, port))
+            data, src = await asyncio.wait_for(loop.sock_recvfrom(lb, 100), 2)
+            replies.append((data, src[0]))
+        got["replies"] = replies
+        # A read error (an ICMP error queued on the socket, say) is logged, not fatal.
+        failing = FailingOnce(listen)
+        listener.sock = failing  # type: ignore[assignment]
+        listener._readable()
+        listener.sock = listen
+        got["read_error"] = ctx.stats.errors["lb_unreachable"]
+        await loop.sock_sendto(lb, LOCAL + b"after", ("127.0.0.2", port))
+        got["after"] = await asyncio.wait_for(loop.sock_recvfrom(lb, 100), 2)
+    finally:
+        got["closed_flows"] = listener.close()
+        got["fileno"] = listen.fileno()
+        ctx.close()
+        loop.remove_reader(echo.fileno())
+        echo.close()
+        lb.close()
+    return got
+
+
+class FailingOnce:
+    """The listening socket whose next recvmsg fails."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def recvmsg(self, *args: Any) -> Any:
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+
+def test_a_wildcard_listener_relays_answers_from_the_address_used_and_closes(
+    own_netns: Callable[[Callable[[], Any]], Any],
+) -> None:
+    got = own_netns(lambda: asyncio.run(relay_and_close()))
+    assert got["transport"] is None  # read by recvmsg, not the loop's datagram transport
+    assert got["replies"] == [(b"0", "127.0.0.2"), (b"1", "127.0.0.3"), (b"2", "127.0.0.2")]
+    assert got["read_error"] == 1
+    assert got["after"] == (b"after", ("127.0.0.2", got["after"][1][1]))
+    assert got["closed_flows"] == 1  # one unspoofed flow per LB socket
+    assert got["fileno"] == -1  # the listener closed its socket
