@@ -7,16 +7,22 @@ address the load balancer sent to, and a load balancer that checks where answers
 ``IPV6_RECVPKTINFO``) each received datagram says which local address it was sent to; the
 reply carries that address back in the same option, so it leaves from it.
 
-:func:`enable` switches the options on for a wildcard socket; a :class:`ReplyFrom` turns a
-datagram's ancillary data into what ``sendmsg`` needs to answer from the same address,
-caching the result per address (a host has few). Both are small enough to be pure: no
-sending or receiving happens here.
+:func:`enable` switches the options on for a wildcard socket, and makes it transparent: the
+kernel accepts as a reply's source only addresses it finds on an interface, which leaves out
+addresses that are local through a route alone (AnyIP: ``ip route add local PREFIX dev lo``,
+in any table for IPv6, outside the local table for IPv4), though datagrams to them arrive.
+A :class:`ReplyFrom` turns a datagram's ancillary data into what ``sendmsg`` needs to answer
+from the same address, caching the result per address (a host has few). No sending or
+receiving happens here.
 """
 
 from __future__ import annotations
 
+import errno
 import socket
 import struct
+
+from pymmproxy.net.sockets import IP_TRANSPARENT, IPV6_TRANSPARENT
 
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
 IPV6_RECVPKTINFO = getattr(socket, "IPV6_RECVPKTINFO", 49)
@@ -29,6 +35,9 @@ _IN_PKTINFO = struct.Struct("=i4s4s")  # ifindex, spec_dst (our address to use),
 _IN6_PKTINFO = struct.Struct("=16si")  # dst address, ifindex
 _NO_ADDR = bytes(4)
 _CACHE_MAX = 256
+#: What ``sendmsg`` says when the kernel will not send from the address we name (it is gone,
+#: or the socket could not be made transparent): answer from the kernel's pick instead.
+NOT_A_SOURCE = frozenset({errno.EINVAL, errno.ENETUNREACH, errno.EADDRNOTAVAIL})
 
 Ancillary = list[tuple[int, int, bytes]]
 
@@ -38,15 +47,27 @@ def is_wildcard(sock: socket.socket) -> bool:
     return sock.getsockname()[0] in ("0.0.0.0", "::")
 
 
-def enable(sock: socket.socket) -> None:
-    """Ask the kernel to report each datagram's local address (``OSError`` if it cannot).
+def enable(sock: socket.socket) -> bool:
+    """Ask the kernel to report each datagram's local address (``OSError`` if it cannot);
+    returns whether the socket could be made transparent (it needs ``CAP_NET_ADMIN``).
 
     An IPv6 socket gets both options: for an IPv4 datagram on a dual-stack socket the
     IPv4 one names the address to answer from even when the datagram was a broadcast.
+    Transparency only widens the sources ``sendmsg`` accepts: without a TPROXY rule the
+    kernel delivers nothing to this socket that it would not deliver anyway.
     """
+    v6 = sock.family == socket.AF_INET6
     sock.setsockopt(SOL_IP, IP_PKTINFO, 1)
-    if sock.family == socket.AF_INET6:
+    if v6:
         sock.setsockopt(SOL_IPV6, IPV6_RECVPKTINFO, 1)
+    try:
+        if v6:  # (the same flag as IP_TRANSPARENT: it covers IPv4-mapped replies too)
+            sock.setsockopt(SOL_IPV6, IPV6_TRANSPARENT, 1)
+        else:
+            sock.setsockopt(SOL_IP, IP_TRANSPARENT, 1)
+    except PermissionError:
+        return False
+    return True
 
 
 class ReplyFrom:
@@ -65,13 +86,14 @@ class ReplyFrom:
     def __call__(self, ancdata: Ancillary) -> Ancillary | None:
         chosen = None
         for level, kind, data in ancdata:
-            if level == SOL_IP and kind == IP_PKTINFO:
-                chosen = b"4" + data
+            if kind == IP_PKTINFO and level == SOL_IP:
+                chosen = data
                 break  # the better of the two (see enable)
-            if level == SOL_IPV6 and kind == IPV6_PKTINFO:
-                chosen = b"6" + data
+            if kind == IPV6_PKTINFO and level == SOL_IPV6:
+                chosen = data
         if chosen is None:
             return None
+        # (an in_pktinfo is 12 bytes, an in6_pktinfo 20: one dict serves both)
         cache = self._cache
         try:
             return cache[chosen]
@@ -83,18 +105,20 @@ class ReplyFrom:
         cache[chosen] = reply
         return reply
 
+    def forget(self, reply: Ancillary) -> None:
+        """Drop ``reply`` from the cache (the kernel refused it as a source)."""
+        for key in [k for k, v in self._cache.items() if v is reply]:
+            del self._cache[key]
 
-def _reply(tagged: bytes) -> Ancillary | None:
-    """Build the reply's ancillary data from ``b"4"``/``b"6"`` + the received option."""
-    data = tagged[1:]
-    if tagged[:1] == b"4":
-        if len(data) < _IN_PKTINFO.size:
-            return None
-        _, spec_dst, _ = _IN_PKTINFO.unpack_from(data)
+
+def _reply(data: bytes) -> Ancillary | None:
+    """Build the reply's ancillary data from a received ``in_pktinfo``/``in6_pktinfo``."""
+    if len(data) == _IN_PKTINFO.size:
+        _, spec_dst, _ = _IN_PKTINFO.unpack(data)
         return [(SOL_IP, IP_PKTINFO, _IN_PKTINFO.pack(0, spec_dst, _NO_ADDR))]
-    if len(data) < _IN6_PKTINFO.size:
+    if len(data) != _IN6_PKTINFO.size:
         return None
-    addr, ifindex = _IN6_PKTINFO.unpack_from(data)
+    addr, ifindex = _IN6_PKTINFO.unpack(data)
     if addr[0] == 0xFF:  # multicast: not a source address
         return None
     link_local = addr[0] == 0xFE and addr[1] & 0xC0 == 0x80

@@ -83,6 +83,7 @@ class UdpListener(asyncio.DatagramProtocol):
         self.payload_bytes = 0
         self.dropped_replies = 0
         self._local_log = RateLimiter(burst=5, period=10.0)
+        self._source_log = RateLimiter(burst=5, period=10.0)
         self._stats_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -91,7 +92,11 @@ class UdpListener(asyncio.DatagramProtocol):
 
     def read_own(self) -> None:
         """Read the socket with ``recvmsg`` (wildcard listeners) instead of a transport."""
-        pktinfo.enable(self.sock)
+        if not pktinfo.enable(self.sock):
+            self.ctx.log.warning(
+                "udp.not_transparent", note="replies to route-only local addresses (AnyIP) "
+                "leave from the kernel's choice of address (no CAP_NET_ADMIN)",
+            )  # fmt: skip
         self.ctx.loop.add_reader(self.sock.fileno(), self._readable)
         self._reading = True
         self._stats_timer = self.ctx.loop.call_later(1.0, self._flush_stats)
@@ -278,7 +283,24 @@ class UdpListener(asyncio.DatagramProtocol):
             self.dropped_replies += 1
             self.table.reply_bytes -= len(data)  # counted as relayed when it was read
         except OSError as exc:
-            self.error_received(exc)
+            if via is not None and exc.errno in pktinfo.NOT_A_SOURCE:
+                self._source_refused(flow, via, exc)
+                self._deliver(data, flow)  # (via is None now: the kernel picks)
+                return
+            self.table.reply_bytes -= len(data)
+            self.ctx.failed("lb_unreachable", flow.lb, client=endpoint(flow.client), error=str(exc))
+
+    def _source_refused(self, flow: Flow, via: pktinfo.Ancillary, exc: OSError) -> None:
+        """The kernel will not send from the address the LB used (it was removed since, or
+        the socket is not transparent): answer this flow from the kernel's pick until its
+        next datagram, and ask for that address anew next time."""
+        self._reply_from.forget(via)
+        flow.via = None
+        if self.ctx.verbosity >= 1 or self._source_log.allow():
+            self.ctx.log.warning(
+                "udp.reply_source", lb=endpoint(flow.lb), error=exc.strerror or str(exc),
+                note="answered from the kernel's choice of address",
+            )  # fmt: skip
 
     def _flow_error(self, flow: Flow, exc: OSError) -> None:
         reason = "target_refused" if exc.errno == errno.ECONNREFUSED else "upstream_io"
@@ -335,6 +357,7 @@ async def serve_udp(ctx: InstanceContext, sock: socket.socket) -> UdpListener:
         try:
             protocol.read_own()
         except OSError as exc:
+            protocol.close()  # its flow table's timer; the caller closes the socket
             what = f"cannot read local addresses on {ctx.settings.listen}: {exc.strerror or exc}"
             raise PymmproxyError(what) from None
         return protocol

@@ -30,6 +30,9 @@ GO = "/usr/bin/go-mmproxy"
 IMPLS = ("pymmproxy", "go-mmproxy")
 ECHO_LO, ECHO_DEV = 7100, 7101
 DEV_V4, DEV_V6 = "198.51.100.7", "2001:db8:2::7"  # non-loopback local target addresses
+# Local through a route alone (AnyIP; IPv4 in a table of its own): datagrams to them arrive,
+# but the kernel sends from them only for a transparent socket.
+ANYIP_V4, ANYIP_V6 = "203.0.113.241", "2001:db8:5::9"
 PORTS = {  # listen port per (implementation, target kind)
     ("pymmproxy", "lo"): 9201, ("pymmproxy", "dev"): 9202,
     ("go-mmproxy", "lo"): 9301, ("go-mmproxy", "dev"): 9302,
@@ -134,6 +137,9 @@ def env(workload: Workload) -> Iterator[Env]:
     wl = workload
     wl.ns.run(["ip", "addr", "add", f"{DEV_V4}/24", "dev", "wl0"])
     wl.ns.run(["ip", "-6", "addr", "add", f"{DEV_V6}/64", "dev", "wl0", "nodad"])
+    wl.ns.run(["ip", "route", "add", "local", "203.0.113.240/28", "dev", "lo", "table", "100"])
+    wl.ns.run(["ip", "rule", "add", "to", "203.0.113.240/28", "lookup", "100"])
+    wl.ns.run(["ip", "-6", "route", "add", "local", "2001:db8:5::/64", "dev", "lo"])
     socks = []
     for host, port in (("127.0.0.1", ECHO_LO), ("::1", ECHO_LO), (DEV_V4, ECHO_DEV),
                        (DEV_V6, ECHO_DEV)):  # fmt: skip
@@ -366,22 +372,25 @@ def ask_from(lb: socket.socket, dest: tuple[str, int], data: bytes) -> tuple[byt
 def test_wildcard_listener_answers_from_the_address_the_lb_sent_to(
     env: Env, impl: str, v6: bool
 ) -> None:
-    """With ``[::]`` the LB sends to a second address of the host (DEV_V4/DEV_V6). The
-    kernel's own pick of a source for the answer is the LB's address: an LB that checks
-    where answers come from would drop them. pymmproxy answers from the address the
-    datagram came to (IP_PKTINFO); go-mmproxy 2.1 leaves it to the kernel."""
-    dest = DEV_V6 if v6 else DEV_V4
+    """With ``[::]`` the LB sends to other addresses of the host: a second one on the
+    interface, then its own, then an AnyIP one. The kernel's own pick of a source for the
+    answers is the LB's address every time: an LB that checks where answers come from would
+    drop them. pymmproxy answers from the address each datagram came to (IP_PKTINFO, a
+    transparent socket); go-mmproxy 2.1 leaves it to the kernel."""
+    own = LB_V6 if v6 else LB_V4  # the kernel's pick for an answer to the LB
+    dests = [DEV_V6, own, ANYIP_V6] if v6 else [DEV_V4, own, ANYIP_V4]
+    port = PORTS[impl, "lo"]
     # (a client of the LB's family: go-mmproxy picks the target by the LB's family)
     client = ("2001:db8:1::80" if v6 else "192.0.2.80", client_port(impl))
     with lb_socket(env.wl, v6=v6) as lb:
-        for n in range(2):  # a new flow, then the fast path of a known one
-            reply, src = ask_from(lb, (dest, PORTS[impl, "lo"]), dgram(*client, b"%d" % n))
+        for n, dest in enumerate(dests):  # a new flow, then the fast path of a known one
+            reply, src = ask_from(lb, (dest, port), dgram(*client, b"%d" % n))
             assert reply == b"SEEN %s %d|%d" % (client[0].encode(), client[1], n)
-            assert src == (dest if impl == "pymmproxy" else LB_V6 if v6 else LB_V4)
+            assert src == (dest if impl == "pymmproxy" else own), (dest, src)
         env.echo.send_to(client, b"pushed")  # a datagram the target starts goes the same way
         pushed, (src, *_) = lb.recvfrom(65535)
         assert pushed == b"pushed"
-        assert src == (dest if impl == "pymmproxy" else LB_V6 if v6 else LB_V4)
+        assert src == (dests[-1] if impl == "pymmproxy" else own)
 
 
 def test_ipv4_wildcard_and_a_specific_address_answer_from_the_address_used(env: Env) -> None:
