@@ -86,3 +86,53 @@ def test_a_wildcard_listener_relays_answers_from_the_address_used_and_closes(
     assert got["after"] == (b"after", ("127.0.0.2", got["after"][1][1]))
     assert got["closed_flows"] == 1  # one unspoofed flow per LB socket
     assert got["fileno"] == -1  # the listener closed its socket
+
+
+class Refusing:
+    """A listening socket whose kernel will not send from the address named (EINVAL)."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, Any]] = []
+
+    def sendto(self, data: Any, addr: Any) -> int:
+        self.sent.append(("sendto", addr))
+        return len(data)
+
+    def sendmsg(self, buffers: Any, ancdata: Any, flags: int, addr: Any) -> int:
+        raise OSError(22, "Invalid argument")
+
+
+def test_a_source_the_kernel_refuses_falls_back_to_its_own_pick() -> None:
+    """Replies still arrive (from the kernel's choice of address) when the address the LB
+    used cannot be a source any more; the cache forgets it, nothing counts as an error."""
+    from pymmproxy.net import pktinfo  # noqa: PLC0415
+    from pymmproxy.server.udpflows import Flow  # noqa: PLC0415
+
+    async def main() -> tuple[Any, ...]:
+        settings = InstanceSettings(
+            Endpoint("::", 9), Endpoint("127.0.0.1", 10), None,
+            transport=Transport.UDP, limits=Limits(allow_any_source=True),
+        )  # fmt: skip
+        ctx = InstanceContext(settings, asyncio.get_running_loop())
+        sock = Refusing()
+        listener = udp.UdpListener(ctx, sock)  # type: ignore[arg-type]
+        ancdata = [(pktinfo.SOL_IP, pktinfo.IP_PKTINFO, bytes(12))]
+        via = listener._reply_from(ancdata)
+        mine, far = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        flow = Flow("k", mine, lb=("192.0.2.1", 4000), client=None, target=("x", 1), now=0.0)
+        flow.via = via
+        listener.table.reply_bytes = 5
+        listener._deliver(memoryview(b"hello"), flow)
+        result = (sock.sent, flow.via, listener._reply_from._cache, dict(ctx.stats.errors))
+        listener.close()
+        ctx.close()
+        mine.close()
+        far.close()
+        return (*result, ctx.stats.bytes_down)
+
+    sent, via, cache, errors, bytes_down = asyncio.run(main())
+    assert sent == [("sendto", ("192.0.2.1", 4000))]
+    assert via is None
+    assert cache == {}
+    assert errors == {}
+    assert bytes_down == 5  # delivered, so counted
