@@ -185,7 +185,7 @@ def settings_from_args(args: argparse.Namespace) -> InstanceSettings:
     if target4 is None and target6 is None:
         raise UsageError("no target: give -4 and/or -6")
     return InstanceSettings(
-        listen=Endpoint.parse(args.listen, what="-l listen address"),
+        listen=Endpoint.parse_listen(args.listen, what="-l listen address"),
         target4=target4,
         target6=target6,
         mark=args.mark,

@@ -182,7 +182,7 @@ def _listen(text: str, err: _Err) -> Endpoint:
     if not text.isascii() or len(text) > _MAX_TOKEN:
         raise err(f"bad listen_addr {text!r}: not an address")
     try:
-        return Endpoint.parse(text, what="listen_addr")
+        return Endpoint.parse_listen(text, what="listen_addr")
     except UsageError as e:
         raise err(str(e)) from None
 

@@ -63,6 +63,15 @@ class Endpoint:
             raise UsageError(f"bad {what} {text!r}: port must be 1..65535")
         return cls(addr.compressed, int(port_text))
 
+    @classmethod
+    def parse_listen(cls, text: str, *, what: str = "listen address") -> Endpoint:
+        """A listen address: as :meth:`parse`, but the IPv4 wildcard (``0.0.0.0``, ``*`` or no
+        host) means both families, ``[::]``, as in Go and so in go-mmproxy (its default
+        ``-l 0.0.0.0:8443`` takes IPv6 load balancers too). A host without IPv6 listens on
+        IPv4 alone (:func:`pymmproxy.net.sockets.listen_socket`)."""
+        endpoint = cls.parse(text, what=what)
+        return cls("::", endpoint.port) if endpoint.host == "0.0.0.0" else endpoint
+
 
 def validate_mark(value: int, *, what: str = "mark") -> int:
     """A fwmark doubles as a routing table id: 1..2^32-1 and not 253/254/255."""

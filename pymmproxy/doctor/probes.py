@@ -22,6 +22,7 @@ from pymmproxy.doctor.facts import (
     TargetFacts,
 )
 from pymmproxy.errors import ConfigError, PymmproxyError
+from pymmproxy.net.sockets import listen_family
 from pymmproxy.pathway import status as pathway_status
 from pymmproxy.pathway.firewall import resolve_backend_name
 from pymmproxy.pathway.firewall.base import BackendName
@@ -114,12 +115,13 @@ def bind(endpoint: Endpoint, transport: Transport) -> Outcome:
     """
     kind = socket.SOCK_DGRAM if transport is Transport.UDP else socket.SOCK_STREAM
     try:
-        with socket.socket(_family(endpoint.host), kind) as sock:
+        sock, host = listen_family(endpoint, kind)
+        with sock:
             if kind == socket.SOCK_STREAM:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if endpoint.is_v6:
+            if sock.family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            sock.bind((endpoint.host, endpoint.port))
+            sock.bind((host, endpoint.port))
     except OSError as exc:
         return _outcome(exc)
     return Outcome()

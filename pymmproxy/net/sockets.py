@@ -56,6 +56,18 @@ def check_spoofing(marks: Iterable[int]) -> None:
             ) from None
 
 
+def listen_family(endpoint: Endpoint, kind: socket.SocketKind) -> tuple[socket.socket, str]:
+    """An unbound socket for ``endpoint`` and the host to bind: ``[::]`` falls back to
+    ``0.0.0.0`` where the kernel has no IPv6 (``EAFNOSUPPORT``); other errors raise."""
+    family = socket.AF_INET6 if endpoint.is_v6 else socket.AF_INET
+    try:
+        return socket.socket(family, kind), endpoint.host
+    except OSError as exc:
+        if endpoint.host != "::" or exc.errno != errno.EAFNOSUPPORT:
+            raise
+    return socket.socket(socket.AF_INET, kind), "0.0.0.0"
+
+
 def listen_socket(
     endpoint: Endpoint,
     *,
@@ -65,15 +77,16 @@ def listen_socket(
     backlog: int = 4096,
     keepalive: int = 0,
 ) -> socket.socket:
-    """Bind (and for TCP, listen on) ``endpoint``; ``[::]`` is dual-stack.
+    """Bind (and for TCP, listen on) ``endpoint``; ``[::]`` is dual-stack, and IPv4 alone
+    on a host without IPv6 (as Go listens on a wildcard).
 
     Raises :class:`PymmproxyError` with a one-line reason (address in use, not local, ...).
     """
-    family = socket.AF_INET6 if endpoint.is_v6 else socket.AF_INET
     try:
-        sock = socket.socket(family, kind)  # EAFNOSUPPORT (IPv6 off), EMFILE ...
+        sock, host = listen_family(endpoint, kind)
     except OSError as exc:
         raise PymmproxyError(f"cannot listen on {endpoint}: {exc.strerror or exc}") from None
+    family = sock.family
     try:
         if kind == socket.SOCK_STREAM:  # past TIME_WAIT; for UDP it would let a second
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # socket share the port
@@ -82,11 +95,11 @@ def listen_socket(
         if family == socket.AF_INET6:
             sock.setsockopt(SOL_IPV6, socket.IPV6_V6ONLY, 0)
         if transparent:
-            if endpoint.is_v6:
+            if family == socket.AF_INET6:
                 sock.setsockopt(SOL_IPV6, IPV6_TRANSPARENT, 1)
             else:
                 sock.setsockopt(SOL_IP, IP_TRANSPARENT, 1)
-        sock.bind((endpoint.host, endpoint.port))
+        sock.bind((host, endpoint.port))
         if kind == socket.SOCK_STREAM:
             if keepalive:  # before listen(): the first accepted sockets inherit it too
                 keep_alive(sock, keepalive)

@@ -178,7 +178,7 @@ class Registry:
                         raise PymmproxyError(f"instance {name}: {exc}") from None
                     sockets[spec.key] = sock
                 if spec.ports is not None:
-                    v6 = spec.settings.listen.is_v6
+                    v6 = sock.family == socket.AF_INET6  # (IPv4 alone for [::] without IPv6)
                     level, option = (SOL_IPV6, IPV6_TRANSPARENT) if v6 else (SOL_IP, IP_TRANSPARENT)
                     try:
                         sock.setsockopt(level, option, 1)

@@ -379,3 +379,23 @@ def test_connections_left_at_the_drain_timeout_are_reset_on_both_sides(wl: Workl
     closed = [json.loads(line) for line in wl.log(f"daemon-{port}.log").splitlines()
               if '"conn.closed"' in line and f":{sport}" in line]  # fmt: skip
     assert [e["reason"] for e in closed] == ["aborted"]  # not "done": it was cut off
+
+
+@pytest.mark.parametrize("lb", [LB_V4, LB_V6])
+def test_the_ipv4_wildcard_serves_ipv6_load_balancers_too(wl: Workload, lb: str) -> None:
+    """go-mmproxy's default ``-l 0.0.0.0:8443`` listens on both families (Go's wildcard), so
+    an LB that connects over IPv6 is served; pymmproxy takes it the same way."""
+    port = PORT + 42
+    proc = wl.daemon("-l", f"0.0.0.0:{port}", "-4", f"127.0.0.1:{WHOAMI}",
+                     "-6", f"[::1]:{WHOAMI}", "-listeners", "1", port=port)  # fmt: skip
+    try:
+        with ns_connect(wl.ns, lb, port) as s:
+            s.sendall(
+                encode_v2(header("192.0.2.42", 42042, dport=port)) + b"GET / HTTP/1.0\r\n\r\n"
+            )
+            reply = recv_all(s).decode()
+        assert reply.rsplit("\r\n\r\n", 1)[-1].strip() == "192.0.2.42 42042"
+        assert '"listen": "[::]:' in wl.log(f"daemon-{port}.log")
+    finally:
+        proc.terminate()
+        assert proc.wait(10) == 0

@@ -394,7 +394,7 @@ def test_wildcard_listener_answers_from_the_address_the_lb_sent_to(
 
 
 def test_ipv4_wildcard_and_a_specific_address_answer_from_the_address_used(env: Env) -> None:
-    """``0.0.0.0`` (an IPv4 socket, IP_PKTINFO) answers from the address the LB sent to; a
+    """``0.0.0.0`` (both families, as in Go) answers from the address the LB sent to; a
     specific listen address is served by the loop's transport and answers from itself."""
     wl = env.wl
     listens = {V4_ANY_PORT: "0.0.0.0", ONE_ADDR_PORT: DEV_V4}

@@ -33,7 +33,7 @@ def test_go_mmproxy_spellings(allow: Path) -> None:
         "-allowed-subnets", str(allow), "-v", "2", "-listeners", "2", "-close-after", "30",
         "-p", "tcp",
     )  # fmt: skip
-    assert s.listen == Endpoint("0.0.0.0", 2222)
+    assert s.listen == Endpoint("::", 2222)  # go-mmproxy (Go) listens on both families
     assert s.target4 == Endpoint("127.0.0.1", 22)
     assert s.target6 == Endpoint("::1", 22)
     assert s.mark == 123
@@ -42,6 +42,20 @@ def test_go_mmproxy_spellings(allow: Path) -> None:
     assert s.transport is Transport.TCP
     assert s.allowed is not None
     assert len(s.allowed) == 2
+
+
+@pytest.mark.parametrize(
+    ("text", "host"),
+    [("0.0.0.0:1", "::"), (":1", "::"), ("*:1", "::"), ("[::]:1", "::"),
+     ("198.51.100.2:1", "198.51.100.2"), ("[::ffff:0.0.0.0]:1", "::"),
+     ("[2001:db8::1]:1", "2001:db8::1"), ("127.0.0.1:1", "127.0.0.1")],
+)  # fmt: skip
+def test_the_ipv4_wildcard_listens_on_both_families_as_go_does(text: str, host: str) -> None:
+    assert Endpoint.parse_listen(text) == Endpoint(host, 1)
+
+
+def test_a_target_keeps_the_ipv4_wildcard() -> None:
+    assert Endpoint.parse("0.0.0.0:1") == Endpoint("0.0.0.0", 1)
 
 
 def test_equals_forms_and_long_names(allow: Path) -> None:
@@ -54,7 +68,7 @@ def test_equals_forms_and_long_names(allow: Path) -> None:
 
 def test_go_mmproxy_defaults(allow: Path) -> None:
     s = settings("-allowed-subnets", str(allow))
-    assert str(s.listen) == "0.0.0.0:8443"
+    assert str(s.listen) == "[::]:8443"  # go-mmproxy's 0.0.0.0:8443, both families as in Go
     assert str(s.target4) == "127.0.0.1:443"
     assert str(s.target6) == "[::1]:443"
     assert s.mark == 0
@@ -178,11 +192,15 @@ def test_listen_family_unsupported_is_one_line(
         return real(family, *args)  # type: ignore[arg-type]
 
     monkeypatch.setattr(sockets.socket, "socket", no_v6)
-    code = main(["-l", "[::]:8443", "-allowed-subnets", str(allow)])
+    code = main(["-l", "[2001:db8::1]:8443", "-allowed-subnets", str(allow)])
     assert code == 1
     assert capsys.readouterr().err == (
-        "pymmproxy: cannot listen on [::]:8443: Address family not supported by protocol\n"
+        "pymmproxy: cannot listen on [2001:db8::1]:8443: Address family not supported by protocol\n"
     )
+    # the wildcard listens on IPv4 alone there, as Go does
+    sock, host = sockets.listen_family(Endpoint("::", 8443), socket.SOCK_STREAM)
+    with sock:
+        assert (sock.family, host) == (socket.AF_INET, "0.0.0.0")
 
 
 def test_an_unforeseen_os_error_is_one_line(

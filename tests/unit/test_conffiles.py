@@ -210,7 +210,7 @@ def test_instances_tabs_spaces_dashes_and_options(tmp_path: Path) -> None:
     assert dns.transport is Transport.UDP
     assert dns.allow_file == tmp_path / "dns.txt"
     assert got["vps01_a.b@c"].allow_file == Path("/abs/list")
-    assert got["vps01_a.b@c"].listen == Endpoint("0.0.0.0", 2224)
+    assert got["vps01_a.b@c"].listen == Endpoint("::", 2224)  # both families, as in Go
 
 
 def test_instances_without_pathways_check(tmp_path: Path) -> None:
@@ -304,8 +304,13 @@ def test_listen_addresses_that_do_not_clash(tmp_path: Path, line: str) -> None:
     assert len(instances(write(tmp_path, f"{SSH}\n{line}\n"))) == 2
 
 
-def test_v4_wildcard_does_not_clash_with_v6(tmp_path: Path) -> None:
+def test_the_v4_wildcard_takes_ipv6_too(tmp_path: Path) -> None:
+    """``0.0.0.0`` listens on both families (as go-mmproxy did on that line): an IPv6 listen
+    address on the same port clashes; on another port it does not."""
     path = write(tmp_path, "a 123 0.0.0.0:22 127.0.0.1 22 -\nb 123 [::1]:22 127.0.0.1 22 -\n")
+    with pytest.raises(ConfigError, match=r"file:2: tcp listen_addr \[::1\]:22 clashes"):
+        instances(path)
+    path = write(tmp_path, "a 123 0.0.0.0:22 127.0.0.1 22 -\nb 123 [::1]:23 127.0.0.1 22 -\n")
     assert len(instances(path)) == 2
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import socket
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -107,6 +108,8 @@ def test_a_transparent_listener_without_the_capability_is_one_line(
     closed: list[bool] = []
 
     class Unprivileged:
+        family = socket.AF_INET6
+
         def setsockopt(self, *args: object) -> None:
             raise PermissionError(1, "Operation not permitted")
 
