@@ -13,11 +13,10 @@ import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from importlib import import_module
-from typing import NoReturn
 
 from pymmproxy import __version__
 from pymmproxy.cpus import usable_cpus
-from pymmproxy.errors import PymmproxyError, UsageError
+from pymmproxy.errors import ArgParser, PymmproxyError, UsageError
 from pymmproxy.settings import (
     DEFAULT_MAX_HEADER_SIZE,
     DEFAULT_MAX_PENDING_HEADERS,
@@ -41,19 +40,16 @@ SUBCOMMANDS = {
 }
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = ArgParser(
         prog="pymmproxy",
         allow_abbrev=False,
+        add_help=False,  # added below with Go's -help spelling
         description="PROXY-protocol transparent proxy (drop-in for go-mmproxy). "
         f"Subcommands: {', '.join(SUBCOMMANDS)} (pymmproxy SUBCOMMAND --help).",
     )
     add = p.add_argument
+    add("-h", "-help", "--help", action="help", help="show this help and exit")
     # go-mmproxy's flag package also takes each of its flags with two dashes (--l, --4 ...)
     add("-l", "--l", "--listen", dest="listen", default="0.0.0.0:8443",
         help="address the proxy listens on")  # fmt: skip

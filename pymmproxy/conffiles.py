@@ -112,7 +112,15 @@ def _read(path: str | Path) -> bytes:
     try:
         return Path(path).read_bytes()
     except (OSError, ValueError) as e:  # ValueError: a NUL byte in the file name
-        raise ConfigError(path, None, f"cannot read: {_reason(e)}") from None
+        reason = _reason(e)
+        folder = Path(path).parent
+        config = Path(path).name in (PATHWAYS_FILE, INSTANCES_FILE)
+        if config and isinstance(e, FileNotFoundError) and not folder.is_dir():
+            reason += (
+                f" (no directory {folder}: the config directory is --config-dir, else "
+                f"${CONFIG_DIR_ENV}, else {SYSTEM_CONFIG_DIR} if it exists, else ./config)"
+            )
+        raise ConfigError(path, None, f"cannot read: {reason}") from None
 
 
 def _lines(path: str | Path, data: bytes) -> Iterator[tuple[int, list[str], _Err]]:

@@ -9,7 +9,6 @@ outside its own namespaces.
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import signal
@@ -21,6 +20,7 @@ from typing import Any
 
 from pyroute2.netlink.exceptions import NetlinkError
 
+from pymmproxy.errors import ArgParser
 from pymmproxy.lab import (
     CLIENT_V4,
     CLIENT_V6,
@@ -118,7 +118,7 @@ def run_demo(program: Sequence[str], name: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``pymmproxy demo [--proxy pymmproxy|go-mmproxy]``."""
-    ap = argparse.ArgumentParser(prog="pymmproxy demo", description=__doc__.split("\n\n")[0])
+    ap = ArgParser(prog="pymmproxy demo", description=__doc__.split("\n\n")[0])
     ap.add_argument(
         "--proxy",
         choices=["pymmproxy", "go-mmproxy"],

@@ -6,9 +6,11 @@ single line. Commands turn it into ``pymmproxy: <line>`` and a non-zero exit cod
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 
 class PymmproxyError(Exception):
@@ -21,6 +23,14 @@ class UsageError(PymmproxyError):
     """Bad command-line arguments (exit 2, like argparse)."""
 
     exit_code = 2
+
+
+class ArgParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are a :class:`UsageError` (one line, exit 2)
+    instead of argparse's usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
 
 
 class ConfigError(PymmproxyError):

@@ -15,7 +15,7 @@ from pymmproxy.conffiles import (
     load_config,
     resolve_config_dir,
 )
-from pymmproxy.errors import ConfigError, PymmproxyError, UsageError
+from pymmproxy.errors import ArgParser, ConfigError, PymmproxyError, UsageError
 from pymmproxy.logsetup import get_logger
 from pymmproxy.policy import AllowList
 
@@ -116,7 +116,7 @@ def _running(pid: int | None) -> str:
 
 def main(argv: Sequence[str]) -> int:
     """``pymmproxy instances [--config-dir DIR]``: a table of instances and pathway status."""
-    parser = argparse.ArgumentParser(prog="pymmproxy instances", allow_abbrev=False)
+    parser = ArgParser(prog="pymmproxy instances", allow_abbrev=False)
     parser.add_argument("--config-dir", metavar="DIR")
     args = parser.parse_args(argv)
     config = load_config(resolve_config_dir(args.config_dir))

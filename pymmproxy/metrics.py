@@ -134,7 +134,7 @@ def check(endpoint: Endpoint, workers: int = 1) -> None:
             _bind(Endpoint(endpoint.host, port), 1)[0].close()
         except PymmproxyError as exc:
             if workers <= 1:
-                raise
+                raise PymmproxyError(f"--metrics: {exc}") from None
             raise PymmproxyError(
                 f"{exc} (--metrics with {workers} workers takes ports {endpoint.port}.."
                 f"{endpoint.port + workers - 1}, one each; -listeners 1 needs one)"

@@ -13,21 +13,16 @@ import dataclasses
 import json
 import sys
 from collections.abc import Sequence
-from typing import NoReturn, TextIO
+from typing import TextIO
 
 from pymmproxy import conffiles
 from pymmproxy.doctor import probes
 from pymmproxy.doctor.checks import Check, Level, evaluate, exit_code
 from pymmproxy.doctor.facts import Facts
-from pymmproxy.errors import UsageError, one_line_errors
+from pymmproxy.errors import ArgParser, UsageError, one_line_errors
 from pymmproxy.pathway.cli import parse_mark_arg
 from pymmproxy.pathway.firewall import BACKEND_CHOICES
 from pymmproxy.settings import Transport
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(message)
 
 
 def _timeout(text: str) -> float:
@@ -41,7 +36,7 @@ def _timeout(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = ArgParser(
         prog="pymmproxy doctor",
         allow_abbrev=False,
         description="Check privileges, pathways, listen addresses, targets and allow lists; "

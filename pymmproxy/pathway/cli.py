@@ -14,10 +14,10 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn, TextIO
+from typing import TextIO
 
 from pymmproxy import conffiles
-from pymmproxy.errors import PathwayError, UsageError, one_line_errors
+from pymmproxy.errors import ArgParser, ConfigError, PathwayError, UsageError, one_line_errors
 from pymmproxy.pathway import PathwayStatus, add, delete, status
 from pymmproxy.pathway.firewall import BACKEND_CHOICES
 from pymmproxy.pathway.ipv6 import Ipv6State
@@ -28,13 +28,8 @@ from pymmproxy.settings import MAX_MARK, MAX_MARK_TEXT, validate_mark
 COMMANDS = ("add", "del", "add-all", "del-all", "status")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = ArgParser(
         prog="pymmproxy pathway",
         allow_abbrev=False,
         description="Manage the policy routing + CONNMARK pathways of fwmarks.",
@@ -52,7 +47,7 @@ def parse_mark_arg(text: str) -> int | None:
         if len(text) > MAX_MARK_TEXT:
             raise UsageError(f"bad mark {text[:MAX_MARK_TEXT]}...: must be 1..{MAX_MARK}")
         return validate_mark(int(text))
-    if text[:2].lower() == "0x" and len(text) > 2:
+    if text[:2].lower() == "0x":
         try:
             return validate_mark(int(text, 16))
         except ValueError:
@@ -69,7 +64,15 @@ def resolve_targets(targets: Sequence[str], config_dir: Path) -> list[int]:
         if mark is None:
             if instances is None:
                 path = config_dir / conffiles.INSTANCES_FILE
-                instances = conffiles.load_instances(path, None)
+                try:
+                    instances = conffiles.load_instances(path, None)
+                except ConfigError as exc:
+                    if exc.line is not None:  # a bad line: file:line first, as everywhere
+                        raise
+                    raise UsageError(
+                        f"{text!r} is not a mark (decimal or 0x hex), and no instance can be "
+                        f"looked up: {exc}"
+                    ) from None
             if text not in instances:
                 known = ", ".join(instances) or "none"
                 where = config_dir / conffiles.INSTANCES_FILE

@@ -215,3 +215,13 @@ def test_an_unforeseen_os_error_is_one_line(
     assert main(["-l", "0.0.0.0:8443", "-allowed-subnets", str(allow)]) == 1
     err = capsys.readouterr().err
     assert err == "pymmproxy: [Errno 13] Permission denied: '/etc/pymmproxy/allow.txt'\n"
+
+
+@pytest.mark.parametrize("flag", ["-h", "-help", "--help"])
+def test_help_in_go_and_gnu_spellings_exits_0(
+    flag: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        main([flag])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: pymmproxy ")

@@ -579,3 +579,17 @@ def test_only_fails_on_its_own_line_and_when_it_may_be_the_bad_one(tmp_path: Pat
     )
     with pytest.raises(UsageError, match="no instance 'nope'"):
         load_config(only_dir(tmp_path, f"{SSH}\n"), {}, only="nope").instance("nope")
+
+
+def test_a_missing_config_directory_says_where_it_is_looked_for(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path / "nowhere")
+    assert str(info.value) == (
+        f"{tmp_path / 'nowhere' / 'pathways.conf'}: cannot read: No such file or directory "
+        f"(no directory {tmp_path / 'nowhere'}: the config directory is --config-dir, else "
+        "$PYMMPROXY_CONFIG_DIR, else /etc/pymmproxy if it exists, else ./config)"
+    )
+    (tmp_path / "here").mkdir()
+    with pytest.raises(ConfigError) as info:  # the directory exists: the file is missing
+        load_config(tmp_path / "here")
+    assert str(info.value).endswith("pathways.conf: cannot read: No such file or directory")

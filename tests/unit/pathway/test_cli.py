@@ -260,3 +260,15 @@ def test_status_rows_mark_unplanned_cells() -> None:
 def test_help_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
     assert pcli.main(["--help"]) == 0
     assert "add-all" in capsys.readouterr().out
+
+
+def test_a_target_that_is_no_mark_and_no_readable_instances_file_says_both(
+    rec: Recorder, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert pcli.main(["add", "0x"]) == 2
+    assert _err(capsys) == "pymmproxy: bad mark '0x': not a number"
+    assert pcli.main(["add", "web"]) == 2
+    assert _err(capsys) == (
+        "pymmproxy: 'web' is not a mark (decimal or 0x hex), and no instance can be looked "
+        f"up: {tmp_path / 'instances.tsv'}: cannot read: No such file or directory"
+    )
