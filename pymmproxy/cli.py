@@ -44,12 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = ArgParser(
         prog="pymmproxy",
         allow_abbrev=False,
-        add_help=False,  # added below with Go's -help spelling
         description="PROXY-protocol transparent proxy (drop-in for go-mmproxy). "
         f"Subcommands: {', '.join(SUBCOMMANDS)} (pymmproxy SUBCOMMAND --help).",
     )
     add = p.add_argument
-    add("-h", "-help", "--help", action="help", help="show this help and exit")
     # go-mmproxy's flag package also takes each of its flags with two dashes (--l, --4 ...)
     add("-l", "--l", "--listen", dest="listen", default="0.0.0.0:8443",
         help="address the proxy listens on")  # fmt: skip

@@ -292,7 +292,12 @@ def load_instances(
             for other in instances.values():
                 if other.transport is inst.transport and _clash(other.listen, inst.listen):
                     where = f"instance {other.name!r} on line {other.line}"
-                    raise err(f"{inst.transport} listen_addr {inst.listen} clashes with {where}")
+                    both = " (0.0.0.0 takes IPv6 too, as in go-mmproxy)" if any(
+                        e.written for e in (inst.listen, other.listen)
+                    ) else ""  # fmt: skip
+                    raise err(
+                        f"{inst.transport} listen_addr {inst.listen} clashes with {where}{both}"
+                    )
                 check_ranges(inst, other, err)  # TPROXY ports= ranges (pymmproxy.portrange)
         except ConfigError as exc:
             if only is None or fields[0] == only:  # a clash is the later line's: first wins

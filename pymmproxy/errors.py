@@ -10,7 +10,7 @@ import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 
 class PymmproxyError(Exception):
@@ -27,7 +27,12 @@ class UsageError(PymmproxyError):
 
 class ArgParser(argparse.ArgumentParser):
     """An ``ArgumentParser`` whose errors are a :class:`UsageError` (one line, exit 2)
-    instead of argparse's usage block."""
+    instead of argparse's usage block, and whose help is also Go's ``-help``."""
+
+    def __init__(self, *, add_help: bool = True, **kwargs: Any) -> None:  # noqa: ANN401
+        super().__init__(add_help=False, **kwargs)
+        if add_help:
+            self.add_argument("-h", "-help", "--help", action="help", help="show this help")
 
     def error(self, message: str) -> NoReturn:
         raise UsageError(message)

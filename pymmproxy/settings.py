@@ -24,16 +24,24 @@ class Transport(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Endpoint:
-    """An IP address and port; ``str()`` gives ``1.2.3.4:5`` or ``[::1]:5``."""
+    """An IP address and port; ``str()`` gives ``1.2.3.4:5`` or ``[::1]:5``, or ``written``.
+
+    ``written`` keeps an operator's ``0.0.0.0:PORT`` for what is ``[::]:PORT`` to the kernel
+    (see :meth:`parse_listen`), so logs, metrics labels and errors say what the config says,
+    as go-mmproxy's do. It takes no part in comparisons.
+    """
 
     host: str
     port: int
+    written: str = field(default="", compare=False)
 
     @property
     def is_v6(self) -> bool:
         return ":" in self.host
 
     def __str__(self) -> str:
+        if self.written:
+            return self.written
         return f"[{self.host}]:{self.port}" if self.is_v6 else f"{self.host}:{self.port}"
 
     @classmethod
@@ -70,7 +78,9 @@ class Endpoint:
         ``-l 0.0.0.0:8443`` takes IPv6 load balancers too). A host without IPv6 listens on
         IPv4 alone (:func:`pymmproxy.net.sockets.listen_socket`)."""
         endpoint = cls.parse(text, what=what)
-        return cls("::", endpoint.port) if endpoint.host == "0.0.0.0" else endpoint
+        if endpoint.host != "0.0.0.0":
+            return endpoint
+        return cls("::", endpoint.port, f"0.0.0.0:{endpoint.port}")
 
 
 def validate_mark(value: int, *, what: str = "mark") -> int:

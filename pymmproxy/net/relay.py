@@ -16,13 +16,18 @@ from typing import Any
 
 
 def endpoint(addr: Any) -> str | None:  # noqa: ANN401 - a sockaddr tuple, or None
-    """``host:port`` / ``[v6]:port`` for logs (``None`` stays ``None``)."""
+    """``host:port`` / ``[v6]:port`` for logs (``None`` stays ``None``); an IPv4 peer of a
+    dual-stack socket (``::ffff:192.0.2.1``) is written as the IPv4 address it is."""
     if not addr:
         return None
     if not isinstance(addr, tuple) or len(addr) < 2:
         return str(addr)
     host, port = addr[0], addr[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if ":" not in host:
+        return f"{host}:{port}"
+    if host.startswith("::ffff:") and "." in host:
+        return f"{host[7:]}:{port}"
+    return f"[{host}]:{port}"
 
 
 def os_reason(exc: Exception, *, before_data: bool) -> str:

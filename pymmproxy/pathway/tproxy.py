@@ -20,7 +20,8 @@ and the legacy backend (mangle PREROUTING; the same with ``ip6tables`` for v6)::
         -m comment --comment "pymmproxy tproxy web a4e5487c" -j TPROXY --on-port 7999
 
 A specific listen host ``H`` matches ``ip daddr H`` / ``-d H`` and redirects to ``H:PORT``
-(``--on-ip H``); ``0.0.0.0`` makes only the v4 rule; ``fib daddr type local`` leaves
+(``--on-ip H``); a wildcard (``0.0.0.0`` or ``[::]``: both families, as the listener) makes
+a v4 and a v6 rule; ``fib daddr type local`` leaves
 forwarded traffic alone. The comment is the instance name plus a fingerprint of the rule:
 :func:`apply` is idempotent (same comment: left alone, stale: replaced) and removes
 exactly one instance's rules.

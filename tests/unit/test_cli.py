@@ -54,6 +54,15 @@ def test_the_ipv4_wildcard_listens_on_both_families_as_go_does(text: str, host: 
     assert Endpoint.parse_listen(text) == Endpoint(host, 1)
 
 
+def test_an_ipv4_peer_of_a_dual_stack_socket_is_logged_as_ipv4() -> None:
+    from pymmproxy.net.relay import endpoint  # noqa: PLC0415
+
+    assert endpoint(("::ffff:192.0.2.1", 4000, 0, 0)) == "192.0.2.1:4000"
+    assert endpoint(("::ffff:2001:db8::1", 4000, 0, 0)) == "[::ffff:2001:db8::1]:4000"
+    assert endpoint(("2001:db8::1", 1, 0, 0)) == "[2001:db8::1]:1"
+    assert endpoint(("192.0.2.1", 1)) == "192.0.2.1:1"
+
+
 def test_a_target_keeps_the_ipv4_wildcard() -> None:
     assert Endpoint.parse("0.0.0.0:1") == Endpoint("0.0.0.0", 1)
 
@@ -68,7 +77,8 @@ def test_equals_forms_and_long_names(allow: Path) -> None:
 
 def test_go_mmproxy_defaults(allow: Path) -> None:
     s = settings("-allowed-subnets", str(allow))
-    assert str(s.listen) == "[::]:8443"  # go-mmproxy's 0.0.0.0:8443, both families as in Go
+    assert s.listen == Endpoint("::", 8443)  # go-mmproxy's 0.0.0.0:8443: both families, as Go
+    assert str(s.listen) == "0.0.0.0:8443"  # in logs and labels as written (and as go-mmproxy)
     assert str(s.target4) == "127.0.0.1:443"
     assert str(s.target6) == "[::1]:443"
     assert s.mark == 0
@@ -217,11 +227,14 @@ def test_an_unforeseen_os_error_is_one_line(
     assert err == "pymmproxy: [Errno 13] Permission denied: '/etc/pymmproxy/allow.txt'\n"
 
 
+@pytest.mark.parametrize("command", [[], ["doctor"], ["instances"], ["pathway"], ["serve"]])
 @pytest.mark.parametrize("flag", ["-h", "-help", "--help"])
 def test_help_in_go_and_gnu_spellings_exits_0(
-    flag: str, capsys: pytest.CaptureFixture[str]
+    flag: str, command: list[str], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    with pytest.raises(SystemExit) as info:
-        main([flag])
-    assert info.value.code == 0
-    assert capsys.readouterr().out.startswith("usage: pymmproxy ")
+    try:
+        code = main([*command, flag])
+    except SystemExit as exc:  # (argparse's own exit; some commands return it instead)
+        code = exc.code  # type: ignore[assignment]
+    assert code == 0
+    assert capsys.readouterr().out.startswith(f"usage: {' '.join(['pymmproxy', *command])} ")

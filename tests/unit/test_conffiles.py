@@ -308,7 +308,11 @@ def test_the_v4_wildcard_takes_ipv6_too(tmp_path: Path) -> None:
     """``0.0.0.0`` listens on both families (as go-mmproxy did on that line): an IPv6 listen
     address on the same port clashes; on another port it does not."""
     path = write(tmp_path, "a 123 0.0.0.0:22 127.0.0.1 22 -\nb 123 [::1]:22 127.0.0.1 22 -\n")
-    with pytest.raises(ConfigError, match=r"file:2: tcp listen_addr \[::1\]:22 clashes"):
+    with pytest.raises(
+        ConfigError,
+        match=r"file:2: tcp listen_addr \[::1\]:22 clashes with instance 'a' on line 1 "
+        r"\(0.0.0.0 takes IPv6 too, as in go-mmproxy\)$",
+    ):
         instances(path)
     path = write(tmp_path, "a 123 0.0.0.0:22 127.0.0.1 22 -\nb 123 [::1]:23 127.0.0.1 22 -\n")
     assert len(instances(path)) == 2
