@@ -182,7 +182,7 @@ def test_peer_not_in_allow_list_is_refused(wl: Workload) -> None:
     with ns_socket(wl.ns) as s:  # with a header and a request: still nothing relayed
         s.settimeout(5)
         s.bind((LB_V4, 0))
-        lb = f'"lb": "[::ffff:{LB_V4}]:{s.getsockname()[1]}"'
+        lb = f'"lb": "{LB_V4}:{s.getsockname()[1]}"'  # (an IPv4 peer of [::], logged as IPv4)
         # Unread bytes: the kernel resets even a plain close, so here either end will do.
         with contextlib.suppress(ConnectionResetError):  # (may come before connect returns)
             s.connect((LB_V4, PORT + 4))
@@ -395,7 +395,10 @@ def test_the_ipv4_wildcard_serves_ipv6_load_balancers_too(wl: Workload, lb: str)
             )
             reply = recv_all(s).decode()
         assert reply.rsplit("\r\n\r\n", 1)[-1].strip() == "192.0.2.42 42042"
-        assert '"listen": "[::]:' in wl.log(f"daemon-{port}.log")
+        logged = f'"lb": "{lb}:' if lb == LB_V4 else f'"lb": "[{lb}]:'  # a v4 peer as v4
+        wait_for(lambda: logged in wl.log(f"daemon-{port}.log"), what=logged)  # conn.closed
+        # the listen address as written (and as go-mmproxy logs it)
+        assert f'"listen": "0.0.0.0:{port}"' in wl.log(f"daemon-{port}.log")
     finally:
         proc.terminate()
         assert proc.wait(10) == 0

@@ -73,7 +73,7 @@ def test_max_connections_refuses_new_keeps_existing(wl: Workload) -> None:
         assert wl.log(log).count('"reason": "over_limit"') == 3
     finally:
         last = kept.pop()
-        freed = f"[::ffff:{LB_V4}]:{last.getsockname()[1]}"
+        freed = f"{LB_V4}:{last.getsockname()[1]}"
         last.close()
     # conn.closed (-v 2) is logged once the daemon no longer counts it: a slot is free.
     wait_for(lambda: [e for e in log_events(wl, log, "conn.closed") if e["lb"] == freed])
