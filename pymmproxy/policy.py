@@ -20,7 +20,12 @@ from pymmproxy.net.localroutes import RT_TABLE_LOCAL, RTN_BROADCAST, local_route
 from pymmproxy.settings import Network
 
 DEFAULT_CACHE_SIZE = 4096
-_MAPPED_PREFIX = 0xFFFF << 32  # ::ffff:0:0/96 as an integer
+_MAPPED_NET = ipaddress.IPv6Network("::ffff:0:0/96")
+
+
+def _unmapped(net: ipaddress.IPv6Network) -> ipaddress.IPv4Network:
+    """``::ffff:198.51.100.0/120`` -> ``198.51.100.0/24``."""
+    return ipaddress.IPv4Network((int(net.network_address) & 0xFFFFFFFF, net.prefixlen - 96))
 _DESCRIBE_MAX = 8
 
 _Table = tuple[tuple[int, frozenset[int]], ...]  # (netmask, network addresses) per prefix length
@@ -61,6 +66,10 @@ class AllowList:
         given = self._networks or ()
         v4 = [n for n in given if isinstance(n, ipaddress.IPv4Network)]
         v6 = [n for n in given if isinstance(n, ipaddress.IPv6Network)]
+        # An IPv4 peer (also ::ffff:a.b.c.d on a dual-stack socket) matches IPv4 entries and
+        # IPv4-mapped ones (::ffff:198.51.100.0/120), never a wider IPv6 entry such as ::/0,
+        # which means "every IPv6 peer" to whoever writes it (and to go-mmproxy).
+        v4 += [_unmapped(n) for n in v6 if n.prefixlen >= 96 and n.subnet_of(_MAPPED_NET)]
         self._v4 = _table(ipaddress.collapse_addresses(v4))
         self._v6 = _table(ipaddress.collapse_addresses(v6))
 
@@ -120,8 +129,7 @@ class AllowList:
             return False
         if family == socket.AF_INET6 and value >> 32 != 0xFFFF:
             return _in(value, self._v6)
-        value &= 0xFFFFFFFF
-        return _in(value, self._v4) or _in(value | _MAPPED_PREFIX, self._v6)
+        return _in(value & 0xFFFFFFFF, self._v4)
 
     def cache_clear(self) -> None:
         """Forget memoised answers (not needed for correctness: the list is immutable)."""

@@ -48,11 +48,22 @@ def test_v4_mapped_v6_entries_match_v4_and_mapped_peers() -> None:
     assert not allow.allows("2001:db8::1")
 
 
-def test_v6_any_covers_mapped_and_v4_peers_alike() -> None:
+def test_v6_any_means_ipv6_peers_only() -> None:
+    """``::/0`` is "every IPv6 peer" to whoever writes it (and to go-mmproxy): an IPv4 peer,
+    also one that a dual-stack socket reports as ``::ffff:a.b.c.d``, is not in it."""
     allow = AllowList(nets("::/0"))
     assert allow.allows("2001:db8::1")
-    assert allow.allows("::ffff:192.0.2.1")
-    assert allow.allows("192.0.2.1")
+    assert not allow.allows("::ffff:192.0.2.1")
+    assert not allow.allows("192.0.2.1")
+    assert not AllowList(nets("::/64", "::fffe:0:0/95")).allows("192.0.2.1")
+
+
+def test_ipv4_mapped_entries_match_ipv4_peers_both_ways() -> None:
+    allow = AllowList(nets("::ffff:198.51.100.0/120"))
+    assert allow.allows("198.51.100.7")
+    assert allow.allows("::ffff:198.51.100.7")
+    assert not allow.allows("198.51.101.7")
+    assert AllowList(nets("::ffff:0:0/96")).allows("203.0.113.1")  # every IPv4 peer, spelled so
 
 
 def test_v4_entries_do_not_match_plain_v6_peers() -> None:
