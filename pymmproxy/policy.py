@@ -26,6 +26,8 @@ _MAPPED_NET = ipaddress.IPv6Network("::ffff:0:0/96")
 def _unmapped(net: ipaddress.IPv6Network) -> ipaddress.IPv4Network:
     """``::ffff:198.51.100.0/120`` -> ``198.51.100.0/24``."""
     return ipaddress.IPv4Network((int(net.network_address) & 0xFFFFFFFF, net.prefixlen - 96))
+
+
 _DESCRIBE_MAX = 8
 
 _Table = tuple[tuple[int, frozenset[int]], ...]  # (netmask, network addresses) per prefix length

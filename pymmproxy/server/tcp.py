@@ -19,7 +19,7 @@ from pymmproxy.net.channel import ClientSide
 from pymmproxy.net.relay import endpoint, os_reason
 from pymmproxy.net.sockets import connect_upstream
 from pymmproxy.net.upstream import Upstream
-from pymmproxy.proxyproto import parse_header
+from pymmproxy.proxyproto import Transport, parse_header
 from pymmproxy.server.context import (
     IDLE_CHECKS,
     LOCAL_KEYS,
@@ -30,6 +30,7 @@ from pymmproxy.server.context import (
 
 _HEADER, _CONNECTING, _RELAY, _CLOSED = range(4)
 MAX_EARLY_BYTES = 256 * 1024  # buffered while connecting before the client is paused
+_STREAM = Transport.STREAM
 
 
 class ClientProtocol(asyncio.Protocol):
@@ -110,7 +111,7 @@ class ClientProtocol(asyncio.Protocol):
         self._leave_header()
         try:
             self._connect(header)
-        except ProtocolError as exc:  # a UNIX-family PROXY header
+        except ProtocolError as exc:  # a UNIX-family PROXY header, or not over STREAM
             self._fail_header(exc)
         except UpstreamError as exc:
             self._fail(exc.reason, str(exc))
@@ -121,6 +122,9 @@ class ClientProtocol(asyncio.Protocol):
         if stats.header_wait is not None:
             stats.header_wait.observe(time.monotonic() - self.started)
         source = header.relayable_source
+        if source is not None and header.transport is not _STREAM:  # DGRAM, UNSPEC
+            name = header.transport.name
+            raise ProtocolError(f"PROXY over TCP needs transport STREAM, got {name}", "not_stream")
         if source is None:
             stats.versions[LOCAL_KEYS[header.version, header.command]] += 1
         lb_host = self.peer[0] if source is None else ""  # only LOCAL headers look at it

@@ -150,6 +150,21 @@ def test_bad_header_resets_only_that_connection(wl: Workload) -> None:
         assert recv_all(good).decode().endswith("192.0.2.63 40013\n")
 
 
+@pytest.mark.parametrize("transport", [Transport.DGRAM, Transport.UNSPEC])
+def test_a_proxy_header_over_tcp_must_say_stream(wl: Workload, transport: Transport) -> None:
+    """A DGRAM (or UNSPEC) transport in a TCP connection's header is refused with a reset
+    and counted as ``not_stream``, as go-mmproxy refuses it; nothing is spoofed."""
+    bad = Header(2, Command.PROXY, Family.INET, transport, "192.0.2.64", 40014, LB_V4, PORT)
+    reset_by_proxy(open_conn(wl), encode_v2(bad) + b"GET / HTTP/1.0\r\n\r\n")
+    wait_for(
+        lambda: (
+            f'not_stream", "error": "PROXY over TCP needs transport STREAM, got '
+            f"{transport.name}" in wl.log(f"daemon-{PORT}.log")
+        ),
+        what="the not_stream log line",
+    )
+
+
 def test_header_timeout_resets(wl: Workload) -> None:
     # The socket's 10 s timeout is a hang guard (10x the header timeout), not a speed claim.
     with open_conn(wl, timeout=10) as s:
