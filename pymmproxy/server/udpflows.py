@@ -127,6 +127,13 @@ class FlowTable:
             return
         except OSError as exc:  # e.g. ECONNREFUSED: ICMP port unreachable from the target
             self.on_error(flow, exc)
+            # libuv stops watching a socket that polled as failed (POLLERR) before calling
+            # us: watch it again, or a target that was down for a moment (a restart) would
+            # leave the flow's later replies unread until it expires, which it never does
+            # while the client keeps sending.
+            fd = flow.sock.fileno()
+            self.loop.remove_reader(fd)
+            self.loop.add_reader(fd, self._readable, flow)
             return
         self.replies += 1
         self.reply_bytes += size

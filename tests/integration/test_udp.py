@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from tests.integration.conftest import LB_V4, LB_V6, MARK, PY, Workload, ns_socket
+from tests.integration.conftest import LB_V4, LB_V6, MARK, PY, Workload, ns_socket, wait_for
 from tests.integration.udp_tools import UdpEcho, dgram, local_dgram, parse_seen
 
 pytestmark = [pytest.mark.netns]
@@ -38,7 +38,7 @@ PORTS = {  # listen port per (implementation, target kind)
     ("go-mmproxy", "lo"): 9301, ("go-mmproxy", "dev"): 9302,
 }  # fmt: skip
 CAP_PORT, TERM_PORT, INST_PORT, CAP = 9203, 9204, 9205, 4
-V4_ANY_PORT, ONE_ADDR_PORT = 9206, 9207
+V4_ANY_PORT, ONE_ADDR_PORT, LATE_PORT, LATE_ECHO = 9206, 9207, 9208, 7102
 _client_ports = {"pymmproxy": itertools.count(21000), "go-mmproxy": itertools.count(31000)}
 
 
@@ -419,6 +419,31 @@ def test_ipv4_wildcard_and_a_specific_address_answer_from_the_address_used(env: 
         for proc in procs.values():
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=5) == 0
+
+
+def test_a_flow_is_read_again_after_the_target_was_down(env: Env) -> None:
+    """A datagram to a target that is not up yet comes back as an ICMP port unreachable, an
+    error on the flow's socket; once the target is up, the same flow relays its replies."""
+    wl = env.wl
+    argv = proxy_argv("pymmproxy", LATE_PORT, "lo", "-close-after", "30")
+    proc = spawn(wl, [a.replace(f":{ECHO_LO}", f":{LATE_ECHO}") for a in argv], "late.log")
+    echo = None
+    try:
+        wait_for(lambda: "daemon.listening" in wl.log("late.log"), what="late.log listening")
+        client = ("192.0.2.82", client_port("pymmproxy"))
+        with lb_socket(wl) as lb:
+            assert ask(lb, LATE_PORT, dgram(*client, b"early"), 0.5) is None  # nobody there
+            wait_for(lambda: "target_refused" in wl.log("late.log"), what="the refusal")
+            sock = ns_socket(wl.ns, socket.AF_INET, socket.SOCK_DGRAM)
+            sock.bind(("127.0.0.1", LATE_ECHO))
+            echo = UdpEcho([sock]).start()
+            reply = ask(lb, LATE_PORT, dgram(*client, b"late"))
+        assert reply == b"SEEN 192.0.2.82 %d|late" % client[1]  # the same flow, same port
+    finally:
+        if echo is not None:
+            echo.stop()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=5) == 0
 
 
 def test_v6_client_behind_v4_load_balancer(env: Env) -> None:
