@@ -111,6 +111,11 @@ class UdpListener(asyncio.DatagramProtocol):
                 return
             except OSError as exc:
                 self.error_received(exc)
+                # libuv stops watching a socket that polled as failed: watch it again
+                # (see FlowTable._readable)
+                fd = self.sock.fileno()
+                self.ctx.loop.remove_reader(fd)
+                self.ctx.loop.add_reader(fd, self._readable)
                 return
             self._via = reply_from(ancdata)
             self.datagram_received(data, addr)
