@@ -292,8 +292,10 @@ def load_instances(
             for other in instances.values():
                 if other.transport is inst.transport and _clash(other.listen, inst.listen):
                     where = f"instance {other.name!r} on line {other.line}"
-                    both = " (0.0.0.0 takes IPv6 too, as in go-mmproxy)" if any(
-                        e.written for e in (inst.listen, other.listen)
+                    pair = (inst.listen, other.listen)
+                    v6 = any(e.is_v6 and not e.written for e in pair)
+                    both = " (0.0.0.0 takes IPv6 too, as in go-mmproxy)" if v6 and any(
+                        e.written for e in pair
                     ) else ""  # fmt: skip
                     raise err(
                         f"{inst.transport} listen_addr {inst.listen} clashes with {where}{both}"

@@ -2,8 +2,8 @@
 
 Matching is by address, not by socket family: a v4 peer seen as ``192.0.2.1`` on an IPv4
 listener and as ``::ffff:192.0.2.1`` on a dual-stack one gets the same answer. Such a peer
-matches IPv4 entries and the IPv6 entries that cover its mapped form (``::ffff:0:0/96``,
-``::ffff:192.0.2.0/120``, and also ``::/0``).
+matches IPv4 entries and IPv4-mapped ones (``::ffff:0:0/96``, ``::ffff:192.0.2.0/120``),
+never a wider IPv6 entry: ``::/0`` is every IPv6 peer and no IPv4 one, as in go-mmproxy.
 """
 
 from __future__ import annotations

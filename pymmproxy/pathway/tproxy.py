@@ -95,7 +95,8 @@ def key(name: str) -> str:
 
 
 def _fingerprint(rule: TproxyRule) -> str:
-    text = f"{rule.family.value} {rule.listen} {rule.ports[0]}-{rule.ports[1]}"
+    listen = Endpoint(rule.listen.host, rule.listen.port)  # (not as written: 0.0.0.0 is [::])
+    text = f"{rule.family.value} {listen} {rule.ports[0]}-{rule.ports[1]}"
     return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 

@@ -273,8 +273,9 @@ class UdpListener(asyncio.DatagramProtocol):
     def _send_failed(self, flow: Flow, exc: OSError) -> None:
         if isinstance(exc, BlockingIOError):  # socket buffer full: drop, like a busy link
             self.ctx.failed("upstream_busy", flow.lb, client=endpoint(flow.client))
-        else:
+        else:  # (a send that consumed the socket's error: its POLLERR may stop the reader)
             self._flow_error(flow, exc)
+            self.table.rearm(flow)
 
     # -- target -> load balancer -----------------------------------------------------------
     def _deliver(self, data: memoryview, flow: Flow) -> None:

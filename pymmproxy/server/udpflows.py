@@ -127,19 +127,27 @@ class FlowTable:
             return
         except OSError as exc:  # e.g. ECONNREFUSED: ICMP port unreachable from the target
             self.on_error(flow, exc)
-            # libuv stops watching a socket that polled as failed (POLLERR) before calling
-            # us: watch it again, or a target that was down for a moment (a restart) would
-            # leave the flow's later replies unread until it expires, which it never does
-            # while the client keeps sending.
-            fd = flow.sock.fileno()
-            self.loop.remove_reader(fd)
-            self.loop.add_reader(fd, self._readable, flow)
+            self.rearm(flow)
             return
         self.replies += 1
         self.reply_bytes += size
         flow.last = self.time()
         self.flows.move_to_end(flow.key)  # a closed flow has no reader, so it is present
         self.deliver(self._view[:size], flow)
+
+    def rearm(self, flow: Flow) -> None:
+        """Watch ``flow``'s socket again after it reported an error.
+
+        libuv stops watching a socket that polled as failed (POLLERR: an ICMP port
+        unreachable from a target that was down for a moment) before it calls us, whether
+        the ``recv`` here or a ``send`` of the listener consumed the error: without this a
+        target restart would leave the flow's later replies unread until it expires, which
+        it never does while the client keeps sending. (One re-arm per error: ``recv`` and
+        ``send`` clear it.)
+        """
+        fd = flow.sock.fileno()
+        self.loop.remove_reader(fd)
+        self.loop.add_reader(fd, self._readable, flow)
 
     def _sweep(self) -> None:
         """Close the flows idle for at least ``close_after`` seconds, oldest first."""

@@ -316,6 +316,10 @@ def test_the_v4_wildcard_takes_ipv6_too(tmp_path: Path) -> None:
         instances(path)
     path = write(tmp_path, "a 123 0.0.0.0:22 127.0.0.1 22 -\nb 123 [::1]:23 127.0.0.1 22 -\n")
     assert len(instances(path)) == 2
+    path = write(tmp_path, "a 123 0.0.0.0:22 127.0.0.1 22 -\nb 123 127.0.0.1:22 127.0.0.1 1 -\n")
+    with pytest.raises(ConfigError) as info:  # an IPv4 clash: no word about IPv6
+        instances(path)
+    assert str(info.value).endswith("clashes with instance 'a' on line 1")
 
 
 def test_valid_instance_name() -> None:

@@ -45,7 +45,8 @@ async def relay_and_close() -> dict[str, Any]:
             data, src = await asyncio.wait_for(loop.sock_recvfrom(lb, 100), 2)
             replies.append((data, src[0]))
         got["replies"] = replies
-        # A read error (an ICMP error queued on the socket, say) is logged, not fatal.
+        # A read error is logged, not fatal, and the reader is re-armed (this checks the
+        # error path only: a call by hand is not a POLLERR that made libuv stop the reader).
         failing = FailingOnce(listen)
         listener.sock = failing  # type: ignore[assignment]
         listener._readable()
@@ -136,3 +137,32 @@ def test_a_source_the_kernel_refuses_falls_back_to_its_own_pick() -> None:
     assert cache == {}
     assert errors == {}
     assert bytes_down == 5  # delivered, so counted
+
+
+def test_a_send_that_consumed_the_flow_error_re_arms_its_reader() -> None:
+    """An ICMP error can be consumed by the listener's next send on the flow instead of a
+    recv; libuv may still stop watching the socket for its POLLERR, so the send path
+    re-arms the flow's reader too (the recv path is tested in the namespace)."""
+    from pymmproxy.server.udpflows import Flow  # noqa: PLC0415
+
+    async def main() -> list[Flow]:
+        settings = InstanceSettings(
+            Endpoint("::", 9), Endpoint("127.0.0.1", 10), None,
+            transport=Transport.UDP, limits=Limits(allow_any_source=True),
+        )  # fmt: skip
+        ctx = InstanceContext(settings, asyncio.get_running_loop())
+        listener = udp.UdpListener(ctx, Refusing())  # type: ignore[arg-type]
+        rearmed: list[Flow] = []
+        listener.table.rearm = rearmed.append  # type: ignore[method-assign]
+        mine, far = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        flow = Flow("k", mine, lb=("192.0.2.1", 4000), client=None, target=("x", 1), now=0.0)
+        listener._send_failed(flow, ConnectionRefusedError(111, "Connection refused"))
+        listener._send_failed(flow, BlockingIOError(11, "busy"))  # a full buffer: no error
+        listener.close()
+        ctx.close()
+        mine.close()
+        far.close()
+        return rearmed
+
+    rearmed = asyncio.run(main())
+    assert len(rearmed) == 1
