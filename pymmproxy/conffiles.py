@@ -267,6 +267,14 @@ def _clash(a: Endpoint, b: Endpoint) -> bool:
     return len(hosts) == 1 or "::" in hosts or ("0.0.0.0" in hosts and not (a.is_v6 or b.is_v6))
 
 
+def _clash_note(a: Endpoint, b: Endpoint) -> str:
+    """Why a clash may surprise: a written ``0.0.0.0`` against an IPv6 address."""
+    pair = (a, b)
+    if any(e.written for e in pair) and any(e.is_v6 and not e.written for e in pair):
+        return " (0.0.0.0 takes IPv6 too, as in go-mmproxy)"
+    return ""
+
+
 def load_instances(
     path: str | Path,
     pathways: Collection[int] | None,
@@ -292,13 +300,9 @@ def load_instances(
             for other in instances.values():
                 if other.transport is inst.transport and _clash(other.listen, inst.listen):
                     where = f"instance {other.name!r} on line {other.line}"
-                    pair = (inst.listen, other.listen)
-                    v6 = any(e.is_v6 and not e.written for e in pair)
-                    both = " (0.0.0.0 takes IPv6 too, as in go-mmproxy)" if v6 and any(
-                        e.written for e in pair
-                    ) else ""  # fmt: skip
+                    why = _clash_note(inst.listen, other.listen)
                     raise err(
-                        f"{inst.transport} listen_addr {inst.listen} clashes with {where}{both}"
+                        f"{inst.transport} listen_addr {inst.listen} clashes with {where}{why}"
                     )
                 check_ranges(inst, other, err)  # TPROXY ports= ranges (pymmproxy.portrange)
         except ConfigError as exc:

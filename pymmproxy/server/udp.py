@@ -44,7 +44,7 @@ from pymmproxy.net.relay import endpoint
 from pymmproxy.net.sockets import upstream_socket
 from pymmproxy.proxyproto import SIGNATURE, Command, Family, Header, Transport, parse_header
 from pymmproxy.server.context import InstanceContext
-from pymmproxy.server.udpflows import MAX_DATAGRAM, Flow, FlowTable
+from pymmproxy.server.udpflows import MAX_DATAGRAM, Flow, FlowTable, watch_again
 
 _INET_PROXY_DGRAM = 0x12  # family INET, transport DGRAM
 _INET6_PROXY_DGRAM = 0x22
@@ -111,11 +111,7 @@ class UdpListener(asyncio.DatagramProtocol):
                 return
             except OSError as exc:
                 self.error_received(exc)
-                # libuv stops watching a socket that polled as failed: watch it again
-                # (see FlowTable._readable)
-                fd = self.sock.fileno()
-                self.ctx.loop.remove_reader(fd)
-                self.ctx.loop.add_reader(fd, self._readable)
+                watch_again(self.ctx.loop, self.sock.fileno(), self._readable)
                 return
             self._via = reply_from(ancdata)
             self.datagram_received(data, addr)

@@ -50,6 +50,20 @@ class Flow:
         self.target = target
 
 
+def watch_again(
+    loop: asyncio.AbstractEventLoop, fd: int, callback: Callable[..., object], *args: object
+) -> None:
+    """Watch ``fd`` again after its socket reported an error.
+
+    libuv stops watching a socket that polled as failed (POLLERR: an ICMP port unreachable
+    from a target that was down for a moment) before it calls us, whichever call then
+    consumed the error: without this the socket's later datagrams would never be read. (One
+    re-arm per error: ``recv`` and ``send`` clear it.)
+    """
+    loop.remove_reader(fd)
+    loop.add_reader(fd, callback, *args)
+
+
 Deliver = Callable[[memoryview, "Flow"], None]
 OnError = Callable[[Flow, OSError], None]
 
@@ -136,18 +150,11 @@ class FlowTable:
         self.deliver(self._view[:size], flow)
 
     def rearm(self, flow: Flow) -> None:
-        """Watch ``flow``'s socket again after it reported an error.
-
-        libuv stops watching a socket that polled as failed (POLLERR: an ICMP port
-        unreachable from a target that was down for a moment) before it calls us, whether
-        the ``recv`` here or a ``send`` of the listener consumed the error: without this a
-        target restart would leave the flow's later replies unread until it expires, which
-        it never does while the client keeps sending. (One re-arm per error: ``recv`` and
-        ``send`` clear it.)
-        """
-        fd = flow.sock.fileno()
-        self.loop.remove_reader(fd)
-        self.loop.add_reader(fd, self._readable, flow)
+        """Watch ``flow``'s socket again after it reported an error (:func:`watch_again`),
+        whether the ``recv`` here or a ``send`` of the listener consumed it: else a target
+        restart would leave the flow's later replies unread until it expires, which it
+        never does while the client keeps sending."""
+        watch_again(self.loop, flow.sock.fileno(), self._readable, flow)
 
     def _sweep(self) -> None:
         """Close the flows idle for at least ``close_after`` seconds, oldest first."""
