@@ -32,6 +32,16 @@ class Listening:
         return sum(len(b) for b in buffers)
 
 
+LISTEN, TARGET = Endpoint("127.0.0.1", 9), Endpoint("127.0.0.1", 10)
+
+
+def udp_context(listen: Endpoint = LISTEN, target: Endpoint = TARGET) -> InstanceContext:
+    """A UDP instance's context on the running loop, every source allowed."""
+    limits = Limits(allow_any_source=True)
+    settings = InstanceSettings(listen, target, None, transport=Transport.UDP, limits=limits)
+    return InstanceContext(settings, asyncio.get_running_loop())
+
+
 def run_listener(
     monkeypatch: pytest.MonkeyPatch, datagrams: list[bytes], upstream: Any = None
 ) -> tuple[InstanceContext, udp.UdpListener, list[socket.socket]]:
@@ -47,11 +57,7 @@ def run_listener(
     box: list[Any] = []
 
     async def main() -> None:
-        settings = InstanceSettings(
-            Endpoint("127.0.0.1", 9), Endpoint("127.0.0.1", 10), None,
-            transport=Transport.UDP, limits=Limits(allow_any_source=True),
-        )  # fmt: skip
-        ctx = InstanceContext(settings, asyncio.get_running_loop())
+        ctx = udp_context()
         listener = udp.UdpListener(ctx, Listening())  # type: ignore[arg-type]
         for data in datagrams:
             listener.datagram_received(data, ("192.0.2.1", 4000))

@@ -11,8 +11,8 @@ from typing import Any
 
 from pymmproxy.proxyproto import SIGNATURE
 from pymmproxy.server import udp
-from pymmproxy.server.context import InstanceContext
-from pymmproxy.settings import Endpoint, InstanceSettings, Limits, Transport
+from pymmproxy.settings import Endpoint
+from tests.unit.test_udp_counts import udp_context
 
 LOCAL = SIGNATURE + bytes([0x20, 0x00]) + struct.pack("!H", 0)
 
@@ -24,15 +24,11 @@ async def relay_and_close() -> dict[str, Any]:
     echo.bind(("127.0.0.1", 0))
     echo.setblocking(False)
     loop.add_reader(echo.fileno(), lambda: echo.sendto(*echo.recvfrom(100)))
-    settings = InstanceSettings(
-        Endpoint("0.0.0.0", 0), Endpoint("127.0.0.1", echo.getsockname()[1]), None,
-        transport=Transport.UDP, limits=Limits(allow_any_source=True),
-    )  # fmt: skip
     listen = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     listen.bind(("0.0.0.0", 0))
     listen.setblocking(False)
     port = listen.getsockname()[1]
-    ctx = InstanceContext(settings, loop)
+    ctx = udp_context(Endpoint("0.0.0.0", 0), Endpoint("127.0.0.1", echo.getsockname()[1]))
     listener = await udp.serve_udp(ctx, listen)
     got: dict[str, Any] = {"transport": listener.transport}
     lb = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -110,11 +106,7 @@ def test_a_source_the_kernel_refuses_falls_back_to_its_own_pick() -> None:
     from pymmproxy.server.udpflows import Flow  # noqa: PLC0415
 
     async def main() -> tuple[Any, ...]:
-        settings = InstanceSettings(
-            Endpoint("::", 9), Endpoint("127.0.0.1", 10), None,
-            transport=Transport.UDP, limits=Limits(allow_any_source=True),
-        )  # fmt: skip
-        ctx = InstanceContext(settings, asyncio.get_running_loop())
+        ctx = udp_context(Endpoint("::", 9))
         sock = Refusing()
         listener = udp.UdpListener(ctx, sock)  # type: ignore[arg-type]
         ancdata = [(pktinfo.SOL_IP, pktinfo.IP_PKTINFO, bytes(12))]
@@ -146,11 +138,7 @@ def test_a_send_that_consumed_the_flow_error_re_arms_its_reader() -> None:
     from pymmproxy.server.udpflows import Flow  # noqa: PLC0415
 
     async def main() -> list[Flow]:
-        settings = InstanceSettings(
-            Endpoint("::", 9), Endpoint("127.0.0.1", 10), None,
-            transport=Transport.UDP, limits=Limits(allow_any_source=True),
-        )  # fmt: skip
-        ctx = InstanceContext(settings, asyncio.get_running_loop())
+        ctx = udp_context(Endpoint("::", 9))
         listener = udp.UdpListener(ctx, Refusing())  # type: ignore[arg-type]
         rearmed: list[Flow] = []
         listener.table.rearm = rearmed.append  # type: ignore[method-assign]
