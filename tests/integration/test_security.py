@@ -35,8 +35,8 @@ def open_v6(wl: Workload, port: int) -> socket.socket:
 
 def served(s: socket.socket, src: str, sport: int) -> bool:
     with s:
-        s.sendall(encode_v2(header(src, sport)) + b"GET / HTTP/1.0\r\n\r\n")
-        try:
+        try:  # (a peer refused at accept may be reset before the request is sent)
+            s.sendall(encode_v2(header(src, sport)) + b"GET / HTTP/1.0\r\n\r\n")
             reply = b"".join(iter(lambda: s.recv(4096), b""))
         except ConnectionResetError:
             return False
