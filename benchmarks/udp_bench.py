@@ -29,6 +29,7 @@ import secrets
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -182,17 +183,22 @@ def run_udp_bench(quick: bool) -> dict[str, Any]:
         raise RuntimeError(f"go-mmproxy not found at {GO}")
     secs = {"throughput": 1.5, "latency": 0.75} if quick else {"throughput": 6.0, "latency": 2.0}
     cpus = _cpus()
-    workdir = Path(f"/tmp/pymmproxy-udp-bench-{secrets.token_hex(3)}")
-    workdir.mkdir()
+    # The processes' logs: removed after a good run, kept (and named) after a failure.
+    workdir = Path(tempfile.mkdtemp(prefix="pmxudp-"))
     (workdir / "allow.txt").write_text(f"{LB}/32\n")
     started = time.monotonic()
     rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in NAMES}
-    with _Ns() as ns:
-        ns.spawn([PY, "-m", TOOLS, "echo", "--raw", "--listen", f"127.0.0.1:{ECHO_PORT}",
-                  "--listen", f"[::1]:{ECHO_PORT}"], cpus[1], workdir / "echo.log")  # fmt: skip
-        for n in range(ROUNDS):
-            for name in NAMES if n % 2 == 0 else NAMES[::-1]:  # alternate who goes first
-                rounds[name].append(_measure(ns, name, workdir, cpus, secs))
+    try:
+        with _Ns() as ns:
+            ns.spawn([PY, "-m", TOOLS, "echo", "--raw", "--listen", f"127.0.0.1:{ECHO_PORT}",
+                      "--listen", f"[::1]:{ECHO_PORT}"], cpus[1], workdir / "echo.log")  # fmt: skip
+            for n in range(ROUNDS):
+                for name in NAMES if n % 2 == 0 else NAMES[::-1]:  # alternate who goes first
+                    rounds[name].append(_measure(ns, name, workdir, cpus, secs))
+    except BaseException:
+        print(f"udp_bench: logs kept in {workdir}", file=sys.stderr)
+        raise
+    shutil.rmtree(workdir, ignore_errors=True)
     results = {name: _best(runs) for name, runs in rounds.items()}
     ours, theirs = results["pymmproxy"], results["go-mmproxy"]
     ratio = {
@@ -218,7 +224,6 @@ def run_udp_bench(quick: bool) -> dict[str, Any]:
             "proxy_cpu": cpus[0],
             "load_cpus": cpus[1],
             "wall_s": round(time.monotonic() - started, 1),
-            "logs": str(workdir),
         },
     }
     out["markdown"] = _markdown(out)

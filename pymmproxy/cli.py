@@ -192,9 +192,10 @@ def settings_from_args(args: argparse.Namespace) -> InstanceSettings:
 
 
 def metrics_from_args(args: argparse.Namespace) -> Endpoint | None:
-    """The ``--metrics`` endpoint, or ``None`` when metrics are off."""
+    """The ``--metrics`` endpoint, or ``None`` when metrics are off (a wildcard means both
+    families, as ``-l``'s does)."""
     text = getattr(args, "metrics", None)
-    return None if not text else Endpoint.parse(text, what="--metrics address")
+    return None if not text else Endpoint.parse_listen(text, what="--metrics address")
 
 
 def limits_from_args(args: argparse.Namespace) -> Limits:

@@ -131,7 +131,7 @@ def check(endpoint: Endpoint, workers: int = 1) -> None:
                              f"{endpoint.port + workers - 1}, past 65535")  # fmt: skip
     for port in range(endpoint.port, endpoint.port + max(workers, 1)):
         try:
-            _bind(Endpoint(endpoint.host, port), 1)[0].close()
+            _bind(endpoint.at_port(port), 1)[0].close()
         except PymmproxyError as exc:
             if workers <= 1:
                 raise PymmproxyError(f"--metrics: {exc}") from None
@@ -145,7 +145,7 @@ def _bind(endpoint: Endpoint, span: int) -> tuple[socket.socket, Endpoint]:
     """Listen on the first free port of ``endpoint.port .. +span-1`` (one per worker)."""
     last = min(endpoint.port + max(span, 1), 65536)
     for port in range(endpoint.port, last):
-        candidate = Endpoint(endpoint.host, port)
+        candidate = endpoint.at_port(port)
         try:
             return listen_socket(candidate, backlog=64), candidate
         except PymmproxyError:

@@ -44,6 +44,11 @@ class Endpoint:
             return self.written
         return f"[{self.host}]:{self.port}" if self.is_v6 else f"{self.host}:{self.port}"
 
+    def at_port(self, port: int) -> Endpoint:
+        """The same address (and spelling) on ``port``: a worker's own metrics port."""
+        written = f"{self.written.rpartition(':')[0]}:{port}" if self.written else ""
+        return Endpoint(self.host, port, written)
+
     @classmethod
     def parse(cls, text: str, *, what: str = "address") -> Endpoint:
         """Parse ``ADDR:PORT`` / ``[V6]:PORT`` (an empty host means all addresses, v4)."""

@@ -31,11 +31,13 @@ PORT, METRICS = 8401, 9401
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
-def http_get(wl: Workload, port: int, path: str = "/metrics") -> tuple[str, str]:
-    s = ns_socket(wl.ns)
+def http_get(
+    wl: Workload, port: int, path: str = "/metrics", host: str = "127.0.0.1"
+) -> tuple[str, str]:
+    s = ns_socket(wl.ns, socket.AF_INET6 if ":" in host else socket.AF_INET)
     s.settimeout(5)
     with s:
-        s.connect(("127.0.0.1", port))
+        s.connect((host, port))
         s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
         head, _, body = recv_all(s).decode().partition("\r\n\r\n")
     return head.split("\r\n")[0], body
@@ -207,6 +209,28 @@ def test_a_taken_worker_metrics_port_fails_the_start(wl: Workload) -> None:
     assert len(lines) == 1, lines
     assert f"cannot listen on 127.0.0.1:{mport + 1}" in lines[0]
     assert f"takes ports {mport}..{mport + 1}" in lines[0]
+
+
+def test_a_wildcard_metrics_address_serves_both_families(wl: Workload) -> None:
+    """``--metrics :PORT`` means both families, as ``-l``'s wildcard does: each worker's
+    port answers IPv4 and IPv6 scrapers; errors keep the spelling the operator wrote."""
+    port, mport = PORT + 7, METRICS + 20
+    wl.daemon("-4", f"127.0.0.1:{ECHO}", "-listeners", "2", "--metrics", f":{mport}", port=port)
+    for host in ("127.0.0.1", "::1"):
+        for each in (mport, mport + 1):
+            wait_port(wl.ns, host, each)
+            assert http_get(wl, each, host=host)[0] == "HTTP/1.1 200 OK"
+    taken = ns_socket(wl.ns)
+    with taken:
+        taken.bind(("127.0.0.1", mport + 11))
+        taken.listen()
+        argv = [PY, "-m", "pymmproxy", "-l", f"[::]:{port + 1}", "-4", f"127.0.0.1:{ECHO}",
+                "--allow-any", "-listeners", "2", "--metrics", f"0.0.0.0:{mport + 10}"]  # fmt: skip
+        proc = wl.spawn(argv, f"daemon-{port + 1}.log")
+        assert proc.wait(timeout=30) == 1
+    lines = wl.log(f"daemon-{port + 1}.log").strip().splitlines()
+    assert len(lines) == 1, lines
+    assert f"cannot listen on 0.0.0.0:{mport + 11}" in lines[0]
 
 
 def test_a_worker_forked_again_keeps_the_allow_list_its_siblings_run(wl: Workload) -> None:

@@ -63,6 +63,17 @@ def test_an_ipv4_peer_of_a_dual_stack_socket_is_logged_as_ipv4() -> None:
     assert endpoint(("192.0.2.1", 1)) == "192.0.2.1:1"
 
 
+def test_the_metrics_wildcard_means_both_families_and_keeps_its_spelling() -> None:
+    metrics = settings("-4", "127.0.0.1:22", "--allow-any", "--metrics", ":9100").metrics
+    assert metrics == Endpoint("::", 9100)
+    assert str(metrics) == "0.0.0.0:9100"
+    assert str(metrics.at_port(9101)) == "0.0.0.0:9101"  # a second worker's port
+    assert metrics.at_port(9101) == Endpoint("::", 9101)
+    local = settings("-4", "127.0.0.1:22", "--allow-any", "--metrics", "127.0.0.1:9100").metrics
+    assert local == Endpoint("127.0.0.1", 9100)
+    assert str(local.at_port(9101)) == "127.0.0.1:9101"
+
+
 def test_a_target_keeps_the_ipv4_wildcard() -> None:
     assert Endpoint.parse("0.0.0.0:1") == Endpoint("0.0.0.0", 1)
 
