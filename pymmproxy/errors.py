@@ -7,10 +7,13 @@ single line. Commands turn it into ``pymmproxy: <line>`` and a non-zero exit cod
 from __future__ import annotations
 
 import argparse
+import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
+
+_NEGATIVE = re.compile(r"-\d")  # a negative number, as a flag's value
 
 
 class PymmproxyError(Exception):
@@ -36,6 +39,35 @@ class ArgParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         raise UsageError(message)
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        """As argparse, but a flag's value may be negative as in Go's flag package
+        (``-close-after -1``): with ``-4``/``-6`` defined, argparse would take ``-1`` for a
+        flag, and say "expected one argument" instead of what is wrong with the value. A
+        flag's own name (``-mark -4 ...``) is still taken as a missing value."""
+        given = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(self._join_negative(given), namespace)
+
+    def _join_negative(self, args: list[str]) -> list[str]:
+        out: list[str] = []
+        i = 0
+        while i < len(args):
+            arg = args[i]
+            action = self._option_string_actions.get(arg)
+            takes_value = action is not None and action.nargs is None
+            value = args[i + 1] if i + 1 < len(args) else ""
+            if takes_value and _NEGATIVE.match(value) and value not in self._option_string_actions:
+                out.append(f"{arg}={value}")
+                i += 2
+                continue
+            if arg == "--":  # the rest is positional, as argparse takes it
+                out.extend(args[i:])
+                break
+            out.append(arg)
+            i += 1
+        return out
 
 
 class ConfigError(PymmproxyError):

@@ -81,8 +81,11 @@ def run_instance(args: argparse.Namespace, argv: Sequence[str]) -> int:
         log.warning("instance.other_line_skipped", error=str(exc))
 
     def reloader() -> daemon.Reloaded:
-        fresh = load_config(config_dir, only=inst.name)
+        skipped.clear()
+        fresh = load_config(config_dir, only=inst.name, skipped=skipped)
         now = fresh.instance(inst.name)
+        for exc in skipped:  # as at start: a SIGHUP must not pass over them in silence
+            log.warning("instance.other_line_skipped", error=str(exc))
         return daemon.Reloaded(
             allow=AllowList(fresh.allowed_for(now)), restart_needed=restart_needed(inst, now)
         )

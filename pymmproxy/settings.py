@@ -69,6 +69,8 @@ class Endpoint:
             addr = ipaddress.ip_address(host)
         except ValueError:
             raise UsageError(f"bad {what} {text!r}: {host!r} is not an IP address") from None
+        if isinstance(addr, ipaddress.IPv6Address) and addr.scope_id is not None:
+            raise UsageError(f"bad {what} {text!r}: scope ids (%IFACE) are not supported")
         if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
             addr = addr.ipv4_mapped  # what it means (as in Go): clashes are then seen as such
         digits = port_text.isascii() and port_text.isdigit() and len(port_text) <= 5

@@ -29,6 +29,7 @@ from pymmproxy.proxyproto.model import Command, Family, Header, Transport
 from pymmproxy.proxyproto.parser import NEED_DATA, HeaderParser, NeedData, parse_header
 from pymmproxy.proxyproto.tlv import TLV, SSLInfo, TLVType
 from pymmproxy.proxyproto.v1 import MAX_V1_LENGTH
+from pymmproxy.proxyproto.v1 import PREFIX as V1_PREFIX
 from pymmproxy.proxyproto.v2 import MAX_V2_LENGTH, SIGNATURE
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "NEED_DATA",
     "SIGNATURE",
     "TLV",
+    "V1_PREFIX",
     "BadAddressError",
     "BadCRLFError",
     "BadCommandError",

@@ -24,7 +24,7 @@ from pymmproxy.proxyproto.model import Command, Family, Header, Transport, make_
 __all__ = ["MAX_V1_LENGTH", "parse_v1"]
 
 MAX_V1_LENGTH = 107  # including CRLF (spec 2.1)
-_PREFIX = b"PROXY "
+PREFIX = b"PROXY "  # every v1 header begins so
 _WORDS = (b"TCP4 ", b"TCP6 ", b"UNKNOWN ", b"UNKNOWN\r\n")
 _TCP = {b"PROXY TCP4 ": b"TCP4", b"PROXY TCP6 ": b"TCP6"}
 _CHARS = {b"TCP4": b"0123456789. ", b"TCP6": b"0123456789abcdefABCDEF:. "}
@@ -88,7 +88,7 @@ def _check_prefix(line: bytes) -> bytes | None:
 def _check_word(line: bytes) -> bytes | None:
     """Check ``PROXY`` and the protocol word; ``UNKNOWN`` once complete, else None."""
     head = line[:6]
-    if head != _PREFIX[: len(head)]:
+    if head != PREFIX[: len(head)]:
         raise BadSignatureError("not a PROXY protocol header (v1 lines start with 'PROXY ')")
     rest = line[6:15]
     for word in _WORDS:

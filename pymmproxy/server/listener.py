@@ -51,6 +51,7 @@ class Listener:
         self.log = get_logger(instance=settings.name) if settings.name else get_logger()
         self.ctx: InstanceContext | None = None
         self._server: Acceptor | UdpListener | None = None
+        self.aborted = 0  # connections reset by abort() (a second stop signal, the drain's end)
 
     async def start(self, sock: socket.socket) -> InstanceContext:
         """Serve on ``sock`` (bound, and listening for TCP); the listener owns it now."""
@@ -107,16 +108,17 @@ class Listener:
         self.log.info("daemon.draining", open=len(ctx.conns), timeout=timeout)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(ctx.idle.wait(), timeout)
-        left = len(ctx.conns)
         self.abort()
         await asyncio.sleep(0)
         ctx.close()
-        self.log.info("daemon.stopped", aborted=left, accepted=ctx.stats.accepted)
+        self.log.info("daemon.stopped", aborted=self.aborted, accepted=ctx.stats.accepted)
 
     def abort(self) -> None:
-        """Reset every open connection at once."""
+        """Reset every open connection at once (counted for ``daemon.stopped``)."""
         if self.ctx is not None:
-            for conn in list(self.ctx.conns):
+            conns = list(self.ctx.conns)
+            self.aborted += len(conns)
+            for conn in conns:
                 conn.abort()
 
     def dump(self) -> None:

@@ -42,7 +42,15 @@ from pymmproxy.logsetup import RateLimiter
 from pymmproxy.net import pktinfo
 from pymmproxy.net.relay import endpoint
 from pymmproxy.net.sockets import upstream_socket
-from pymmproxy.proxyproto import SIGNATURE, Command, Family, Header, Transport, parse_header
+from pymmproxy.proxyproto import (
+    SIGNATURE,
+    V1_PREFIX,
+    Command,
+    Family,
+    Header,
+    Transport,
+    parse_header,
+)
 from pymmproxy.server.context import InstanceContext
 from pymmproxy.server.udpflows import MAX_DATAGRAM, Flow, FlowTable, watch_again
 
@@ -153,6 +161,9 @@ class UdpListener(asyncio.DatagramProtocol):
     def _slow_path(self, data: bytes, addr: Any) -> None:  # noqa: ANN401
         """Full parse: new clients, LOCAL, TLVs, and everything that gets dropped."""
         ctx = self.ctx
+        if data.startswith(V1_PREFIX):  # before parsing: any v1 line, whatever its protocol
+            self._bad_header(addr, "v1_over_udp", "PROXY v1 is TCP only")
+            return
         try:
             parsed = parse_header(data, max_v2_length=ctx.max_header_size)
         except ProtocolError as exc:
@@ -162,9 +173,6 @@ class UdpListener(asyncio.DatagramProtocol):
             self._bad_header(addr, "truncated", f"{len(data)} bytes")
             return
         header, used = parsed
-        if header.version != 2:
-            self._bad_header(addr, "v1_over_udp", "PROXY v1 is TCP only")
-            return
         key, source, target = self._route(header, addr)
         if target is None:
             return
@@ -290,7 +298,10 @@ class UdpListener(asyncio.DatagramProtocol):
                 self._deliver(data, flow)  # (via is None now: the kernel picks)
                 return
             self.table.reply_bytes -= len(data)
-            self.ctx.failed("lb_unreachable", flow.lb, client=endpoint(flow.client), error=str(exc))
+            # EMSGSIZE: an IPv6 target's reply can be longer (65527 B) than the IPv4 datagram
+            # an IPv4 LB takes (65507 B); the LB itself is fine.
+            reason = "reply_too_large" if exc.errno == errno.EMSGSIZE else "lb_unreachable"
+            self.ctx.failed(reason, flow.lb, client=endpoint(flow.client), error=str(exc))
 
     def _source_refused(self, flow: Flow, via: pktinfo.Ancillary, exc: OSError) -> None:
         """The kernel will not send from the address the LB used (it was removed since, or

@@ -417,3 +417,29 @@ def test_the_ipv4_wildcard_serves_ipv6_load_balancers_too(wl: Workload, lb: str)
     finally:
         proc.terminate()
         assert proc.wait(10) == 0
+
+
+def test_a_second_stop_reports_the_connections_it_reset(wl: Workload) -> None:
+    """The second SIGTERM resets what the drain was waiting for; ``daemon.stopped`` says how
+    many (it counted them after the reset had already closed them: 0)."""
+    port = PORT + 43
+    proc = wl.daemon("-4", f"127.0.0.1:{ECHO}", "-listeners", "1", port=port)
+    conns = [open_conn(wl, port) for _ in range(3)]
+    try:
+        for i, s in enumerate(conns):
+            s.sendall(encode_v2(header("192.0.2.43", 43000 + i)) + b"ping")
+            assert s.recv(4) == b"ping"
+        proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: '"daemon.draining"' in wl.log(f"daemon-{port}.log"))
+        time.sleep(1.2)  # past the window in which a second signal is the same stop
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+        for s in conns:
+            with pytest.raises(ConnectionResetError):
+                recv_all(s)
+    finally:
+        for s in conns:
+            s.close()
+    stopped = [json.loads(line) for line in wl.log(f"daemon-{port}.log").splitlines()
+               if '"daemon.stopped"' in line]  # fmt: skip
+    assert [e["aborted"] for e in stopped] == [3]

@@ -127,6 +127,12 @@ def test_default_deny_without_allow_list() -> None:
         (["-mark", "09"], "not an integer"),  # a leading 0 is octal, as in Go
         (["-mark", "4294967296"], "must be 1..4294967295"),
         (["-mark=-1"], "bad mark -1: must be 1..4294967295"),
+        (["-mark", "-1"], "bad mark -1: must be 1..4294967295"),  # a value, as in Go
+        (["-close-after", "-1"], "-close-after must be >= 1"),
+        (["-v", "-1"], "must be >= 0"),
+        (["-mark", "-4", "127.0.0.1:80"], "argument -mark/--mark: expected one argument"),
+        (["-l", "[fe80::1%eth0]:80"], "scope ids (%IFACE) are not supported"),
+        (["-6", "[fe80::1%eth0]:80"], "scope ids (%IFACE) are not supported"),
         (["-l", "1.2.3.4"], "expected ADDR:PORT"),
         (["-l", "1.2.3.4:0"], "port must be 1..65535"),
         (["-l", "::1:80"], "brackets"),

@@ -241,6 +241,8 @@ COLUMNS = "expected <name> <fwmark> <listen_addr> <target_ipv4> <target_port> <t
         ("a 123 ::1:5 127.0.0.1 22 -", "put IPv6 addresses in brackets"),
         ("a 123 [::1:5 127.0.0.1 22 -", "expected [IPv6]:PORT"),
         ("a 123 host:5 127.0.0.1 22 -", "'host' is not an IP address"),
+        ("a 123 [fe80::1%eth0]:5 127.0.0.1 22 -", "scope ids (%IFACE) are not supported"),
+        ("a 123 1.2.3.4:5 - 22 fe80::1%eth0", "bad target_ipv6 'fe80::1%eth0': scope ids"),
         ("a 123 1.2.3.4:0 127.0.0.1 22 -", "port must be 1..65535"),
         ("a 123 1.2.3.4:\u00b2 127.0.0.1 22 -", "bad listen_addr '1.2.3.4:\u00b2': not an address"),
         ("a 123 1.2.3.4:" + "9" * 200 + " 127.0.0.1 22 -", "not an address"),

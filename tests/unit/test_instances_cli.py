@@ -162,6 +162,13 @@ def test_another_instances_bad_line_does_not_stop_this_one(
     assert len(runs) == 1
     (warning,) = [e for e in logs if e["event"] == "instance.other_line_skipped"]
     assert warning["error"].startswith(f"{tsv}:2: expected <name>")
+    tsv.write_text(SSH + WEB + WG.replace("\t51820", "\t0"))  # web mended, wg broken: SIGHUP
+    (reloader,) = reloaders
+    with structlog.testing.capture_logs() as logs:
+        assert reloader().restart_needed == ()
+    (warning,) = [e for e in logs if e["event"] == "instance.other_line_skipped"]
+    assert warning["error"].startswith(f"{tsv}:3: bad target_port '0'")
+    tsv.write_text(SSH + WEB.replace("\t443\t-", "\t443") + WG)
     assert cli.main(["--instance", "vps01-web", "--config-dir", str(config)]) == 2
     assert cli.main(["serve", "--config-dir", str(config)]) == 2
     assert len(runs) == 1

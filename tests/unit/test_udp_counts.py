@@ -85,13 +85,15 @@ def proxy(src: str, sport: int) -> bytes:
 
 def test_bad_headers_are_counted_by_kind_as_for_tcp(monkeypatch: pytest.MonkeyPatch) -> None:
     v1 = b"PROXY TCP4 192.0.2.1 192.0.2.2 1 2\r\nx"
+    v1_udp = b"PROXY UDP4 192.0.2.1 192.0.2.2 1 2\r\nx"  # no such v1 line: still v1 over UDP
     stream = bytearray(PROXY)
     stream[13] = 0x11  # INET over STREAM
-    ctx, _, _ = run_listener(monkeypatch, [b"garbage" * 5, SIGNATURE, v1, bytes(stream)])
+    datagrams = [b"garbage" * 5, SIGNATURE, v1, v1_udp, b"PROXY ", bytes(stream)]
+    ctx, _, _ = run_listener(monkeypatch, datagrams)
     assert dict(ctx.stats.header_errors) == {
-        "bad_signature": 1, "truncated": 1, "v1_over_udp": 1, "not_dgram": 1,
+        "bad_signature": 1, "truncated": 1, "v1_over_udp": 3, "not_dgram": 1,
     }  # fmt: skip
-    assert ctx.stats.errors["bad_header"] == 4
+    assert ctx.stats.errors["bad_header"] == 6
 
 
 def test_out_of_descriptors_evicts_the_longest_idle_flow(monkeypatch: pytest.MonkeyPatch) -> None:

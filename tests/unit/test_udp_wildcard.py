@@ -131,6 +131,37 @@ def test_a_source_the_kernel_refuses_falls_back_to_its_own_pick() -> None:
     assert bytes_down == 5  # delivered, so counted
 
 
+class TooLong:
+    """A listening socket to which the reply is too long for the LB's family (EMSGSIZE)."""
+
+    def sendto(self, data: Any, addr: Any) -> int:
+        raise OSError(90, "Message too long")
+
+    def sendmsg(self, buffers: Any, ancdata: Any, flags: int, addr: Any) -> int:
+        raise OSError(90, "Message too long")
+
+
+def test_a_reply_too_long_for_the_lb_is_counted_as_such_not_as_an_unreachable_lb() -> None:
+    from pymmproxy.server.udpflows import Flow  # noqa: PLC0415
+
+    async def main() -> tuple[dict[str, int], int]:
+        ctx = udp_context(Endpoint("198.51.100.2", 9))
+        listener = udp.UdpListener(ctx, TooLong())  # type: ignore[arg-type]
+        mine, far = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        flow = Flow("k", mine, lb=("192.0.2.1", 4000), client=None, target=("x", 1), now=0.0)
+        listener.table.reply_bytes = 5
+        listener._deliver(memoryview(b"hello"), flow)
+        listener.close()
+        ctx.close()
+        mine.close()
+        far.close()
+        return dict(ctx.stats.errors), ctx.stats.bytes_down
+
+    errors, bytes_down = asyncio.run(main())
+    assert errors == {"reply_too_large": 1}
+    assert bytes_down == 0  # not delivered, not counted
+
+
 def test_a_send_that_consumed_the_flow_error_re_arms_its_reader() -> None:
     """An ICMP error can be consumed by the listener's next send on the flow instead of a
     recv; libuv may still stop watching the socket for its POLLERR, so the send path
