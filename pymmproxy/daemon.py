@@ -45,7 +45,7 @@ from pymmproxy.net.sockets import check_spoofing, raise_nofile_limit
 from pymmproxy.notify import Notifier
 from pymmproxy.policy import AllowList
 from pymmproxy.server.context import InstanceContext
-from pymmproxy.server.listener import Listener, bind, status_line
+from pymmproxy.server.listener import Listener, bind, log_allow, status_line
 from pymmproxy.settings import InstanceSettings
 
 STATUS_INTERVAL = 5.0
@@ -246,7 +246,7 @@ class Daemon(Lifecycle):
     def _apply(self, ctx: InstanceContext, new: Reloaded) -> None:
         ctx.allow = new.allow
         ctx.refresh_own_addresses()
-        self.log.info("daemon.reload", allow=new.allow.describe())
+        log_allow(self.log, "daemon.reload", new.allow)
         if new.restart_needed:
             self.log.warning(
                 "daemon.restart_needed", changed=list(new.restart_needed),

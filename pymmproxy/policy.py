@@ -94,6 +94,11 @@ class AllowList:
     def __repr__(self) -> str:
         return f"AllowList({self.describe()})"
 
+    @property
+    def denies_all(self) -> bool:
+        """An empty list (not allow-any): every load balancer is refused."""
+        return self._networks is not None and not self._networks
+
     def describe(self) -> str:
         """A one-line summary for logs."""
         if self._networks is None:

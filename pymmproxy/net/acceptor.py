@@ -55,6 +55,8 @@ class Acceptor:
         family = self.sock.family
         reactor, factory = self.reactor, self.factory
         for _ in range(ACCEPT_BATCH):
+            if self.paused is not None:  # a connection of this batch ran out of descriptors
+                return
             try:
                 fd, addr = accept()
             except (BlockingIOError, InterruptedError):
@@ -68,11 +70,17 @@ class Acceptor:
     def _accept_failed(self, exc: OSError) -> None:
         if exc.errno not in _RESOURCE_ERRNOS:
             return  # ECONNABORTED, EPERM (a firewall), ...: that connection is gone, go on
+        self.pause(exc.strerror or str(exc))
+
+    def pause(self, error: str) -> None:
+        """Stop accepting for ``RETRY_DELAY`` (descriptors or memory ran short): new
+        connections wait in the listen backlog instead of being accepted only to be reset.
+        Also called when an accepted connection found no descriptor for its target."""
+        if self.paused is not None or self.sock.fileno() < 0:
+            return
         self.reactor.park(self.sock.fileno())
         self.paused = self.reactor.loop.call_later(RETRY_DELAY, self._resume)
-        self.log.warning(
-            "daemon.accept_paused", error=exc.strerror or str(exc), seconds=RETRY_DELAY
-        )
+        self.log.warning("daemon.accept_paused", error=error, seconds=RETRY_DELAY)
 
     def _resume(self) -> None:
         self.paused = None

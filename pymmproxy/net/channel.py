@@ -43,6 +43,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import resource
 import select
 import socket
 import struct
@@ -73,6 +74,31 @@ NO_SPLICE = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP}  # this socket type c
 PRI = select.EPOLLPRI  # urgent (out-of-band) data came: reads stop short at its mark
 READ = IN | RDHUP | PRI  # what a reading channel watches for (with ET, and OUT while writing)
 DRAIN = RDHUP | ERR_HUP | PRI  # in an event: a short read is not the end, read to EAGAIN
+PIPE_SHARE = 4  # splice pipes may hold at most 1/PIPE_SHARE of the process's descriptors
+
+
+class PipeBudget:
+    """Descriptors held by splice pipes in this process, against their share of the limit.
+
+    A pipe lives as long as its connection (making one per burst would cost four syscalls
+    each time), so long-lived connections that once carried bulk keep theirs. Past the
+    share, bulk directions copy instead, and sockets for new connections stay available.
+    """
+
+    __slots__ = ("held", "limit")
+
+    def __init__(self) -> None:
+        self.held = 0
+        self.limit = -1  # read from RLIMIT_NOFILE on first use (after the daemon raised it)
+
+    def allows(self, fds: int) -> bool:
+        if self.limit < 0:
+            soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+            self.limit = (1 << 30) if soft == resource.RLIM_INFINITY else soft // PIPE_SHARE
+        return self.held + fds <= self.limit
+
+
+PIPES = PipeBudget()
 
 
 def _own_code(func: types.FunctionType) -> types.FunctionType:
@@ -221,6 +247,8 @@ class Channel:
         if self.splicing or peer.out or peer.closing or peer.closed:
             return
         if peer.pipe is None:
+            if not PIPES.allows(2):  # pipes hold their share of descriptors: copy
+                return
             try:
                 pipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
             except OSError:  # out of descriptors: stay with recv/send
@@ -232,6 +260,7 @@ class Channel:
                 os.close(pipe[1])
                 return
             peer.pipe = pipe
+            PIPES.held += 2
             self.sock.setblocking(False)  # splice(2) has no MSG_DONTWAIT for the sockets
             peer.sock.setblocking(False)
         self.splicing = True
@@ -241,7 +270,8 @@ class Channel:
 
         False if the caller should read with recv: this direction cannot splice (any
         more), or splicing stopped at an urgent mark (``PRI``), which only a read steps over
-        (the urgent byte itself is dropped, as by any read without ``MSG_OOB``).
+        (the urgent byte the kernel holds out of band is dropped, as by any read without
+        ``MSG_OOB``; one that a newer urgent byte displaced arrives inline).
         """
         peer = self.peer
         if peer is None or peer.pipe is None or peer.closing:  # recv/write say what happens
@@ -461,6 +491,7 @@ class Channel:
             os.close(self.pipe[0])
             os.close(self.pipe[1])
             self.pipe, self.piped = None, 0
+            PIPES.held -= 2
         self._lost(exc)
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:  # noqa: ANN401

@@ -7,6 +7,7 @@ import socket
 import time
 from bisect import bisect_left
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,6 +92,9 @@ class InstanceContext:
         else:
             self.sources = SourcePolicy.for_host(settings.listen.host)
         self.metrics: Any = None
+        # Called with the error when a connection found no descriptor for its target: the
+        # TCP listener stops accepting for a moment (see Acceptor.pause).
+        self.on_exhausted: Callable[[str], None] | None = None
         self._reactor: Reactor | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         if settings.metrics is not None:  # first: it may fail (a taken port), leaving nothing

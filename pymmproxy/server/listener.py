@@ -13,15 +13,23 @@ import contextlib
 import os
 import socket
 from collections import Counter
+from typing import Any
 
 from pymmproxy.logsetup import get_logger
 from pymmproxy.net.acceptor import Acceptor
 from pymmproxy.net.sockets import listen_socket
+from pymmproxy.policy import AllowList
 from pymmproxy.server.context import InstanceContext
 from pymmproxy.server.tcp import ClientProtocol
 from pymmproxy.server.tproxy import TproxyProtocol
 from pymmproxy.server.udp import UdpListener, serve_udp
 from pymmproxy.settings import InstanceSettings, Transport
+
+
+def log_allow(log: Any, event: str, allow: AllowList, **fields: Any) -> None:  # noqa: ANN401
+    """Log ``event`` with the allow list in force: at warning level when it refuses every
+    load balancer (an emptied file), which an operator should not learn from the LB."""
+    (log.warning if allow.denies_all else log.info)(event, allow=allow.describe(), **fields)
 
 
 def bind(
@@ -67,8 +75,10 @@ class Listener:
                 self._server = Acceptor(
                     sock, ctx.reactor, lambda: TproxyProtocol(ctx, ports), self.log
                 )
+                ctx.on_exhausted = self._server.pause
             else:
                 self._server = Acceptor(sock, ctx.reactor, lambda: ClientProtocol(ctx), self.log)
+                ctx.on_exhausted = self._server.pause
         except BaseException:
             sock.close()
             if self.ctx is not None:  # made before the failure: its timers, metrics, reactor
@@ -76,14 +86,15 @@ class Listener:
                 self.ctx = None
             raise
         settings = self.settings
-        self.log.info(
+        log_allow(
+            self.log,
             "daemon.listening",
+            ctx.allow,
             listen=str(settings.listen),
             proto=str(settings.transport),
             target4=_str(settings.target4),
             target6=_str(settings.target6),
             mark=settings.mark,
-            allow=ctx.allow.describe(),
             pid=os.getpid(),
             **({"tproxy_ports": f"{self.ports[0]}-{self.ports[1]}"} if self.ports else {}),
         )
@@ -98,6 +109,8 @@ class Listener:
         if self._server is not None:
             self._server.close()
             self._server = None
+        if self.ctx is not None:
+            self.ctx.on_exhausted = None
 
     async def drain(self, timeout: float) -> None:
         """Wait up to ``timeout`` seconds for the open connections, then abort the rest."""

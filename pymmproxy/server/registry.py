@@ -27,7 +27,7 @@ from pymmproxy.instancelock import InstanceLock
 from pymmproxy.logsetup import get_logger
 from pymmproxy.net.sockets import IP_TRANSPARENT, IPV6_TRANSPARENT, SOL_IP, SOL_IPV6
 from pymmproxy.policy import AllowList
-from pymmproxy.server.listener import Listener, bind
+from pymmproxy.server.listener import Listener, bind, log_allow
 from pymmproxy.settings import Endpoint, InstanceSettings, Transport
 
 SocketKey = tuple[Transport, Endpoint]
@@ -135,9 +135,7 @@ class Registry:
             running.spec = desired[name]
             if running.listener.ctx is not None:
                 running.listener.ctx.allow = AllowList(desired[name].settings.allowed)
-                running.listener.log.info(
-                    "daemon.reload", allow=running.listener.ctx.allow.describe()
-                )
+                log_allow(running.listener.log, "daemon.reload", running.listener.ctx.allow)
         for name in [n for n in old if n in desired and n not in starting]:
             ctx = old[name].listener.ctx  # kept instances: the host's addresses may have changed
             if ctx is not None:

@@ -115,6 +115,8 @@ class ClientProtocol(asyncio.Protocol):
             self._fail_header(exc)
         except UpstreamError as exc:
             self._fail(exc.reason, str(exc))
+            if exc.reason == "out_of_resources" and self.ctx.on_exhausted is not None:
+                self.ctx.on_exhausted(str(exc))  # the next ones wait in the backlog
 
     def _connect(self, header: Any) -> None:  # noqa: ANN401 - proxyproto.Header
         ctx = self.ctx

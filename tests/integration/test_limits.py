@@ -257,6 +257,60 @@ def test_fd_exhaustion_backs_off_and_recovers(wl: Workload) -> None:
     assert "Traceback" not in wl.log(log)
 
 
+def test_no_descriptor_for_the_target_pauses_accepting_too(wl: Workload) -> None:
+    """With one descriptor left, accept() works but the target's socket cannot be made: that
+    connection is reset and accepting pauses (1 s), so the next ones wait in the backlog
+    instead of each being accepted only to be reset, and are served once descriptors free."""
+    port = PORT + 9
+    log = f"daemon-{port}.log"
+    allow = wl.tmp / f"allow-{port}.txt"
+    allow.write_text("198.51.100.0/24\n")
+    argv = ["prlimit", "--nofile=64:64", PY, "-m", "pymmproxy", "-l", f"[::]:{port}",
+            "-4", f"127.0.0.1:{ECHO}", "-mark", str(MARK), "-allowed-subnets", str(allow),
+            "-listeners", "1", "--header-timeout", "60"]  # fmt: skip
+    proc = wl.spawn(argv, log)
+    wait_port(wl.ns, LB_V4, port)
+    pid = proc.pid  # ip netns exec and prlimit both exec in place
+    base = settle_fds(pid, 0, timeout=0.5)  # (wait_port's probe connection has closed)
+    held: list[socket.socket] = []
+    waiting: list[socket.socket] = []
+    try:
+        if (64 - base) % 2 == 0:  # an odd number left: the last one goes to an accept()
+            held.append(open_conn(wl, port))  # a header never sent: one descriptor
+            wait_for(lambda: fds(pid) == base + 1, what="the headerless connection")
+        for i in range(40):  # two descriptors each, until one finds none for its target
+            s = open_conn(wl, port)
+            s.sendall(encode_v2(header("192.0.2.97", 42600 + i)) + b"hi")
+            try:
+                ok = s.recv(2) == b"hi"
+            except OSError:
+                ok = False
+            if not ok:
+                s.close()
+                break
+            held.append(s)
+        wait_for(lambda: '"daemon.accept_paused"' in wl.log(log), what="accept_paused")
+        assert "no socket for the target" in wl.log(log)
+        for i in range(10):  # handshaken by the kernel, queued in the backlog
+            s = open_conn(wl, port)
+            s.sendall(encode_v2(header("192.0.2.98", 42700 + i)) + b"hi")
+            waiting.append(s)
+        time.sleep(0.3)  # well inside the pause; without one all ten are reset by now
+        assert all(_still_open(s) for s in waiting)
+        for s in held[:12]:
+            s.close()
+        for s in waiting:
+            s.settimeout(10)
+            assert s.recv(2) == b"hi"  # served once the pause ends
+    finally:
+        for s in held + waiting:
+            s.close()
+    assert proc.poll() is None
+    proc.terminate()
+    assert proc.wait(10) == 0
+    assert "Traceback" not in wl.log(log)
+
+
 def _ends_in_reset(s: socket.socket) -> bool:
     """Read ``s`` to its end: True if that end is a reset, False if a FIN."""
     try:

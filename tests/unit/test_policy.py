@@ -171,3 +171,24 @@ def test_cached_lookup_is_much_cheaper_than_a_miss() -> None:
     hit = min(timeit.repeat(lambda: allow.allows("100.101.102.103"), number=20_000, repeat=5))
     cold = min(timeit.repeat(miss, number=20_000, repeat=5))
     assert hit < cold / 2
+
+
+def test_an_allow_list_that_refuses_every_lb_is_logged_as_a_warning() -> None:
+    """An emptied allow file (a config tool that truncates, then writes) closes the port to
+    every load balancer: the start or reload line says so at warning level."""
+    import structlog  # noqa: PLC0415
+
+    from pymmproxy.server.listener import log_allow  # noqa: PLC0415
+
+    log = structlog.get_logger()
+    with structlog.testing.capture_logs() as logs:
+        log_allow(log, "daemon.reload", AllowList(()))
+        log_allow(log, "daemon.reload", AllowList(nets("192.0.2.0/24")))
+        log_allow(log, "daemon.reload", AllowList(None))
+    assert [(e["log_level"], e["allow"]) for e in logs] == [
+        ("warning", "no peer (empty allow list denies all)"),
+        ("info", "1 network: 192.0.2.0/24"),
+        ("info", "any peer (allow list disabled)"),
+    ]
+    assert AllowList(()).denies_all
+    assert not AllowList(None).denies_all
