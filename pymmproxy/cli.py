@@ -27,6 +27,7 @@ from pymmproxy.settings import (
     InstanceSettings,
     Limits,
     Transport,
+    target_problem,
 )
 
 MAX_KEEPIDLE = 32767  # the kernel's limit for TCP_KEEPIDLE/TCP_KEEPINTVL
@@ -154,6 +155,8 @@ def _target(text: str, flag: str, v6: bool) -> Endpoint | None:
     endpoint = Endpoint.parse(text, what=f"{flag} target")
     if endpoint.is_v6 != v6:
         raise UsageError(f"{flag} {text}: expected an IPv{6 if v6 else 4} address")
+    if problem := target_problem(endpoint.host):
+        raise UsageError(f"bad {flag} target {text}: {problem}")
     return endpoint
 
 

@@ -29,6 +29,7 @@ from pymmproxy.settings import (
     Limits,
     Network,
     Transport,
+    target_problem,
     validate_mark,
 )
 
@@ -213,6 +214,8 @@ def _target(text: str, version: int, port: int, err: _Err) -> Endpoint | None:
         raise err(f"bad {column} {text!r}: not an IPv{version} address")
     if isinstance(addr, ipaddress.IPv6Address) and addr.scope_id is not None:
         raise err(f"bad {column} {text!r}: scope ids (%IFACE) are not supported")
+    if problem := target_problem(addr.compressed):
+        raise err(f"bad {column} {text!r}: {problem}")
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
         raise err(
             f"bad {column} {text!r}: an IPv4-mapped address; IPv6 clients need an IPv6 target"

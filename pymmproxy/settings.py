@@ -90,6 +90,20 @@ class Endpoint:
         return cls("::", endpoint.port, f"0.0.0.0:{endpoint.port}")
 
 
+def target_problem(host: str) -> str | None:
+    """Why ``host`` cannot be a target (one connects to one service), or None.
+
+    A connect() to the unspecified address reaches this host only by accident, and from a
+    spoofed source it went nowhere (timed out) in a namespace test: say 127.0.0.1.
+    """
+    addr = ipaddress.ip_address(host)
+    if addr.is_unspecified:
+        return f"{host} is not an address to connect to (127.0.0.1 or ::1 is this host)"
+    if addr.is_multicast or addr == ipaddress.IPv4Address("255.255.255.255"):
+        return f"{host} is not a unicast address"
+    return None
+
+
 def validate_mark(value: int, *, what: str = "mark") -> int:
     """A fwmark doubles as a routing table id: 1..2^32-1 and not 253/254/255."""
     if not 0 < value <= MAX_MARK:
