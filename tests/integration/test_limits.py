@@ -201,18 +201,26 @@ def _still_open(s: socket.socket) -> bool:
         return False
 
 
+def start_with_64_fds(
+    wl: Workload, port: int, target: int, *, header_timeout: int
+) -> subprocess.Popen[bytes]:
+    """A daemon in one process under ``RLIMIT_NOFILE`` 64, logging to ``daemon-PORT.log``."""
+    allow = wl.tmp / f"allow-{port}.txt"
+    allow.write_text("198.51.100.0/24\n")
+    argv = ["prlimit", "--nofile=64:64", PY, "-m", "pymmproxy", "-l", f"[::]:{port}",
+            "-4", f"127.0.0.1:{target}", "-mark", str(MARK), "-allowed-subnets", str(allow),
+            "--header-timeout", str(header_timeout), "-listeners", "1"]  # fmt: skip
+    proc = wl.spawn(argv, f"daemon-{port}.log")
+    wait_port(wl.ns, LB_V4, port)
+    return proc
+
+
 def test_fd_exhaustion_backs_off_and_recovers(wl: Workload) -> None:
     """RLIMIT_NOFILE 64 and a flood of 400 connections: accepting pauses instead of spinning
     on the ready listener, no crash, serves after."""
     port = PORT + 5
     log = f"daemon-{port}.log"
-    allow = wl.tmp / f"allow-{port}.txt"
-    allow.write_text("198.51.100.0/24\n")
-    argv = ["prlimit", "--nofile=64:64", PY, "-m", "pymmproxy", "-l", f"[::]:{port}",
-            "-4", f"127.0.0.1:{WHOAMI}", "-mark", str(MARK), "-allowed-subnets", str(allow),
-            "--header-timeout", "30", "-listeners", "1"]  # fmt: skip
-    proc = wl.spawn(argv, log)
-    wait_port(wl.ns, LB_V4, port)
+    proc = start_with_64_fds(wl, port, WHOAMI, header_timeout=30)
     pid = proc.pid  # ip netns exec and prlimit both exec in place
 
     def flood() -> tuple[float, float, int, int, int]:
@@ -263,13 +271,7 @@ def test_no_descriptor_for_the_target_pauses_accepting_too(wl: Workload) -> None
     instead of each being accepted only to be reset, and are served once descriptors free."""
     port = PORT + 9
     log = f"daemon-{port}.log"
-    allow = wl.tmp / f"allow-{port}.txt"
-    allow.write_text("198.51.100.0/24\n")
-    argv = ["prlimit", "--nofile=64:64", PY, "-m", "pymmproxy", "-l", f"[::]:{port}",
-            "-4", f"127.0.0.1:{ECHO}", "-mark", str(MARK), "-allowed-subnets", str(allow),
-            "-listeners", "1", "--header-timeout", "60"]  # fmt: skip
-    proc = wl.spawn(argv, log)
-    wait_port(wl.ns, LB_V4, port)
+    proc = start_with_64_fds(wl, port, ECHO, header_timeout=60)
     pid = proc.pid  # ip netns exec and prlimit both exec in place
     base = settle_fds(pid, 0, timeout=0.5)  # (wait_port's probe connection has closed)
     held: list[socket.socket] = []
