@@ -71,6 +71,7 @@ class FakeUpstream:
 class FakeTransport:
     def __init__(self) -> None:
         self.closing = False
+        self.closed = False  # (a Channel's: set at teardown; an abort here only marks closing)
         self.count = 0  # bytes its channel would have relayed
 
     def get_extra_info(self, name: str) -> object:

@@ -74,8 +74,9 @@ class Acceptor:
 
     def pause(self, error: str) -> None:
         """Stop accepting for ``RETRY_DELAY`` (descriptors or memory ran short): new
-        connections wait in the listen backlog instead of being accepted only to be reset.
-        Also called when an accepted connection found no descriptor for its target."""
+        connections wait in the listen backlog, and while the shortage lasts at most one per
+        ``RETRY_DELAY`` is accepted only to be reset. Also called when an accepted
+        connection found no descriptor for its target."""
         if self.paused is not None or self.sock.fileno() < 0:
             return
         self.reactor.park(self.sock.fileno())

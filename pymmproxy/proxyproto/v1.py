@@ -21,7 +21,7 @@ from pymmproxy.proxyproto.errors import (
 )
 from pymmproxy.proxyproto.model import Command, Family, Header, Transport, make_header
 
-__all__ = ["MAX_V1_LENGTH", "parse_v1"]
+__all__ = ["MAX_V1_LENGTH", "PREFIX", "parse_v1"]
 
 MAX_V1_LENGTH = 107  # including CRLF (spec 2.1)
 PREFIX = b"PROXY "  # every v1 header begins so

@@ -75,9 +75,9 @@ class Listener:
                 self._server = Acceptor(
                     sock, ctx.reactor, lambda: TproxyProtocol(ctx, ports), self.log
                 )
-                ctx.on_exhausted = self._server.pause
             else:
                 self._server = Acceptor(sock, ctx.reactor, lambda: ClientProtocol(ctx), self.log)
+            if isinstance(self._server, Acceptor):
                 ctx.on_exhausted = self._server.pause
         except BaseException:
             sock.close()
@@ -130,7 +130,8 @@ class Listener:
         """Reset every open connection at once (counted for ``daemon.stopped``)."""
         if self.ctx is not None:
             conns = list(self.ctx.conns)
-            self.aborted += len(conns)
+            # (a connection reset just now leaves the set at the next loop iteration)
+            self.aborted += sum(not conn.transport.closed for conn in conns)
             for conn in conns:
                 conn.abort()
 

@@ -274,7 +274,7 @@ class ClientProtocol(asyncio.Protocol):
         """Reset both sides now (the drain ran out, or a second stop signal)."""
         if self.reason == "done":  # its conn.closed line must not read like a normal end
             self.reason = "aborted"
-        self._close(abort=True)
+        self._close(abort=True, force=True)
 
     def _leave_header(self) -> None:
         if self.state == _HEADER:
@@ -325,7 +325,7 @@ class ClientProtocol(asyncio.Protocol):
         )  # fmt: skip
         self._close(abort=True)
 
-    def _close(self, *, abort: bool = False) -> None:
+    def _close(self, *, abort: bool = False, force: bool = False) -> None:
         self.state = _CLOSED
         if self.timer is not None:
             self.timer.cancel()
@@ -334,15 +334,15 @@ class ClientProtocol(asyncio.Protocol):
         if pending is not None:
             self.pending = None
             pending.abort()
-        transport = self.transport
-        if not transport.is_closing():
-            if abort:
-                transport.abort()
-            else:
-                transport.close()
-        upstream = self.upstream
-        if upstream is not None and not upstream.is_closing():
-            if abort:
-                upstream.abort()
-            else:
-                upstream.close()
+        # A side still flushing after a graceful close is left to finish, except when forced
+        # (a second stop signal, the drain's end): then nothing waits for a slow peer.
+        for side in (self.transport, self.upstream):
+            if side is None or side.closed:
+                continue
+            if force:
+                side.abort()
+            elif not side.is_closing():
+                if abort:
+                    side.abort()
+                else:
+                    side.close()

@@ -213,7 +213,7 @@ def test_a_taken_worker_metrics_port_fails_the_start(wl: Workload) -> None:
 
 def test_a_wildcard_metrics_address_serves_both_families(wl: Workload) -> None:
     """``--metrics :PORT`` means both families, as ``-l``'s wildcard does: each worker's
-    port answers IPv4 and IPv6 scrapers; errors keep the spelling the operator wrote."""
+    port answers IPv4 and IPv6 scrapers; errors name it as the IPv4 wildcard (``0.0.0.0:P``)."""
     port, mport = PORT + 7, METRICS + 20
     wl.daemon("-4", f"127.0.0.1:{ECHO}", "-listeners", "2", "--metrics", f":{mport}", port=port)
     for host in ("127.0.0.1", "::1"):

@@ -74,7 +74,7 @@ def test_the_metrics_wildcard_means_both_families_and_keeps_its_spelling() -> No
     assert str(local.at_port(9101)) == "127.0.0.1:9101"
 
 
-def test_a_target_keeps_the_ipv4_wildcard() -> None:
+def test_parse_keeps_the_ipv4_wildcard() -> None:
     assert Endpoint.parse("0.0.0.0:1") == Endpoint("0.0.0.0", 1)
 
 

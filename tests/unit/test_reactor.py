@@ -913,3 +913,33 @@ def test_a_listening_socket_has_keepalive_before_it_listens() -> None:
             assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 15
     with sockets.listen_socket(Endpoint("127.0.0.1", 0)) as plain:
         assert plain.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 0
+
+
+def test_an_abort_resets_a_side_still_flushing_after_a_graceful_close(
+    reactor: Reactor, loop: asyncio.AbstractEventLoop, pairs: list[Any]
+) -> None:
+    """A second stop signal (``ClientProtocol.abort``) must not wait for a slow LB: a side
+    still sending what it holds after ``close()`` is reset too. A failure's abort (not
+    forced) still lets such a side finish, as a graceful close promised."""
+    for forced in (True, False):
+        lb_ours, lb = pair(pairs)
+        svc_ours, _svc = pair(pairs)
+        stats = SimpleNamespace(relayed=0, connect_time=None)
+        ctx = SimpleNamespace(loop=loop, stats=stats, conns=set())
+        proto = tcp.ClientProtocol(cast("Any", ctx))
+        client = ClientSide(lb_ours, reactor, proto)
+        proto.transport = client
+        client.register()
+        upstream = Upstream(svc_ours, reactor, proto)
+        upstream.start(connected=True)
+        client.write(os.urandom(8 << 20))  # more than the LB's socket takes: queued
+        proto._close()  # graceful: the client side flushes first
+        assert client.closing
+        assert not client.closed
+        if forced:
+            proto.abort()
+        else:
+            proto._close(abort=True)
+        assert client.closed is forced
+        assert upstream.closed
+        lb.close()
