@@ -77,15 +77,18 @@ def run_instance(args: argparse.Namespace, argv: Sequence[str]) -> int:
         return 0
     log = get_logger(instance=inst.name)
     log.info("instance.start", config_dir=str(config_dir), line=inst.line)
-    for exc in skipped:
-        log.warning("instance.other_line_skipped", error=str(exc))
+
+    def warn_skipped(lines: list[ConfigError]) -> None:
+        for exc in lines:  # at start and on every SIGHUP: theirs to fix, never in silence
+            log.warning("instance.other_line_skipped", error=str(exc))
+
+    warn_skipped(skipped)
 
     def reloader() -> daemon.Reloaded:
-        skipped.clear()
-        fresh = load_config(config_dir, only=inst.name, skipped=skipped)
+        again: list[ConfigError] = []
+        fresh = load_config(config_dir, only=inst.name, skipped=again)
         now = fresh.instance(inst.name)
-        for exc in skipped:  # as at start: a SIGHUP must not pass over them in silence
-            log.warning("instance.other_line_skipped", error=str(exc))
+        warn_skipped(again)
         return daemon.Reloaded(
             allow=AllowList(fresh.allowed_for(now)), restart_needed=restart_needed(inst, now)
         )
