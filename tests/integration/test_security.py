@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import time
 
 import pytest
 
 from pymmproxy.proxyproto import Command, Family, Header, Transport, encode_v1, encode_v2
-from tests.integration.conftest import LB_V4, LB_V6, PY, Workload, ns_socket, reset_by_proxy
+from tests.integration.conftest import LB_V4, LB_V6, PY, Workload, ns_connect, reset_by_proxy
 from tests.integration.test_daemon import header, open_conn, whoami
 from tests.integration.test_faults import service_events
 
@@ -26,20 +25,14 @@ def wl(workload: Workload) -> Workload:
     return workload
 
 
-def open_v6(wl: Workload, port: int) -> socket.socket:
-    s = ns_socket(wl.ns, socket.AF_INET6)
-    s.settimeout(5)
-    s.connect((LB_V6, port))
-    return s
-
-
-def served(s: socket.socket, src: str, sport: int) -> bool:
-    with s:
-        try:  # (a peer refused at accept may be reset before the request is sent)
+def served(wl: Workload, lb: str, port: int, src: str, sport: int) -> bool:
+    """Whether a request from ``lb`` carrying ``src:sport`` gets the service's answer."""
+    try:  # a peer refused at accept may be reset before its connect() returns, or later
+        with ns_connect(wl.ns, lb, port) as s:
             s.sendall(encode_v2(header(src, sport)) + b"GET / HTTP/1.0\r\n\r\n")
             reply = b"".join(iter(lambda: s.recv(4096), b""))
-        except ConnectionResetError:
-            return False
+    except ConnectionResetError:
+        return False
     return reply.decode().endswith(f"{src} {sport}\n")
 
 
@@ -60,8 +53,8 @@ def test_dual_stack_listener_matches_mapped_peers_by_address(
 ) -> None:
     port = PORT + 1 + DUAL_STACK.index((allow, v4_ok, v6_ok))
     proc = wl.daemon("-4", f"127.0.0.1:{WHOAMI}", "-6", f"[::1]:{WHOAMI}", port=port, allow=allow)
-    assert served(open_conn(wl, port), "192.0.2.100", 43000) is v4_ok  # peer ::ffff:198.51.100.2
-    assert served(open_v6(wl, port), "192.0.2.100", 43001) is v6_ok  # peer 2001:db8:2::2
+    assert served(wl, LB_V4, port, "192.0.2.100", 43000) is v4_ok  # peer ::ffff:198.51.100.2
+    assert served(wl, LB_V6, port, "192.0.2.100", 43001) is v6_ok  # peer 2001:db8:2::2
     proc.terminate()
     assert proc.wait(10) == 0
 
