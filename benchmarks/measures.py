@@ -238,7 +238,9 @@ class SchedWindow(threading.Thread):
         idle, total, steal = (b - a for a, b in zip(host0, host1, strict=True))
         if total > 0:
             self.result["host_idle"] = idle / total
-            self.result["host_busy"] = (total - idle - steal) / USER_HZ / wall
+            # the jiffies' own clock (all CPUs' jiffies / online CPUs), not ``wall``: a
+            # reader delayed between /proc/stat and the clock would skew a short window
+            self.result["host_busy"] = (total - idle - steal) / total * ONLINE_CPUS
         if sched0 is not None and sched1 is not None:
             self.result["on_cpu"] = (sched1[0] - sched0[0]) / 1e9 / wall
             self.result["cpu_wait"] = (sched1[1] - sched0[1]) / 1e9 / wall
@@ -255,7 +257,7 @@ def parse_proc_stat_cpu(text: str) -> tuple[int, int, int]:
     raise BenchError("no cpu line in /proc/stat")
 
 
-USER_HZ = os.sysconf("SC_CLK_TCK")  # /proc/stat's jiffies per second
+ONLINE_CPUS = os.sysconf("SC_NPROCESSORS_ONLN")  # the CPUs /proc/stat counts
 
 
 def host_cpu_jiffies() -> tuple[int, int, int]:

@@ -85,8 +85,8 @@ def lb_raw(lab: Lab, port: int, payload: bytes, timeout: float = 5) -> tuple[byt
     what came back, when it ended, and whether that end was a reset (else a FIN)."""
     with lab.lb.socket(socket.AF_INET) as sock:
         sock.settimeout(timeout)
+        start = time.monotonic()  # (the daemon's timers start at accept, maybe before this returns)
         sock.connect((WK, port))
-        start = time.monotonic()
         sock.sendall(payload)
         chunks, reset = [], False
         try:

@@ -8,6 +8,7 @@ socket then stays in that namespace and is used from the test thread like any ot
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import socket
 import subprocess
@@ -16,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 
@@ -176,7 +177,14 @@ class Workload:
         allow_file.write_text(allow)
         argv = [PY, "-m", "pymmproxy", "-l", f"[::]:{port}", "-mark", str(MARK),
                 "-allowed-subnets", str(allow_file), "-v", "2", *args]  # fmt: skip
-        proc = self.spawn(argv, log or f"daemon-{port}.log")
+        name = log or f"daemon-{port}.log"
+        path, line = self.tmp / name, '"daemon.listening"'
+        before = path.read_text().count(line) if path.exists() else 0  # (logs are appended)
+        proc = self.spawn(argv, name)
+        # A worker listens (the parent's own bind-and-close check before forking could
+        # take a probe of the port, although nobody would accept the next connection).
+        wait_for(lambda: path.read_text().count(line) > before or proc.poll() is not None,
+                 what=f"daemon.listening in {name}")  # fmt: skip
         wait_port(self.ns, LB_V4, port)
         return proc
 
@@ -188,6 +196,11 @@ class Workload:
             if proc.poll() is None:
                 proc.kill()
             proc.wait(timeout=10)
+
+
+def service_events(wl: Workload, name: str, event: str) -> list[dict[str, Any]]:
+    """The ``event`` lines of a lab service's log (``pymmproxy.lab.services``)."""
+    return [e for line in wl.log(name).splitlines() if (e := json.loads(line))["event"] == event]
 
 
 @pytest.fixture(scope="module")

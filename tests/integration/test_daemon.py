@@ -29,6 +29,7 @@ from tests.integration.conftest import (
     ns_connect,
     ns_socket,
     reset_by_proxy,
+    service_events,
     wait_for,
 )
 from tests.nsutil import recv_all
@@ -94,6 +95,11 @@ def test_v2_with_crc32c_and_tlvs_accepted(wl: Workload) -> None:
 def test_port_in_use_falls_back_to_any_port(wl: Workload) -> None:
     with open_conn(wl) as held:
         held.sendall(encode_v2(header("192.0.2.58", 40004)))
+        log = f"service-whoami-{WHOAMI}.log"  # held is relayed first (the two connections
+        wait_for(  # may reach different workers, and the second must find the port taken)
+            lambda: any(e["port"] == 40004 for e in service_events(wl, log, "conn")),
+            what="the held connection at the service",
+        )
         seen = whoami(wl, encode_v2(header("192.0.2.58", 40004)))
     host, port = seen.split()
     assert host == "192.0.2.58"
@@ -167,8 +173,8 @@ def test_a_proxy_header_over_tcp_must_say_stream(wl: Workload, transport: Transp
 
 def test_header_timeout_resets(wl: Workload) -> None:
     # The socket's 10 s timeout is a hang guard (10x the header timeout), not a speed claim.
+    start = time.monotonic()  # before connect: the timer starts at accept, maybe before it returns
     with open_conn(wl, timeout=10) as s:
-        start = time.monotonic()
         reset_by_proxy(s, b"PROXY TCP4 ")
         assert time.monotonic() - start > 0.8  # not before the 1 s header timeout
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import json
 import os
 import socket
 import threading
@@ -27,6 +26,7 @@ from tests.integration.conftest import (
     Workload,
     ns_socket,
     reset_by_proxy,
+    service_events,
 )
 from tests.integration.test_daemon import header, open_conn
 from tests.nsutil import recv_all
@@ -86,10 +86,6 @@ def settle_fds(pid: int, limit: int, timeout: float = 5.0) -> int:
     while (count := fds(pid)) > limit and time.monotonic() < deadline:
         time.sleep(0.05)
     return count
-
-
-def service_events(wl: Workload, name: str, event: str) -> list[dict[str, object]]:
-    return [e for line in wl.log(name).splitlines() if (e := json.loads(line))["event"] == event]
 
 
 # -- fixtures --------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from tests.integration.conftest import (
     PY,
     Workload,
     catches,
+    ns_socket,
     reset_by_proxy,
     wait_for,
     wait_port,
@@ -110,12 +111,13 @@ def test_max_pending_headers_refuses_new_keeps_pending(wl: Workload) -> None:
 
 
 def test_idle_timeout_closes_silent_keeps_busy(wl: Workload) -> None:
-    wl.daemon("-4", f"127.0.0.1:{ECHO}", "--idle-timeout", "1", port=PORT + 2)
+    wl.daemon("-4", f"127.0.0.1:{ECHO}", "--idle-timeout", "2", port=PORT + 2)
     silent = relayed(wl, PORT + 2, "192.0.2.92", 42200)
     busy = relayed(wl, PORT + 2, "192.0.2.92", 42201)
     start = time.monotonic()
     silent.settimeout(10)  # a hang guard
-    while time.monotonic() - start < 2.0:  # busy talks every 0.3 s for 2 s
+    # busy talks every 0.3 s for 3 s: a stall of this test up to 1.7 s still keeps it
+    while time.monotonic() - start < 3.0:
         assert echoes(busy, b"tick")
         time.sleep(0.3)
     assert recv_all(silent) == b""  # a FIN (nothing was stuck), not a reset
@@ -285,7 +287,8 @@ def test_no_descriptor_for_the_target_pauses_accepting_too(wl: Workload) -> None
     pid = proc.pid  # ip netns exec and prlimit both exec in place
     base = stable_fds(pid)  # once wait_port's probe connection has gone
     held: list[socket.socket] = []
-    waiting: list[socket.socket] = []
+    # made in the namespace now (a thread each): after the reset only connect() is timed
+    waiting = [ns_socket(wl.ns) for _ in range(10)]
     try:
         if (64 - base) % 2 == 0:  # an odd number left: the last one goes to an accept()
             held.append(open_conn(wl, port))  # a header never sent: one descriptor
@@ -306,10 +309,10 @@ def test_no_descriptor_for_the_target_pauses_accepting_too(wl: Workload) -> None
             pytest.fail("never ran short of descriptors")
         wait_for(lambda: '"daemon.accept_paused"' in wl.log(log), what="accept_paused")
         assert "no socket for the target" in wl.log(log)
-        for i in range(10):  # handshaken by the kernel, queued in the backlog
-            s = open_conn(wl, port)
+        for i, s in enumerate(waiting):  # handshaken by the kernel, queued in the backlog
+            s.settimeout(5)
+            s.connect((LB_V4, port))
             s.sendall(encode_v2(header("192.0.2.98", 42700 + i)) + b"hi")
-            waiting.append(s)
         time.sleep(0.2)  # without a pause all ten are accepted and reset by now
         # Still inside the 1 s pause, or this check proves nothing (a very slow host).
         assert time.monotonic() - reset_at < 0.9, "too slow to see the pause"

@@ -4,14 +4,22 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import time
 
 import pytest
 
 from pymmproxy.proxyproto import Command, Family, Header, Transport, encode_v1, encode_v2
-from tests.integration.conftest import LB_V4, LB_V6, PY, Workload, ns_connect, reset_by_proxy
+from tests.integration.conftest import (
+    LB_V4,
+    LB_V6,
+    PY,
+    Workload,
+    catches,
+    ns_connect,
+    reset_by_proxy,
+    service_events,
+    wait_for,
+)
 from tests.integration.test_daemon import header, open_conn, whoami
-from tests.integration.test_faults import service_events
 
 pytestmark = [pytest.mark.netns]
 WHOAMI = 8381
@@ -89,15 +97,16 @@ def test_unsafe_sources_are_not_spoofed(wl: Workload, src: str, kind: str) -> No
 def test_sighup_rereads_the_hosts_addresses(wl: Workload) -> None:
     """An address added to the host after start is refused as a source after SIGHUP."""
     port, added = PORT + 6, "203.0.113.78"
-    proc = wl.daemon("-4", f"127.0.0.1:{WHOAMI}", port=port)
+    proc = wl.daemon("-4", f"127.0.0.1:{WHOAMI}", "-listeners", "2", port=port)
     assert whoami(wl, encode_v2(header(added, 43400)), port) == f"{added} 43400"
     wl.ns.run(["ip", "addr", "add", f"{added}/32", "dev", "lo"])
     try:
+        wait_for(lambda: catches(proc.pid, signal.SIGHUP), what="the SIGHUP handler")
         proc.send_signal(signal.SIGHUP)
-        deadline = time.monotonic() + 10
-        while '"daemon.reload"' not in wl.log(f"daemon-{port}.log"):
-            assert time.monotonic() < deadline, wl.log(f"daemon-{port}.log")
-            time.sleep(0.05)
+        wait_for(  # each worker reloads on its own: the next connection may reach either
+            lambda: wl.log(f"daemon-{port}.log").count('"daemon.reload"') == 2,
+            what="both workers' reload",
+        )
         with open_conn(wl, port) as s:
             s.sendall(encode_v2(header(added, 43401)) + b"GET / HTTP/1.0\r\n\r\n")
             reset_by_proxy(s)

@@ -86,6 +86,22 @@ def test_this_process_has_schedstats_and_the_host_has_cpu_times() -> None:
     assert 0 <= steal <= total
 
 
+@pytest.mark.parametrize("stat_seconds", [0.8, 1.2])
+def test_host_busy_uses_the_jiffies_own_clock(
+    monkeypatch: pytest.MonkeyPatch, stat_seconds: float
+) -> None:
+    # a fully busy host whose reader got the clock late (0.8 s of jiffies in a 1 s window)
+    # or early (1.2 s): busy is still every online CPU, not 0.8x or 1.2x of them
+    jiffies = iter([(0, 0, 0), (0, int(100 * stat_seconds) * m.ONLINE_CPUS, 0)])
+    clock = iter([10.0, 11.0])
+    monkeypatch.setattr(m, "host_cpu_jiffies", lambda: next(jiffies))
+    monkeypatch.setattr(m.time, "monotonic", lambda: next(clock))
+    monkeypatch.setattr(m.time, "sleep", lambda _s: None)
+    window = m.SchedWindow(None, 1.0)
+    window.run()
+    assert window.result == {"host_idle": 0.0, "host_busy": float(m.ONLINE_CPUS)}
+
+
 def _results() -> dict[str, dict[str, object]]:
     sched = {"on_cpu": 0.61, "cpu_wait": 0.35, "host_idle": 0.08, "host_us": 117.4}
     return {

@@ -106,6 +106,9 @@ _SUPERVISED = textwrap.dedent(
     def say(line):
         os.write(1, (line + "\\n").encode())
 
+    def touch(path):
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+
     class App(daemon.Lifecycle):
         def __init__(self, on_ready, index):
             super().__init__(get_logger(), None, on_ready)
@@ -117,11 +120,16 @@ _SUPERVISED = textwrap.dedent(
                 say("starting")
                 await asyncio.sleep(1.0)  # the stop comes now
             if MODE == "bad-start" and self.index == 1:
-                await asyncio.sleep(1.0)  # worker 0 is up by then: it drains, not _exits
+                for _ in range(1000):  # until worker 0 is up: it drains then, not _exits
+                    if os.path.exists(os.environ["UP_FILE"]):
+                        break
+                    await asyncio.sleep(0.01)
                 raise PymmproxyError("cannot listen on 192.0.2.1:1: test")
             say(f"started {self.index} {os.getpid()} catch_up={self.catch_up}")
             # runs once run() waits for the stop, its signal handlers in place
             asyncio.get_running_loop().call_soon(say, f"up {self.index}")
+            if MODE == "bad-start":
+                asyncio.get_running_loop().call_soon(touch, os.environ["UP_FILE"])
             if MODE == "crash" and self.index == 1:
                 asyncio.get_running_loop().call_later(0.2, os._exit, 3)
         def close(self): say(f"close {self.index}")
@@ -155,13 +163,13 @@ _SUPERVISED = textwrap.dedent(
 class _Supervised:
     """The program above under ``MODE``, its stdout lines and its log (stderr)."""
 
-    def __init__(self, mode: str, drain: float = 0.5) -> None:
+    def __init__(self, mode: str, drain: float = 0.5, up_file: Path | None = None) -> None:
         root = Path(__file__).resolve().parents[2]
         self.proc = subprocess.Popen(
             [sys.executable, "-c", _SUPERVISED], stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, text=True, cwd=root, start_new_session=True,
             env={**os.environ, "PYTHONPATH": str(root), "MODE": mode,
-                 "DRAIN": str(drain)},
+                 "DRAIN": str(drain), "UP_FILE": str(up_file)},
         )  # fmt: skip
         self.lines: list[str] = []
 
@@ -228,8 +236,8 @@ def test_a_worker_that_dies_is_forked_again_and_catches_up_on_reloads() -> None:
     assert '"action": "restart"' in err
 
 
-def test_a_worker_that_fails_to_start_stops_the_daemon_with_its_status() -> None:
-    sup = _Supervised("bad-start")
+def test_a_worker_that_fails_to_start_stops_the_daemon_with_its_status(tmp_path: Path) -> None:
+    sup = _Supervised("bad-start", up_file=tmp_path / "up0")
     code, lines, err = sup.finish()
     assert code == 1, err  # PymmproxyError's exit status
     assert "cannot listen on 192.0.2.1:1: test" in err
