@@ -41,9 +41,14 @@ def wl(workload: Workload) -> Workload:
 
 
 def relayed(wl: Workload, port: int, src: str, sport: int) -> socket.socket:
+    """A connection through the daemon that echoed ``hi`` (closed again if it did not)."""
     s = open_conn(wl, port)
-    s.sendall(encode_v2(header(src, sport)) + b"hi")
-    assert s.recv(2) == b"hi"
+    try:
+        s.sendall(encode_v2(header(src, sport)) + b"hi")
+        assert s.recv(2) == b"hi"
+    except BaseException:
+        s.close()  # else its ResourceWarning fails whichever later test the GC runs in
+        raise
     return s
 
 
