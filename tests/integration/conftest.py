@@ -198,9 +198,13 @@ class Workload:
             proc.wait(timeout=10)
 
 
-def service_events(wl: Workload, name: str, event: str) -> list[dict[str, Any]]:
-    """The ``event`` lines of a lab service's log (``pymmproxy.lab.services``)."""
-    return [e for line in wl.log(name).splitlines() if (e := json.loads(line))["event"] == event]
+def log_events(wl: Workload, name: str, event: str) -> list[dict[str, Any]]:
+    """The ``event`` lines of a daemon's or lab service's JSON log (a line still being
+    written is left out)."""
+    lines = wl.log(name).split("\n")[:-1]
+    return [
+        e for line in lines if line.startswith("{") and (e := json.loads(line))["event"] == event
+    ]
 
 
 @pytest.fixture(scope="module")

@@ -26,10 +26,10 @@ from tests.integration.conftest import (
     Workload,
     catches,
     closed_soon,
+    log_events,
     ns_connect,
     ns_socket,
     reset_by_proxy,
-    service_events,
     wait_for,
 )
 from tests.nsutil import recv_all
@@ -97,7 +97,7 @@ def test_port_in_use_falls_back_to_any_port(wl: Workload) -> None:
         held.sendall(encode_v2(header("192.0.2.58", 40004)))
         log = f"service-whoami-{WHOAMI}.log"  # held is relayed first (the two connections
         wait_for(  # may reach different workers, and the second must find the port taken)
-            lambda: any(e["port"] == 40004 for e in service_events(wl, log, "conn")),
+            lambda: any(e["port"] == 40004 for e in log_events(wl, log, "conn")),
             what="the held connection at the service",
         )
         seen = whoami(wl, encode_v2(header("192.0.2.58", 40004)))

@@ -24,9 +24,9 @@ from tests.integration.conftest import (
     CLONE_NEWNET,
     LB_V4,
     Workload,
+    log_events,
     ns_socket,
     reset_by_proxy,
-    service_events,
 )
 from tests.integration.test_daemon import header, open_conn
 from tests.nsutil import recv_all
@@ -160,7 +160,7 @@ def test_client_reset_mid_stream_closes_target(wl: Workload) -> None:
     s.close()
     deadline = time.monotonic() + 3
     while time.monotonic() < deadline:
-        done = service_events(wl, f"service-echo-{ECHO}.log", "done")
+        done = log_events(wl, f"service-echo-{ECHO}.log", "done")
         if any(e["port"] == 41083 for e in done):
             break
         time.sleep(0.05)

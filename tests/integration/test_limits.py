@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import signal
 import socket
 import subprocess
@@ -19,6 +18,7 @@ from tests.integration.conftest import (
     PY,
     Workload,
     catches,
+    log_events,
     ns_socket,
     reset_by_proxy,
     wait_for,
@@ -58,14 +58,6 @@ def echoes(s: socket.socket, data: bytes = b"still here") -> bool:
     while len(got) < len(data) and (chunk := s.recv(64)):
         got += chunk
     return got == data
-
-
-def log_events(wl: Workload, name: str, event: str) -> list[dict[str, Any]]:
-    """The ``event`` lines of a daemon's JSON log (a line still being written is left out)."""
-    lines = wl.log(name).split("\n")[:-1]
-    return [
-        e for line in lines if line.startswith("{") and (e := json.loads(line))["event"] == event
-    ]
 
 
 def test_max_connections_refuses_new_keeps_existing(wl: Workload) -> None:

@@ -14,9 +14,9 @@ from tests.integration.conftest import (
     PY,
     Workload,
     catches,
+    log_events,
     ns_connect,
     reset_by_proxy,
-    service_events,
     wait_for,
 )
 from tests.integration.test_daemon import header, open_conn, whoami
@@ -87,7 +87,7 @@ def test_unsafe_sources_are_not_spoofed(wl: Workload, src: str, kind: str) -> No
         with open_conn(wl, PORT) as s:
             s.sendall(encoded + b"GET / HTTP/1.0\r\n\r\n")
             reset_by_proxy(s)
-    assert not [e for e in service_events(wl, f"service-whoami-{WHOAMI}.log", "conn")
+    assert not [e for e in log_events(wl, f"service-whoami-{WHOAMI}.log", "conn")
                 if e["port"] == sport]  # fmt: skip
     log = wl.log(f"daemon-{PORT}.log")
     assert f'"kind": "{kind}"' in log
